@@ -1,0 +1,1 @@
+"""What every kinject stage shares: settings, the KB store, model loading, engines, retrieval."""

@@ -1,0 +1,16 @@
+"""Engine factory: the one place that maps `engine.backend` to an implementation."""
+from __future__ import annotations
+
+from core.engines.base import Engine, Generation, GenRequest, SamplingParams, StreamChunk, TokenLogprob
+from core.settings import Settings
+
+__all__ = ["Engine", "Generation", "GenRequest", "SamplingParams", "StreamChunk", "TokenLogprob", "make_engine"]
+
+
+def make_engine(settings: Settings, model_ref: str | None = None) -> Engine:
+    backend = settings.engine.backend
+    if backend == "transformers":
+        from core.engines.transformers_engine import TransformersEngine
+
+        return TransformersEngine(settings, model_ref)
+    raise ValueError(f"engine backend {backend!r} is not available in this build")

@@ -1,0 +1,110 @@
+"""The engine interface shared by augmentation, serving and evaluation.
+
+An engine turns requests (a raw prompt or chat messages, sampling parameters, and an optional
+adapter name) into text. Backends: transformers (CPU or CUDA), vLLM, and any OpenAI-compatible
+HTTP endpoint. Eval measures exactly what the service serves because both call these methods.
+"""
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+@dataclass
+class GenRequest:
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None  # a name given to add_adapter; None = the base model
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("a GenRequest needs exactly one of prompt or messages")
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" or "length"
+
+
+@dataclass
+class StreamChunk:
+    text: str
+    finish_reason: str | None = None  # set on the last chunk only
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float | None  # None for the first token, which has no context
+    top: dict[str, float] = field(default_factory=dict)
+
+
+Progress = Callable[[int], None]  # called with the number of requests just finished
+
+
+class Engine(ABC):
+    """Backends implement generate/loglikelihood; stream defaults to one whole chunk."""
+
+    name: str = "engine"
+
+    @abstractmethod
+    def generate(self, requests: list[GenRequest], progress: Progress | None = None) -> list[Generation]: ...
+
+    def stream(self, request: GenRequest, cancel: threading.Event | None = None) -> Iterator[StreamChunk]:
+        g = self.generate([request])[0]
+        yield StreamChunk(g.text, g.finish_reason, g.prompt_tokens, g.completion_tokens)
+
+    @abstractmethod
+    def loglikelihood(self, pairs: list[tuple[str, str]], adapter: str | None = None) -> list[tuple[float, bool]]:
+        """For each (context, continuation): sum of the continuation's token log-probs, and
+        whether greedy decoding would have produced exactly the continuation."""
+
+    def prompt_logprobs(self, texts: list[str], adapter: str | None = None, top: int = 0) -> list[list[TokenLogprob]]:
+        raise NotImplementedError(f"the {self.name} engine cannot score prompt tokens")
+
+    def add_adapter(self, name: str, path: Path) -> None:
+        raise NotImplementedError(f"the {self.name} engine does not support adapters")
+
+    @property
+    def adapters(self) -> list[str]:
+        return []
+
+    @abstractmethod
+    def count_tokens(self, text: str) -> int: ...
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """Cut text at the first stop string; True if one was found."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

@@ -1,0 +1,260 @@
+"""transformers backend: one base model in memory, LoRA adapters attached with peft and switched
+per request (no second copy of the weights), batched left-padded generation, token streaming."""
+from __future__ import annotations
+
+import threading
+from itertools import groupby
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from core.engines.base import (
+    Engine,
+    Generation,
+    GenRequest,
+    Progress,
+    StreamChunk,
+    TokenLogprob,
+    truncate_at_stop,
+)
+from core.models import load_causal_lm
+from core.settings import Settings
+
+
+class _Cancelled:
+    """StoppingCriteria that ends generation when the client has gone away."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> bool:
+        return self.event.is_set()
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+
+    def __init__(self, settings: Settings, model_ref: str | None = None):
+        self.settings = settings
+        self.model_ref = model_ref or settings.models.llm
+        self.model, self.tokenizer = load_causal_lm(self.model_ref, settings)
+        self.device = self.model.device
+        self.max_batch = settings.engine.max_batch_size
+        self._lock = threading.RLock()  # the model serves one batch at a time
+        self._adapters: dict[str, Path] = {}
+
+    # ---- prompts -------------------------------------------------------------------------
+    def render(self, request: GenRequest) -> str:
+        if request.prompt is not None:
+            return request.prompt
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+        # Base models without a template: a plain transcript that ends where the answer goes.
+        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in request.messages]
+        return "\n\n".join(lines) + "\n\nAssistant:"
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # ---- adapters ------------------------------------------------------------------------
+    def add_adapter(self, name: str, path: Path) -> None:
+        from peft import PeftModel
+
+        with self._lock:
+            if name in self._adapters:
+                self.model.delete_adapter(name)
+                self.model.load_adapter(str(path), adapter_name=name)
+            elif not self._adapters:
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+                self.model.eval()
+            else:
+                self.model.load_adapter(str(path), adapter_name=name)
+            self._adapters[name] = Path(path)
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    def _use(self, adapter: str | None):
+        """Context in which the model runs with `adapter` (None = the base weights)."""
+        import contextlib
+
+        if not self._adapters:
+            if adapter is not None:
+                raise KeyError(f"unknown adapter {adapter!r}; none is loaded")
+            return contextlib.nullcontext()
+        if adapter is None:
+            return self.model.disable_adapter()
+        if adapter not in self._adapters:
+            raise KeyError(f"unknown adapter {adapter!r}; loaded: {', '.join(self._adapters)}")
+        self.model.set_adapter(adapter)
+        return contextlib.nullcontext()
+
+    # ---- generation ----------------------------------------------------------------------
+    def _gen_kwargs(self, request: GenRequest) -> dict:
+        p = request.params
+        kw: dict = {"max_new_tokens": p.max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
+        if p.greedy:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kw.update(do_sample=True, temperature=p.temperature, top_p=p.top_p, top_k=0)
+        if p.stop:
+            kw.update(stop_strings=p.stop, tokenizer=self.tokenizer)
+        return kw
+
+    @staticmethod
+    def _batch_key(r: GenRequest) -> tuple:
+        p = r.params
+        return (r.adapter or "", p.greedy, p.temperature, p.top_p, p.max_new_tokens, tuple(p.stop))
+
+    def generate(self, requests: list[GenRequest], progress: Progress | None = None) -> list[Generation]:
+        results: list[Generation | None] = [None] * len(requests)
+        order = sorted(range(len(requests)), key=lambda i: self._batch_key(requests[i]))
+        for _, group in groupby(order, key=lambda i: self._batch_key(requests[i])):
+            idx = list(group)
+            for start in range(0, len(idx), self.max_batch):
+                chunk = idx[start : start + self.max_batch]
+                outs = self._generate_batch([requests[i] for i in chunk])
+                for i, g in zip(chunk, outs):
+                    results[i] = g
+                if progress:
+                    progress(len(chunk))
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, batch: list[GenRequest]) -> list[Generation]:
+        prompts = [self.render(r) for r in batch]
+        self.tokenizer.padding_side = "left"
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        seed = batch[0].params.seed
+        with self._lock, self._use(batch[0].adapter), torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = self.model.generate(**enc, **self._gen_kwargs(batch[0]))
+        new = out[:, enc["input_ids"].shape[1] :]
+        gens = []
+        for row, r, mask in zip(new, batch, enc["attention_mask"]):
+            ids = row.tolist()
+            ended = self.tokenizer.eos_token_id in ids or (self.tokenizer.pad_token_id in ids)
+            ids = [t for t in ids if t not in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            text, stopped = truncate_at_stop(text, r.params.stop)
+            n = len(ids)
+            finish = "stop" if (ended or stopped or n < r.params.max_new_tokens) else "length"
+            gens.append(Generation(text, int(mask.sum()), n, finish))
+        return gens
+
+    def stream(self, request: GenRequest, cancel: threading.Event | None = None) -> Iterator[StreamChunk]:
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        prompt = self.render(request)
+        enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        cancel = cancel or threading.Event()
+        kw = self._gen_kwargs(request)
+        kw.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]))
+        holder: dict = {}
+
+        def run() -> None:
+            try:
+                with self._lock, self._use(request.adapter), torch.inference_mode():
+                    if request.params.seed is not None:
+                        torch.manual_seed(request.params.seed)
+                    holder["out"] = self.model.generate(**enc, **kw)
+            except BaseException as e:  # surfaced to the consumer below
+                holder["error"] = e
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        text = ""
+        stopped = False
+        try:
+            for piece in streamer:
+                if stopped:
+                    continue  # drain; generation ends at the stop string's last token
+                candidate, stopped = truncate_at_stop(text + piece, request.params.stop)
+                delta = candidate[len(text) :]
+                text = candidate
+                if delta:
+                    yield StreamChunk(delta)
+        finally:
+            if thread.is_alive():
+                cancel.set()
+            thread.join()
+        if "error" in holder:
+            raise holder["error"]
+        n_prompt = enc["input_ids"].shape[1]
+        new = holder["out"][0, n_prompt:].tolist()
+        eos = self.tokenizer.eos_token_id
+        n = len([t for t in new if t != eos])
+        finish = "stop" if (stopped or eos in new or n < request.params.max_new_tokens) else "length"
+        yield StreamChunk("", finish, n_prompt, n)
+
+    # ---- scoring -------------------------------------------------------------------------
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        # As lm-evaluation-harness does: move trailing spaces of the context onto the continuation.
+        n_space = len(context) - len(context.rstrip(" "))
+        if n_space:
+            continuation = context[-n_space:] + continuation
+            context = context[:-n_space]
+        ctx = self.tokenizer(context, add_special_tokens=False)["input_ids"]
+        whole = self.tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+        # Tokenize jointly so boundary merges match how the model would read the text.
+        common = 0
+        while common < min(len(ctx), len(whole)) and ctx[common] == whole[common]:
+            common += 1
+        cont = whole[common:]
+        if not cont:
+            cont = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            return ctx, cont
+        return whole[:common], cont
+
+    def loglikelihood(self, pairs: list[tuple[str, str]], adapter: str | None = None) -> list[tuple[float, bool]]:
+        out: list[tuple[float, bool]] = []
+        bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+        encoded = []
+        for ctx, cont in pairs:
+            c, k = self._encode_pair(ctx, cont)
+            if not c:
+                c = [bos]
+            encoded.append((c, k))
+        for start in range(0, len(encoded), self.max_batch):
+            chunk = encoded[start : start + self.max_batch]
+            seqs = [c + k for c, k in chunk]
+            width = max(len(s) for s in seqs)
+            pad = self.tokenizer.pad_token_id
+            ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
+            with self._lock, self._use(adapter), torch.inference_mode():
+                logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            logp = torch.log_softmax(logits, dim=-1)
+            for row, (c, k) in enumerate(chunk):
+                positions = range(len(c) - 1, len(c) + len(k) - 1)
+                target = torch.tensor(k, device=self.device)
+                lp = logp[row, list(positions)]
+                total = lp.gather(1, target[:, None]).sum().item()
+                greedy = bool((lp.argmax(-1) == target).all().item())
+                out.append((total, greedy))
+        return out
+
+    def prompt_logprobs(self, texts: list[str], adapter: str | None = None, top: int = 0) -> list[list[TokenLogprob]]:
+        result = []
+        for text in texts:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            tokens = [self.tokenizer.decode([t]) for t in ids]
+            if not ids:
+                result.append([])
+                continue
+            with self._lock, self._use(adapter), torch.inference_mode():
+                logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits.float()
+            logp = torch.log_softmax(logits[0], dim=-1)
+            row = [TokenLogprob(tokens[0], None)]
+            for i in range(1, len(ids)):
+                tops = {}
+                if top:
+                    vals, idx = logp[i - 1].topk(top)
+                    tops = {self.tokenizer.decode([j]): v for j, v in zip(idx.tolist(), vals.tolist())}
+                row.append(TokenLogprob(tokens[i], logp[i - 1, ids[i]].item(), tops))
+            result.append(row)
+        return result

@@ -1,0 +1,278 @@
+"""One Settings model for every stage.
+
+Precedence, highest first: CLI flags (`--set group.field=value` or a verb's own flag) >
+`KINJECT_*` environment variables (nested with `__`, e.g. `KINJECT_TRAIN__LR`) > a `.env` file in
+the working folder > the chosen preset (`local` or `paper`) > the field defaults below.
+A preset only fills fields that no other source set.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.errors import KinjectError
+
+SPA_TYPES = [
+    "key_concepts",
+    "mind_map",
+    "implications",
+    "critical_qa",
+    "case_study",
+    "discussion",
+    "teacher",
+]
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(_Group):
+    llm: str = Field("smollm2-135m", description="Generator/answer model: HF id, folder, .gguf file or bundled alias")
+    embedder: str = Field("minilm-l6", description="sentence-transformers embedder: HF id, folder or bundled alias")
+    query_instruction: str = Field("", description="Prefix applied to queries only (bge's instruction)")
+    reranker: str = Field("", description="Optional cross-encoder for reranking; empty = off")
+    augment_llm: str = Field("", description="Model that writes synthetic data; empty = same as llm")
+
+
+class EngineSettings(_Group):
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch_size: int = Field(16, ge=1)
+    max_model_len: int = Field(2048, ge=128)
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    openai_base_url: str = Field("", description="OpenAI-compatible endpoint for the openai backend")
+    openai_api_key: SecretStr = SecretStr("")
+    openai_model: str = ""
+    openai_max_concurrency: int = Field(8, ge=1)
+    openai_max_retries: int = Field(4, ge=0)
+    openai_timeout_s: float = Field(120.0, gt=0)
+
+
+class IngestSettings(_Group):
+    chunk_size: int = Field(200, ge=16, description="Chunk size in the embedder's own tokens")
+    chunk_overlap: int = Field(20, ge=0)
+    embed_batch_size: int = Field(32, ge=1)
+    metadata_in_text: bool = Field(True, description="Prefix JSONL metadata (date, publisher...) to the embedded text")
+    max_file_mb: float = Field(20.0, gt=0, description="Files larger than this are skipped")
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> "IngestSettings":
+        if self.chunk_overlap >= self.chunk_size:
+            raise ValueError("chunk_overlap must be smaller than chunk_size")
+        return self
+
+
+class RetrievalSettings(_Group):
+    top_k: int = Field(4, ge=1, le=100)
+    rerank_candidates: int = Field(20, ge=1)
+
+
+class AugmentSettings(_Group):
+    budget_tokens: int = Field(0, ge=0, description="Total synthetic tokens to generate; 0 = use budget_multiple")
+    budget_multiple: float = Field(5.0, ge=0, description="Budget as a multiple of the corpus tokens (when budget_tokens is 0)")
+    types: list[str] = Field(default_factory=lambda: list(SPA_TYPES))
+    type_weights: dict[str, float] = Field(default_factory=dict, description="Per-type weight; missing types weigh 1")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(256, ge=8)
+    copy_overlap_max: float = Field(0.8, ge=0, le=1, description="Drop samples whose 8-gram overlap with the source exceeds this")
+    near_dup_threshold: float = Field(0.8, ge=0, le=1, description="MinHash Jaccard above which samples are near duplicates")
+    faithfulness_min: float = Field(0.5, ge=0, le=1, description="Min share of a sample's numbers/entities found in the source")
+    min_tokens: int = Field(16, ge=0)
+
+    @field_validator("budget_tokens", mode="before")
+    @classmethod
+    def _budget_not_negative(cls, v: Any) -> Any:
+        if v is not None and str(v).lstrip().startswith("-"):
+            raise ValueError("budget must not be negative")
+        return v
+
+
+class TrainSettings(_Group):
+    lora_rank: int = Field(16, description="LoRA rank; vLLM accepts 8, 16, 32, 64, 128, 256, 320, 512")
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"])
+    full_finetune: bool = False
+    lr: float = Field(1e-4, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(0, ge=0, description="0 = derived from epochs")
+    block_size: int = Field(512, ge=16)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    schedule: Literal["cosine", "linear"] = "cosine"
+    save_every: int = Field(20, ge=1)
+    include_documents: bool = True
+    replay_fraction: float = Field(0.0, ge=0, lt=1)
+
+    @field_validator("lora_rank")
+    @classmethod
+    def _rank_for_vllm(cls, v: int) -> int:
+        allowed = (8, 16, 32, 64, 128, 256, 320, 512)
+        if v not in allowed:
+            raise ValueError(f"rank {v} is not loadable by vLLM; allowed: {', '.join(map(str, allowed))}")
+        return v
+
+
+class ServeSettings(_Group):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: SecretStr = Field(SecretStr(""), description="When set, every route but /health needs Bearer auth")
+    max_concurrency: int = Field(4, ge=1)
+    max_prompt_tokens: int = Field(1536, ge=16)
+    max_new_tokens: int = Field(256, ge=1)
+    max_messages: int = Field(64, ge=1)
+    auto_rag_min_score: float = Field(0.35, description="auto: retrieval score below which the KB likely lacks the answer")
+
+
+class EvalSettings(_Group):
+    max_new_tokens: int = Field(32, ge=1)
+    bootstrap_samples: int = Field(1000, ge=10)
+    judge_base_url: str = ""
+    judge_model: str = ""
+    judge_api_key: SecretStr = SecretStr("")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "local": {},
+    "paper": {
+        "models": {
+            "llm": "Qwen/Qwen2.5-7B-Instruct",
+            "embedder": "BAAI/bge-large-en-v1.5",
+            "query_instruction": "Represent this sentence for searching relevant passages: ",
+        },
+        "engine": {"backend": "vllm", "max_model_len": 8192, "gpu_memory_utilization": 0.85, "dtype": "bfloat16"},
+        "ingest": {"chunk_size": 400, "chunk_overlap": 40},
+        "augment": {"max_new_tokens": 1024},
+        "train": {"block_size": 2048, "batch_size": 8, "lora_rank": 64, "lora_alpha": 128},
+    },
+}
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def default_home() -> Path:
+    return Path(os.path.expanduser("~")) / ".kinject"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="KINJECT_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    preset: Literal["local", "paper"] = "local"
+    home: Path = Field(default_factory=default_home, description="Default root for KBs and the model cache")
+    kb_root: Path | None = Field(None, description="Folder holding KBs; default <home>/kbs")
+    cache_dir: Path | None = Field(None, description="Converted-model cache; default <home>/cache")
+    seed: int = 0
+    offline: bool = Field(False, description="Never try to download models")
+
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    augment: AugmentSettings = Field(default_factory=AugmentSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        name = data.get("preset", "local")
+        if name not in PRESETS:
+            return data  # the `preset` field's own validation names the allowed values
+        # Values from every source arrive here merged; the preset fills only what none of them set.
+        return _deep_merge(PRESETS[name], data)
+
+    @model_validator(mode="after")
+    def _existing_paths(self) -> "Settings":
+        for field in ("llm", "embedder", "augment_llm", "reranker"):
+            ref = getattr(self.models, field)
+            if ref and _looks_like_path(ref) and not Path(ref).expanduser().exists():
+                raise ValueError(f"models.{field}: path does not exist: {ref}")
+        return self
+
+    @property
+    def kb_dir(self) -> Path:
+        return Path(self.kb_root or self.home / "kbs").expanduser()
+
+    @property
+    def model_cache(self) -> Path:
+        return Path(self.cache_dir or self.home / "cache").expanduser()
+
+    def public_dict(self) -> dict:
+        """Settings as plain JSON, secrets masked: what `kinject config` prints and manifests record."""
+        return self.model_dump(mode="json")
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith(("/", "./", "../", "~")) or ref.endswith(".gguf")
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """Turn ["train.lr=1e-4", "preset=paper"] into a nested dict for Settings(**...).
+
+    Lists and dicts are given as JSON, as in the environment: `augment.types=["mind_map"]`.
+    """
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SettingsError(f"--set expects group.field=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _parse_value(value.strip())
+    return out
+
+
+def _parse_value(value: str) -> Any:
+    if value.startswith(("[", "{")):
+        import json
+
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    return value
+
+
+class SettingsError(KinjectError, ValueError):
+    """An invalid setting, with a one-line message naming the field."""
+
+
+def load_settings(overrides: dict | None = None) -> Settings:
+    try:
+        return Settings(**(overrides or {}))
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "settings"
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"invalid setting {loc}: {msg} (got {err.get('input')!r})" if "input" in err and not isinstance(err.get("input"), dict) else f"invalid setting {loc}: {msg}")
+        raise SettingsError("; ".join(lines)) from None

@@ -1,0 +1,1 @@
+"""eval: the same questions through every mode, one side-by-side table."""

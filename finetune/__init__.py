@@ -1,0 +1,1 @@
+"""finetune: curated synthetic text -> packed blocks -> peft LoRA adapter."""

@@ -1,0 +1,1 @@
+"""ingest: corpus files -> chunks -> embeddings -> FAISS index; SPA augmentation in ingest.augment."""

@@ -1,0 +1,1 @@
+"""service: OpenAI-compatible HTTP server answering in base / rag / ft / ft-rag / auto modes."""

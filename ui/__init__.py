@@ -1,0 +1,1 @@
+"""ui: the Gradio chat, compare and KB tabs."""

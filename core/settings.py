@@ -39,6 +39,13 @@ class ModelSettings(_Group):
     reranker: str = Field("", description="Optional cross-encoder for reranking; empty = off")
     augment_llm: str = Field("", description="Model that writes synthetic data; empty = same as llm")
 
+    @field_validator("llm", "embedder", "reranker", "augment_llm")
+    @classmethod
+    def _path_exists(cls, ref: str) -> str:
+        if ref and _looks_like_path(ref) and not Path(ref).expanduser().exists():
+            raise ValueError(f"path does not exist: {ref}")
+        return ref
+
 
 class EngineSettings(_Group):
     backend: Literal["transformers", "vllm", "openai"] = "transformers"
@@ -207,14 +214,6 @@ class Settings(BaseSettings):
             return data  # the `preset` field's own validation names the allowed values
         # Values from every source arrive here merged; the preset fills only what none of them set.
         return _deep_merge(PRESETS[name], data)
-
-    @model_validator(mode="after")
-    def _existing_paths(self) -> "Settings":
-        for field in ("llm", "embedder", "augment_llm", "reranker"):
-            ref = getattr(self.models, field)
-            if ref and _looks_like_path(ref) and not Path(ref).expanduser().exists():
-                raise ValueError(f"models.{field}: path does not exist: {ref}")
-        return self
 
     @property
     def kb_dir(self) -> Path:

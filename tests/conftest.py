@@ -1,0 +1,43 @@
+"""Shared fixtures: small real things (the bundled 135M model, MiniLM, a few documents)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Converted models are cached once per machine and shared by every test (and by users).
+os.environ.setdefault("KINJECT_CACHE_DIR", str(Path.home() / ".kinject" / "cache"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    """Default (local preset) settings with KBs in a temp folder."""
+    from core.settings import load_settings
+
+    monkeypatch.setenv("KINJECT_KB_ROOT", str(tmp_path / "kbs"))
+    return load_settings()
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """One transformers engine on the bundled SmolLM2-135M-Instruct, shared by the session."""
+    from core.engines import make_engine
+    from core.settings import load_settings
+
+    eng = make_engine(load_settings())
+    yield eng
+    eng.close()
+
+
+def shared_dataset(name: str) -> Path:
+    """A dataset folder from ../shared/data, or skip with the reason when the clone has none."""
+    path = SHARED_DATA / name
+    if not (path / "corpus.jsonl").exists():
+        pytest.skip(f"../shared/data/{name} is not beside this clone (only CI and the project's machines have it)")
+    return path

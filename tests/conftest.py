@@ -41,3 +41,24 @@ def shared_dataset(name: str) -> Path:
     if not (path / "corpus.jsonl").exists():
         pytest.skip(f"../shared/data/{name} is not beside this clone (only CI and the project's machines have it)")
     return path
+
+
+def attach_untrained_lora(kb, settings, seed: int = 0) -> None:
+    """Give a KB a real (peft, rank-8, all-linear) adapter with small random weights, recorded as
+    its "train" stage: enough to exercise the ft modes without spending a training run."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from core.files import sha256_tree
+    from core.models import load_causal_lm
+
+    torch.manual_seed(seed)
+    model, _ = load_causal_lm(settings.models.llm, settings)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=True))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    out = kb.dir("train")
+    peft_model.save_pretrained(out)
+    kb.record_stage("train", fingerprint=sha256_tree(out), inputs={}, metrics={"untrained": True})

@@ -134,7 +134,8 @@ class ServeSettings(_Group):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_key: SecretStr = Field(SecretStr(""), description="When set, every route but /health needs Bearer auth")
-    max_concurrency: int = Field(4, ge=1)
+    max_concurrency: int = Field(4, ge=1, description="Generations admitted at once; more requests wait in a queue")
+    max_queue: int = Field(64, ge=0, description="Requests allowed to wait for a slot; beyond that the service answers 503")
     max_prompt_tokens: int = Field(1536, ge=16)
     max_new_tokens: int = Field(256, ge=1)
     max_messages: int = Field(64, ge=1)

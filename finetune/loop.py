@@ -1,0 +1,207 @@
+"""The training loop: AdamW, warmup + cosine/linear decay, gradient accumulation, bf16 autocast
+on CUDA, checkpoints every `train.save_every` steps, and resume from the newest checkpoint.
+
+A checkpoint is one folder written through `atomic_dir`, so a kill or a full disk at any moment
+leaves the previous checkpoint whole. Step s always trains on the same blocks (see
+`data.stream_indices`), so a resumed run continues exactly where the killed one stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from core.errors import KinjectError
+from core.files import atomic_dir
+from core.models import pick_device
+from core.settings import Settings
+from finetune.data import Packed, stream_indices
+from finetune.lora import load_trainable_state, trainable_state
+
+STATE_FILE = "state.json"
+WEIGHTS_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+
+OnStep = Callable[[int, float], None]  # (step just finished, its loss)
+
+
+class CheckpointError(KinjectError):
+    pass
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    total_steps: int
+    tokens_seen: int  # over the whole run, resumed parts included
+    curve: list[list[float]] = field(default_factory=list)  # [step, loss] per optimizer step
+    train_seconds: float = 0.0  # this process only
+    tokens_this_run: int = 0
+    resumed_from: int | None = None
+
+
+def total_steps(n_blocks: int, settings: Settings) -> int:
+    t = settings.train
+    if t.max_steps:
+        return t.max_steps
+    return max(1, math.ceil(t.epochs * n_blocks / (t.batch_size * t.grad_accum)))
+
+
+def make_scheduler(optimizer, settings: Settings, steps: int):
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    warmup = round(settings.train.warmup_ratio * steps)
+    make = get_cosine_schedule_with_warmup if settings.train.schedule == "cosine" else get_linear_schedule_with_warmup
+    return make(optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (atomic_dir's half-written temp folders start with '.')."""
+    if not root.exists():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).exists())
+
+
+def clear_partial(root: Path) -> None:
+    """Remove temp folders a killed writer left behind."""
+    if root.exists():
+        for p in root.iterdir():
+            if p.name.startswith("."):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def write_weights(folder: Path, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file(state, str(folder / WEIGHTS_FILE))
+
+
+def write_optimizer(folder: Path, optimizer, scheduler) -> None:
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
+        folder / OPTIMIZER_FILE,
+    )
+
+
+def save_checkpoint(root: Path, model, optimizer, scheduler, settings: Settings, state: dict) -> Path:
+    target = root / f"step-{state['step']:07d}"
+    try:
+        with atomic_dir(target) as tmp:
+            write_weights(tmp, trainable_state(model, settings))
+            write_optimizer(tmp, optimizer, scheduler)
+            (tmp / STATE_FILE).write_text(json.dumps(state))  # last: marks the folder complete
+    except OSError as e:
+        kept = checkpoint_dirs(root)
+        where = f"the checkpoint at {kept[-1].name} is kept" if kept else "no earlier checkpoint exists"
+        raise CheckpointError(
+            f"could not write the checkpoint for step {state['step']} ({e.strerror or e}); {where}: "
+            "free disk space and run `kinject train` again to resume"
+        ) from e
+    for old in checkpoint_dirs(root):
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler, settings: Settings) -> dict:
+    from safetensors.torch import load_file
+
+    state = json.loads((folder / STATE_FILE).read_text())
+    load_trainable_state(model, load_file(str(folder / WEIGHTS_FILE)), settings)
+    saved = torch.load(folder / OPTIMIZER_FILE, weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"])
+    return state
+
+
+def find_resumable(root: Path, run_key: str) -> Path | None:
+    """The newest checkpoint of this exact run (same data, settings and base model), if any."""
+    for folder in reversed(checkpoint_dirs(root)):
+        try:
+            if json.loads((folder / STATE_FILE).read_text()).get("run_key") == run_key:
+                return folder
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
+
+
+# ---- the loop ------------------------------------------------------------------------------
+def run(
+    model,
+    packed: Packed,
+    settings: Settings,
+    checkpoints: Path,
+    run_key: str,
+    progress: bool = True,
+    on_step: OnStep | None = None,
+) -> LoopResult:
+    from tqdm.auto import tqdm
+
+    t = settings.train
+    device = pick_device(settings.engine.device)
+    model.to(device)
+    model.train()
+    torch.manual_seed(settings.seed)
+    steps = total_steps(len(packed), settings)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=0.0)
+    scheduler = make_scheduler(optimizer, settings, steps)
+    per_step = t.batch_size * t.grad_accum
+
+    clear_partial(checkpoints)
+    start, curve, tokens_seen, resumed = 0, [], 0, None
+    found = find_resumable(checkpoints, run_key)
+    if found is not None:
+        state = load_checkpoint(found, model, optimizer, scheduler, settings)
+        start, curve, tokens_seen, resumed = state["step"], state["curve"], state["tokens_seen"], state["step"]
+
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    )
+    bar = tqdm(total=steps, initial=start, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
+    t0, run_tokens = time.perf_counter(), 0
+    for step in range(start, steps):
+        idx = stream_indices(len(packed), settings.seed, step * per_step, per_step)
+        step_loss = 0.0
+        for m in range(t.grad_accum):
+            micro = idx[m * t.batch_size : (m + 1) * t.batch_size]
+            ids = torch.tensor([packed.blocks[i] for i in micro], device=device)
+            with autocast:
+                loss = model(input_ids=ids, labels=ids).loss
+            (loss / t.grad_accum).backward()
+            step_loss += loss.item() / t.grad_accum
+            run_tokens += ids.numel()
+            tokens_seen += ids.numel()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        curve.append([done, round(step_loss, 5)])
+        elapsed = time.perf_counter() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{run_tokens / max(elapsed, 1e-9):.0f}")
+        if done % t.save_every == 0 and done < steps:
+            state = {"step": done, "curve": curve, "tokens_seen": tokens_seen, "run_key": run_key}
+            save_checkpoint(checkpoints, model, optimizer, scheduler, settings, state)
+        if on_step is not None:
+            on_step(done, step_loss)
+    bar.close()
+    model.eval()
+    return LoopResult(
+        steps=steps,
+        total_steps=steps,
+        tokens_seen=tokens_seen,
+        curve=curve,
+        train_seconds=round(time.perf_counter() - t0, 3),
+        tokens_this_run=run_tokens,
+        resumed_from=resumed,
+    )

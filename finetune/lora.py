@@ -1,0 +1,73 @@
+"""The trainable model: a peft LoRA on the base model (or, optionally, the full model).
+
+Adapters are kept loadable by vLLM: plain LoRA (no DoRA), no `modules_to_save`, and a rank from
+vLLM's supported set.
+"""
+from __future__ import annotations
+
+from core.errors import KinjectError
+from core.settings import Settings
+
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class LoraSettingsError(KinjectError):
+    pass
+
+
+def check_rank(rank: int) -> int:
+    if rank not in VLLM_LORA_RANKS:
+        raise LoraSettingsError(
+            f"LoRA rank {rank} cannot be loaded by vLLM; use one of {', '.join(map(str, VLLM_LORA_RANKS))}"
+        )
+    return rank
+
+
+def lora_config(settings: Settings):
+    from peft import LoraConfig, TaskType
+
+    t = settings.train
+    targets = t.target_modules
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=check_rank(t.lora_rank),
+        lora_alpha=t.lora_alpha,
+        lora_dropout=t.lora_dropout,
+        # "all-linear": every linear projection of the transformer blocks, not the output head.
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        bias="none",
+        use_dora=False,
+        modules_to_save=None,
+    )
+
+
+def trainable_model(model, settings: Settings):
+    """Wrap the base model for training: LoRA by default, every weight with train.full_finetune."""
+    if settings.train.full_finetune:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(settings))
+
+
+def trainable_state(model, settings: Settings) -> dict:
+    """The weights a checkpoint must hold to continue: the LoRA matrices, or the whole model."""
+    if settings.train.full_finetune:
+        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_trainable_state(model, state: dict, settings: Settings) -> None:
+    if settings.train.full_finetune:
+        model.load_state_dict(state, strict=False)
+        return
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise KinjectError(f"checkpoint does not match the LoRA layout: unexpected keys {unexpected[:3]}")

@@ -1,0 +1,247 @@
+"""`train(kb, settings)`: the fine-tuning stage's one door.
+
+Reads the KB's curated synthetic corpus (and, by setting, its documents), trains a LoRA adapter on
+packed blocks, and writes into the KB's adapter/ folder: the peft adapter, report.json and
+loss.png. Checkpoints live in adapter/checkpoints/ while training runs; a rerun after a crash or a
+kill resumes from the newest one, and they are deleted once the adapter is written.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.errors import KinjectError
+from core.files import atomic_dir, sha256_file, sha256_text
+from core.kb import KB, StageTimer
+from core.settings import Settings
+from finetune import data, loop
+from finetune.report import write_loss_png, write_report
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Settings that change how often we save, not what is learned.
+_NOT_IN_RUN_KEY = {"save_every"}
+
+
+class TrainError(KinjectError):
+    pass
+
+
+@dataclass
+class TrainReport:
+    skipped: bool
+    adapter_dir: str
+    steps: int = 0
+    epochs: float = 0.0
+    tokens_seen: int = 0
+    corpus_tokens: int = 0
+    blocks: int = 0
+    final_loss: float | None = None
+    loss_curve: list[list[float]] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    resumed_from_step: int | None = None
+    perplexity_base: float | None = None
+    perplexity_adapted: float | None = None
+    sources: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    base_model: str = ""
+    merged_dir: str | None = None
+
+    def summary(self) -> str:
+        if self.skipped:
+            return f"adapter is up to date in {self.adapter_dir} (inputs unchanged; use --force to retrain)"
+        ppl = ""
+        if self.perplexity_base is not None:
+            ppl = f"; perplexity on the KB's documents {self.perplexity_base:.2f} (base) -> {self.perplexity_adapted:.2f} (adapted)"
+        resumed = f" (resumed from step {self.resumed_from_step})" if self.resumed_from_step else ""
+        return (
+            f"trained {self.steps} steps{resumed}, {self.epochs:.2f} epochs, {self.tokens_seen} tokens, "
+            f"final loss {self.final_loss:.4f}, {self.tokens_per_second:.0f} tokens/s{ppl}; adapter in {self.adapter_dir}"
+        )
+
+
+def run_key(kb: KB, settings: Settings) -> tuple[str, dict[str, str]]:
+    """What the adapter depends on: upstream fingerprints, train settings, base model, seed."""
+    augment = kb.stage("augment")
+    if not augment:
+        raise data.TrainDataError(f"KB {kb.name!r} has no synthetic corpus yet: run `kinject augment --kb {kb.name}` first")
+    inputs = {"augment": augment["fingerprint"]}
+    ingest = kb.stage("ingest")
+    if settings.train.include_documents and ingest:
+        inputs["ingest"] = ingest["fingerprint"]
+    train_settings = {k: v for k, v in settings.train.model_dump(mode="json").items() if k not in _NOT_IN_RUN_KEY}
+    key = sha256_text(
+        json.dumps({"inputs": inputs, "train": train_settings, "llm": settings.models.llm, "seed": settings.seed}, sort_keys=True)
+    )
+    return key, inputs
+
+
+def adapter_fingerprint(folder: Path, names: tuple[str, ...] = ADAPTER_FILES) -> str:
+    return sha256_text("".join(f"{n}:{sha256_file(folder / n)};" for n in names if (folder / n).exists()))
+
+
+def is_up_to_date(kb: KB, key: str) -> bool:
+    rec = kb.stage("train")
+    if not rec or rec.get("run_key") != key:
+        return False
+    folder = kb.dir("train")
+    names = tuple(rec.get("outputs", {}).get("files", ADAPTER_FILES))
+    return all((folder / n).exists() for n in names) and adapter_fingerprint(folder, names) == rec["fingerprint"]
+
+
+def train(
+    kb: KB,
+    settings: Settings,
+    progress: bool = True,
+    *,
+    force: bool = False,
+    merge: bool = False,
+    on_step: loop.OnStep | None = None,
+) -> TrainReport:
+    """Train (or skip, when nothing changed) the KB's adapter and record the `train` stage."""
+    with kb.lock():
+        key, inputs = run_key(kb, settings)
+        folder = kb.dir("train")
+        if not force and is_up_to_date(kb, key):
+            rec = kb.stage("train")
+            report = TrainReport(skipped=True, adapter_dir=str(folder), base_model=rec.get("base_model", ""))
+            if merge and not (folder / "merged" / "config.json").exists():
+                report.merged_dir = str(_merge(folder, settings))
+            return report
+        return _train(kb, settings, key, inputs, progress, merge, on_step)
+
+
+def _train(kb: KB, settings: Settings, key: str, inputs: dict, progress: bool, merge: bool, on_step) -> TrainReport:
+    import torch
+
+    from core.models import load_causal_lm
+    from finetune.lora import trainable_model
+    from finetune.perplexity import perplexity
+
+    timer = StageTimer()
+    wall0 = time.perf_counter()
+    folder = kb.dir("train")
+    checkpoints = folder / "checkpoints"
+    warnings: list[str] = []
+
+    samples = data.collect_samples(kb, settings)
+    base, tokenizer = load_causal_lm(settings.models.llm, settings)
+    packed = data.build(samples, tokenizer, settings)
+    if packed.short:
+        warnings.append(
+            f"the corpus has {packed.n_tokens} tokens, less than one block of {settings.train.block_size}: "
+            "trained on one short block"
+        )
+    torch.manual_seed(settings.seed)
+    model = trainable_model(base, settings)
+    result = loop.run(model, packed, settings, checkpoints, sha256_text(key + packed.fingerprint), progress, on_step)
+
+    documents = data.document_texts(kb)
+    ppl_base = ppl_adapted = None
+    if documents and not settings.train.full_finetune:
+        ppl_base = round(perplexity(model, documents, adapter=None, tokenizer=tokenizer), 4)
+        ppl_adapted = round(perplexity(model, documents, adapter="default", tokenizer=tokenizer), 4)
+
+    wall = round(time.perf_counter() - wall0, 3)
+    per_step = settings.train.batch_size * settings.train.grad_accum
+    report = TrainReport(
+        skipped=False,
+        adapter_dir=str(folder),
+        steps=result.steps,
+        epochs=round(result.steps * per_step / len(packed), 3),
+        tokens_seen=result.tokens_seen,
+        corpus_tokens=packed.n_tokens,
+        blocks=len(packed),
+        final_loss=result.curve[-1][1] if result.curve else None,
+        loss_curve=result.curve,
+        wall_seconds=wall,
+        tokens_per_second=round(result.tokens_this_run / max(result.train_seconds, 1e-9), 1),
+        resumed_from_step=result.resumed_from,
+        perplexity_base=ppl_base,
+        perplexity_adapted=ppl_adapted,
+        sources=packed.sources,
+        warnings=warnings,
+        base_model=settings.models.llm,
+    )
+
+    files = _publish(kb, folder, model, tokenizer, settings)
+    write_report(folder, {**asdict(report), "settings": settings.train.model_dump(mode="json"), "seed": settings.seed})
+    write_loss_png(folder, result.curve, f"{kb.name}: {settings.models.llm}, {result.steps} steps")
+    metrics = {
+        "steps": report.steps,
+        "epochs": report.epochs,
+        "tokens_seen": report.tokens_seen,
+        "final_loss": report.final_loss,
+        "tokens_per_second": report.tokens_per_second,
+        "wall_seconds": wall,
+    }
+    if ppl_base is not None:
+        metrics.update(perplexity_base=ppl_base, perplexity_adapted=ppl_adapted)
+    kb.record_stage(
+        "train",
+        fingerprint=adapter_fingerprint(folder, files),
+        inputs=inputs,
+        outputs={"files": list(files), "report": "adapter/report.json", "loss_png": "adapter/loss.png"},
+        metrics=metrics,
+        started_at=timer.started_at,
+        base_model=settings.models.llm,
+        run_key=key,
+        full_finetune=settings.train.full_finetune,
+    )
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    if merge:
+        report.merged_dir = str(_merge(folder, settings, model, tokenizer))
+    return report
+
+
+def _publish(kb: KB, folder: Path, model, tokenizer, settings: Settings) -> tuple[str, ...]:
+    """Swap the new weights into adapter/ under a forgotten `train` record, so no reader ever
+    sees a half-replaced adapter that the manifest claims is valid."""
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".publish."))
+    try:
+        if settings.train.full_finetune:
+            model.save_pretrained(tmp / "model", safe_serialization=True)
+            tokenizer.save_pretrained(tmp / "model")
+            names: tuple[str, ...] = ()
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+            names = ADAPTER_FILES
+        kb.forget_stage("train")
+        if settings.train.full_finetune:
+            with atomic_dir(folder / "model") as out:
+                for p in (tmp / "model").iterdir():
+                    os.replace(p, out / p.name)
+            names = tuple(f"model/{p.name}" for p in sorted((folder / "model").iterdir()))
+        else:
+            for n in names:
+                os.replace(tmp / n, folder / n)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return names
+
+
+def _merge(folder: Path, settings: Settings, model: Any = None, tokenizer: Any = None) -> Path:
+    """A full model folder with the adapter folded in, for engines without LoRA support."""
+    if settings.train.full_finetune:
+        return folder / "model"
+    if model is None:
+        from peft import PeftModel
+
+        from core.models import load_causal_lm
+
+        base, tokenizer = load_causal_lm(settings.models.llm, settings)
+        model = PeftModel.from_pretrained(base, str(folder))
+    merged = model.merge_and_unload()
+    with atomic_dir(folder / "merged") as out:
+        merged.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    return folder / "merged"

@@ -6,13 +6,15 @@ through `Answerer`, so eval measures exactly what the service serves.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from core.engines import Engine, GenRequest, SamplingParams, StreamChunk, make_engine
 from core.errors import KinjectError
-from core.kb import KB
+from core.files import sha256_text
+from core.kb import KB, STAGE_DIRS
 from core.settings import Settings
 
 
@@ -35,7 +37,7 @@ MODES: dict[str, Mode] = {
 }
 AUTO = "auto"
 ALL_MODES = [*MODES, AUTO]
-ADAPTER_NAME = "kb"
+ADAPTER_NAME = "kb"  # prefix of the engine adapter name; see Answerer.adapter_name
 
 SYSTEM_PROMPT = "You are a helpful assistant. Answer the user's question briefly and precisely."
 CONTEXT_OPEN, CONTEXT_CLOSE = "<reference_data>", "</reference_data>"
@@ -51,12 +53,22 @@ class ModeUnavailable(KinjectError):
         self.mode, self.reason = mode, reason
 
 
+class PromptTooLong(KinjectError):
+    def __init__(self, tokens: int, limit: int):
+        super().__init__(
+            f"the prompt has {tokens} tokens after the chat template, more than the limit of {limit} "
+            "(serve.max_prompt_tokens): shorten the conversation"
+        )
+        self.tokens, self.limit = tokens, limit
+
+
 @dataclass
 class Prepared:
     mode: str  # the mode that answers (auto resolved)
     request: GenRequest
     hits: list = field(default_factory=list)  # core.retrieval.Hit
     route_reason: str = ""
+    prompt_tokens: int = 0  # after the chat template; 0 when not counted
 
 
 @dataclass
@@ -99,7 +111,10 @@ def build_messages(conversation: list[dict], hits: list | None) -> list[dict]:
     msgs = [{"role": "system", "content": SYSTEM_PROMPT}]
     turns = [dict(m) for m in conversation]
     if hits:
-        last = max(i for i, m in enumerate(turns) if m["role"] == "user")
+        users = [i for i, m in enumerate(turns) if m["role"] == "user"]
+        if not users:
+            raise KinjectError("the conversation has no user message")
+        last = users[-1]
         turns[last]["content"] = f"{RAG_INSTRUCTION}\n\n{context_block(hits)}\n\nQuestion: {turns[last]['content']}"
     return msgs + turns
 
@@ -111,9 +126,26 @@ def retrieval_queries(conversation: list[dict], history_turns: int = 2) -> list[
     if not users:
         raise KinjectError("the conversation has no user message")
     queries = [users[-1]]
-    if len(users) > 1:
+    if len(users) > 1 and history_turns > 0:
         queries.append(" ".join(users[-1 - history_turns :]))
     return queries
+
+
+def render_prompt(engine: Engine, request: GenRequest) -> str:
+    """The text the engine will read for a request (chat template applied when it has one)."""
+    render = getattr(engine, "render", None)
+    if render is not None:
+        return render(request)
+    if request.prompt is not None:
+        return request.prompt
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in request.messages or [])
+
+
+def with_seed(params: SamplingParams, i: int) -> SamplingParams:
+    """The i-th of n samples: seed + i, so n answers differ and stay reproducible."""
+    if i == 0 or params.seed is None:
+        return params
+    return dataclasses.replace(params, seed=params.seed + i)
 
 
 @dataclass
@@ -127,28 +159,63 @@ class RouterConfig:
 
 
 class Answerer:
+    """Answers conversations in a mode on one engine; shared by the service, the UI and eval.
+
+    The KB's adapter is loaded into the engine under a name unique to the KB and its train
+    fingerprint, so one engine can serve several KBs, and a KB trained again while the service
+    runs is picked up on the next request.
+    """
+
     def __init__(self, kb: KB, settings: Settings, engine: Engine | None = None, retriever=None):
         self.kb, self.settings = kb, settings
         self.engine = engine or make_engine(settings)
         self._retriever = retriever
-        self._lock = threading.Lock()
-        adapter_dir = kb.root / "adapter"
-        if ADAPTER_NAME not in self.engine.adapters and kb.stage("train") and (adapter_dir / "adapter_config.json").exists():
-            self.engine.add_adapter(ADAPTER_NAME, adapter_dir)
+        self._lock = threading.RLock()
+        self._adapter: str | None = None
+        self._adapter_error: str | None = None
+        self._adapter_fp: str | None = None
+        self._sync_adapter()
 
-    # ---- availability ---------------------------------------------------------------------
+    # ---- adapter ----------------------------------------------------------------------------
+    def _sync_adapter(self) -> None:
+        rec = self.kb.stage("train")
+        path = self.kb.root / STAGE_DIRS["train"]
+        fp = rec.get("fingerprint", "") if rec else None
+        with self._lock:
+            if fp == self._adapter_fp:
+                return
+            self._adapter_fp, self._adapter, self._adapter_error = fp, None, None
+            if fp is None or not (path / "adapter_config.json").exists():
+                return
+            name = f"{ADAPTER_NAME}_{sha256_text(f'{self.kb.root.resolve()}:{fp}')[:12]}"
+            try:
+                if name not in self.engine.adapters:
+                    self.engine.add_adapter(name, path)
+                self._adapter = name
+            except Exception as e:  # e.g. an adapter the backend cannot load
+                self._adapter_error = f"the adapter in {path} could not be loaded by the {self.engine.name} engine: {e}"
+
+    @property
+    def adapter_name(self) -> str | None:
+        """The engine's name for this KB's adapter, or None when the KB has none."""
+        self._sync_adapter()
+        return self._adapter
+
+    # ---- availability -----------------------------------------------------------------------
     def unavailable(self) -> dict[str, str]:
         """Mode -> why it cannot answer (missing artifacts and the command that builds them)."""
         why: dict[str, str] = {}
         name = self.kb.name
         no_index = None if self.kb.stage("ingest") else f"no retrieval index: run `kinject ingest CORPUS --kb {name}`"
-        no_adapter = None if ADAPTER_NAME in self.engine.adapters else f"no adapter: run `kinject train --kb {name}`"
+        no_adapter = None
+        if self.adapter_name is None:
+            no_adapter = self._adapter_error or f"no adapter: run `kinject train --kb {name}`"
         for mode in MODES.values():
             reason = (mode.retrieval and no_index) or (mode.adapter and no_adapter)
             if reason:
                 why[mode.name] = reason
         if "rag" in why and "ft" in why:
-            why[AUTO] = "auto needs an index or an adapter"
+            why[AUTO] = "auto needs an index or an adapter: " + "; ".join(dict.fromkeys([why["rag"], why["ft"]]))
         return why
 
     def available_modes(self) -> list[str]:
@@ -171,9 +238,9 @@ class Answerer:
                 self._retriever = Retriever(self.kb, self.settings)
             return self._retriever
 
-    # ---- routing --------------------------------------------------------------------------
+    # ---- routing ----------------------------------------------------------------------------
     def router_config(self) -> RouterConfig:
-        has_adapter = ADAPTER_NAME in self.engine.adapters
+        has_adapter = self.adapter_name is not None
         rec = (self.kb.stage("eval") or {}).get("metrics", {}).get("router")
         if rec:
             with_context = rec.get("with_context", "rag")
@@ -191,7 +258,7 @@ class Answerer:
         fallback = "ft" if "ft" not in blocked else "base"
         return fallback, f"top retrieval score {top:.3f} < {cfg.min_score:.3f} ({cfg.source})"
 
-    # ---- answering ------------------------------------------------------------------------
+    # ---- answering --------------------------------------------------------------------------
     def search(self, conversation: list[dict], k: int | None = None) -> list:
         k = k or self.settings.retrieval.top_k
         best: dict[str, object] = {}
@@ -201,8 +268,23 @@ class Answerer:
                     best[h.chunk_id] = h
         return sorted(best.values(), key=lambda h: -h.score)[:k]
 
-    def prepare(self, mode: str, conversation: list[dict], params: SamplingParams, k: int | None = None) -> Prepared:
+    def prompt_tokens(self, request: GenRequest) -> int:
+        return self.engine.count_tokens(render_prompt(self.engine, request))
+
+    def prepare(
+        self,
+        mode: str,
+        conversation: list[dict],
+        params: SamplingParams,
+        k: int | None = None,
+        max_prompt_tokens: int | None = None,
+    ) -> Prepared:
+        """Resolve the mode, retrieve, and build the engine request. With `max_prompt_tokens`,
+        the lowest-scored passages are dropped until the templated prompt fits; a conversation
+        that does not fit on its own raises PromptTooLong."""
         self.check(mode)
+        if not any(m["role"] == "user" and m.get("content") for m in conversation):
+            raise KinjectError("the conversation has no user message")
         hits, reason = [], ""
         if mode == AUTO:
             hits = self.search(conversation, k) if "rag" not in self.unavailable() else []
@@ -212,12 +294,25 @@ class Answerer:
             hits = self.search(conversation, k)
         if not m.retrieval:
             hits = []
-        request = GenRequest(
-            messages=build_messages(conversation, hits),
-            params=params,
-            adapter=ADAPTER_NAME if m.adapter else None,
-        )
-        return Prepared(mode, request, hits, reason)
+        adapter = self.adapter_name if m.adapter else None
+        while True:
+            request = GenRequest(messages=build_messages(conversation, hits), params=params, adapter=adapter)
+            if max_prompt_tokens is None:
+                return Prepared(mode, request, hits, reason)
+            n = self.prompt_tokens(request)
+            if n <= max_prompt_tokens:
+                return Prepared(mode, request, hits, reason, n)
+            if not hits:
+                raise PromptTooLong(n, max_prompt_tokens)
+            hits = hits[:-1]
+
+    def _answer(self, p: Prepared, g) -> Answer:
+        return Answer(g.text.strip(), p.mode, [source_dict(h) for h in p.hits], g.prompt_tokens, g.completion_tokens, g.finish_reason, p.route_reason)
+
+    def generate(self, prepared: Prepared, n: int = 1) -> list[Answer]:
+        """n answers to one prepared request in one engine call, each with its own seed."""
+        reqs = [dataclasses.replace(prepared.request, params=with_seed(prepared.request.params, i)) for i in range(n)]
+        return [self._answer(prepared, g) for g in self.engine.generate(reqs)]
 
     def answer(self, mode: str, conversation: list[dict], params: SamplingParams) -> Answer:
         return self.answer_many(mode, [conversation], params)[0]
@@ -232,13 +327,14 @@ class Answerer:
         """Answer many conversations in one engine call (batched), as eval does."""
         prepared = [self.prepare(mode, c, params) for c in conversations]
         gens = self.engine.generate([p.request for p in prepared], progress=progress)
-        return [
-            Answer(g.text.strip(), p.mode, [source_dict(h) for h in p.hits], g.prompt_tokens, g.completion_tokens, g.finish_reason, p.route_reason)
-            for p, g in zip(prepared, gens)
-        ]
+        return [self._answer(p, g) for p, g in zip(prepared, gens)]
 
     def stream(
         self, mode: str, conversation: list[dict], params: SamplingParams, cancel: threading.Event | None = None
     ) -> tuple[Prepared, Iterator[StreamChunk]]:
         prepared = self.prepare(mode, conversation, params)
-        return prepared, self.engine.stream(prepared.request, cancel)
+        return prepared, self.stream_prepared(prepared, cancel)
+
+    def stream_prepared(self, prepared: Prepared, cancel: threading.Event | None = None) -> Iterator[StreamChunk]:
+        """Stream a prepared request; setting `cancel` stops generation (client gone)."""
+        return self.engine.stream(prepared.request, cancel)

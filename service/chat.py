@@ -1,0 +1,143 @@
+"""POST /v1/chat/completions: a conversation answered in the mode the `model` field names.
+
+Retrieval (rag modes, auto) and the prompt are prepared first, so every input error is a plain
+4xx before any streaming starts; then a generation slot is taken and the engine answers.
+Responses carry `sources` and `kinject_mode` (also in the `x-kinject-mode` header); streamed
+responses put them on the first chunk.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from contextlib import aclosing
+from typing import AsyncIterator
+
+import anyio
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from core.answer import Prepared, source_dict, with_seed
+from service.errors import APIError, bad_request, log
+from service.protocol import (
+    ChatCompletionChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    DeltaMessage,
+    ResponseMessage,
+    Source,
+    UsageInfo,
+    new_id,
+    now,
+)
+from service.sampling import fit_context, max_new_tokens, sampling_params
+from service.state import ServiceState, get_state
+from service.streaming import DONE, SSEResponse, in_thread, sse
+
+router = APIRouter()
+
+
+def conversation_of(req: ChatCompletionRequest, max_messages: int) -> list[dict]:
+    if len(req.messages) > max_messages:
+        raise bad_request(f"too many messages: {len(req.messages)} > {max_messages} (serve.max_messages)", param="messages", code="too_many_messages")
+    if req.tools:
+        raise bad_request("tools are not supported by kinject", param="tools")
+    if req.logprobs:
+        raise bad_request("logprobs are not supported on chat completions; use /v1/completions with logprobs", param="logprobs")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise bad_request("only response_format type 'text' is supported", param="response_format")
+    conv = []
+    for m in req.messages:
+        role = "system" if m.role == "developer" else m.role
+        conv.append({"role": role, "content": m.text()})
+    if not any(m["role"] == "user" and m["content"].strip() for m in conv):
+        raise bad_request("the conversation needs at least one non-empty user message", param="messages")
+    return conv
+
+
+async def prepare(state: ServiceState, req: ChatCompletionRequest) -> Prepared:
+    mode = state.mode_for(req.model)
+    conv = conversation_of(req, state.settings.serve.max_messages)
+    wanted = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    params = sampling_params(req, max_new_tokens(wanted, state.settings, param=param))
+    limit = min(state.settings.serve.max_prompt_tokens, state.settings.engine.max_model_len - 1)
+    prepared = await anyio.to_thread.run_sync(lambda: state.answerer.prepare(mode, conv, params, max_prompt_tokens=limit))
+    fit_context(prepared.request.params, prepared.prompt_tokens, state.settings)
+    return prepared
+
+
+def sources_of(prepared: Prepared) -> list[Source]:
+    return [Source(**source_dict(h)) for h in prepared.hits]
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, state: ServiceState = Depends(get_state)):
+    prepared = await prepare(state, req)
+    headers = {"x-kinject-mode": prepared.mode}
+    if req.stream:
+        state.slots.check_room()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return SSEResponse(stream_chat(state, req, prepared, include_usage), headers=headers)
+    async with state.slots.slot():
+        answers = await anyio.to_thread.run_sync(state.answerer.generate, prepared, req.n)
+    usage = UsageInfo(
+        prompt_tokens=answers[0].prompt_tokens,
+        completion_tokens=sum(a.completion_tokens for a in answers),
+    )
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+    body = ChatCompletionResponse(
+        model=req.model,
+        choices=[
+            ChatCompletionChoice(index=i, message=ResponseMessage(content=a.text), finish_reason=a.finish_reason)
+            for i, a in enumerate(answers)
+        ],
+        usage=usage,
+        sources=sources_of(prepared),
+        kinject_mode=prepared.mode,
+        kinject_route=prepared.route_reason or None,
+    )
+    return JSONResponse(body.model_dump(), headers=headers)
+
+
+async def stream_chat(state: ServiceState, req: ChatCompletionRequest, prepared: Prepared, include_usage: bool) -> AsyncIterator[str]:
+    rid, created = new_id("chatcmpl"), now()
+    # OpenAI sends "usage": null on every chunk but the last when usage was asked for.
+    skip = set() if include_usage else {"usage"}
+
+    def chunk(index: int, delta: DeltaMessage, finish: str | None = None, **extra) -> str:
+        body = ChatCompletionStreamResponse(
+            id=rid, created=created, model=req.model,
+            choices=[ChatCompletionStreamChoice(index=index, delta=delta, finish_reason=finish)], **extra,
+        )
+        return sse(body, exclude=skip | {k for k in ("sources", "kinject_mode", "kinject_route") if getattr(body, k) is None})
+
+    prompt_tokens = completion_tokens = 0
+    try:
+        async with state.slots.slot():
+            for i in range(req.n):
+                first = {"sources": sources_of(prepared), "kinject_mode": prepared.mode, "kinject_route": prepared.route_reason or None} if i == 0 else {}
+                yield chunk(i, DeltaMessage(role="assistant", content=""), **first)
+                request = dataclasses.replace(prepared.request, params=with_seed(prepared.request.params, i))
+                cancel = threading.Event()
+                finish = "stop"
+                async with aclosing(in_thread(state.answerer.stream_prepared(dataclasses.replace(prepared, request=request), cancel), cancel)) as pieces:
+                    async for piece in pieces:
+                        if piece.text:
+                            yield chunk(i, DeltaMessage(content=piece.text))
+                        if piece.finish_reason:
+                            finish = piece.finish_reason
+                            prompt_tokens = piece.prompt_tokens
+                            completion_tokens += piece.completion_tokens
+                yield chunk(i, DeltaMessage(), finish)
+    except APIError as e:  # the queue filled up between the check and the slot
+        yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+    except Exception as e:  # headers are sent: report in the stream, as OpenAI does
+        log.exception("streamed generation failed")
+        yield sse({"error": {"message": f"generation failed: {type(e).__name__}: {e}", "type": "server_error", "param": None, "code": None}})
+    else:
+        if include_usage:
+            usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
+            yield sse(ChatCompletionStreamResponse(id=rid, created=created, model=req.model, choices=[], usage=usage), exclude={"sources", "kinject_mode", "kinject_route"})
+    yield DONE

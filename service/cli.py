@@ -1,0 +1,54 @@
+"""`kinject serve --kb NAME [--host H] [--port P]`: the OpenAI-compatible API and the UI."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+
+def url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def serve(
+        ctx: typer.Context,
+        kb: str = typer.Option(..., "--kb", help="Knowledge base to serve."),
+        host: Optional[str] = typer.Option(None, "--host", help="Interface to bind (default serve.host: 127.0.0.1)."),
+        port: Optional[int] = typer.Option(None, "--port", help="Port (default serve.port: 8000; 0 picks a free one)."),
+    ) -> None:
+        """Serve a KB over an OpenAI-compatible API (models kinject-<mode>) with the UI at /ui."""
+        import socket
+
+        import uvicorn
+
+        from core.cli import settings_from
+        from core.kb import KB
+        from service.app import create_app
+
+        settings = settings_from(ctx, **{"serve.host": host, "serve.port": port})
+        knowledge = KB.open(settings, kb)
+        family = socket.AF_INET6 if ":" in settings.serve.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((settings.serve.host, settings.serve.port))
+        except OSError as e:
+            from core.errors import KinjectError
+
+            raise KinjectError(f"cannot listen on {settings.serve.host}:{settings.serve.port}: {e.strerror}; choose another --port") from None
+        bound = sock.getsockname()[1]
+        api = create_app(knowledge, settings)
+        state = api.state.kinject
+        base = f"http://{url_host(settings.serve.host)}:{bound}"
+        typer.echo(f"kinject serving KB {kb!r} on the {state.answerer.engine.name} engine")
+        typer.echo(f"  models: {', '.join(state.model_id(m) for m in state.answerer.available_modes())}")
+        for mode, why in state.answerer.unavailable().items():
+            typer.echo(f"  not available: {state.model_id(mode)} ({why})")
+        typer.echo(f"  API: {base}/v1")
+        typer.echo(f"  UI:  {base}/ui" if any(getattr(r, "path", "") == "/ui" for r in api.routes) else "  UI:  not installed")
+        if settings.serve.api_key.get_secret_value():
+            typer.echo("  API key required: Authorization: Bearer <serve.api_key>; UI login: any user, the key as password")
+        server = uvicorn.Server(uvicorn.Config(api, log_level="info", timeout_graceful_shutdown=5))
+        server.run(sockets=[sock])

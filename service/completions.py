@@ -1,0 +1,177 @@
+"""POST /v1/completions: raw text continuation, with `echo` and token `logprobs`.
+
+Retrieval is NOT applied here: a raw prompt has no question to retrieve for and no place for
+quoted passages, and log-likelihood tools need the exact text they sent scored. The `model`
+field selects the adapter only: kinject-base and kinject-rag run the base weights, kinject-ft and
+kinject-ft-rag the KB's adapter, kinject-auto the adapter when the KB has one. `kinject_mode`
+says which ("base" or "ft").
+
+Logprobs: the prompt (with `echo`) and the generated text are scored in one forward pass by
+engine.prompt_logprobs, so each generated token's logprob is the model's (temperature 1)
+log-probability of that token given everything before it, as OpenAI reports them. The first
+prompt token has no context and gets null. `max_tokens: 0` with `echo` scores the prompt only.
+Prompts are text; token-id prompts are refused (lm-eval: tokenized_requests=False).
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import aclosing
+from typing import AsyncIterator
+
+import anyio
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from core.answer import AUTO, MODES, PromptTooLong, with_seed
+from core.engines import Generation, GenRequest, SamplingParams, TokenLogprob
+from service.errors import APIError, bad_request, log
+from service.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+    UsageInfo,
+    new_id,
+    now,
+)
+from service.sampling import fit_context, max_new_tokens, sampling_params
+from service.state import ServiceState, get_state
+from service.streaming import DONE, SSEResponse, in_thread, sse
+
+router = APIRouter()
+
+
+def prompts_of(req: CompletionRequest) -> list[str]:
+    prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+    if not prompts:
+        raise bad_request("prompt must not be empty", param="prompt")
+    if not all(isinstance(p, str) for p in prompts):
+        raise bad_request("token-id prompts are not supported: send the prompt as text", param="prompt")
+    if any(p == "" for p in prompts):
+        raise bad_request("prompt must not be an empty string", param="prompt")
+    return prompts
+
+
+def check_options(req: CompletionRequest) -> None:
+    if req.suffix:
+        raise bad_request("suffix is not supported", param="suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise bad_request("best_of is not supported (use n)", param="best_of")
+    if req.stream and req.logprobs is not None:
+        raise bad_request("logprobs are not available with stream; send stream: false", param="logprobs")
+
+
+def raw_mode(state: ServiceState, mode: str) -> str:
+    """The mode without retrieval: "ft" when the named mode uses the adapter, else "base"."""
+    if mode == AUTO:
+        mode, _ = state.answerer.route([])
+    return "ft" if MODES[mode].adapter else "base"
+
+
+def logprobs_of(prompt: str, text: str, scored: list[TokenLogprob], echo: bool) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    offset, cut = 0, len(prompt)
+    for t in scored:
+        start = offset
+        offset += len(t.token)
+        if not echo and start < cut:
+            continue
+        out.tokens.append(t.token)
+        out.token_logprobs.append(t.logprob)
+        out.top_logprobs.append(dict(t.top) if t.logprob is not None else None)
+        out.text_offset.append(start if echo else start - cut)
+    return out
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, state: ServiceState = Depends(get_state)):
+    mode = raw_mode(state, state.mode_for(req.model))
+    check_options(req)
+    prompts = prompts_of(req)
+    params = sampling_params(req, max_new_tokens(req.max_tokens, state.settings, allow_zero=req.echo))
+    adapter = state.answerer.adapter_name if mode == "ft" else None
+    engine = state.answerer.engine
+    limit = min(state.settings.serve.max_prompt_tokens, state.settings.engine.max_model_len - 1)
+    counts = await anyio.to_thread.run_sync(lambda: [engine.count_tokens(p) for p in prompts])
+    for n_tokens in counts:
+        if n_tokens > limit:
+            e = PromptTooLong(n_tokens, limit)
+            raise APIError(400, str(e), param="prompt", code="context_length_exceeded")
+    fit_context(params, max(counts), state.settings)
+    headers = {"x-kinject-mode": mode}
+    if req.stream:
+        state.slots.check_room()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return SSEResponse(stream_completion(state, req, prompts, params, adapter, mode, include_usage, sum(counts)), headers=headers)
+
+    requests = [GenRequest(prompt=p, params=with_seed(params, j), adapter=adapter) for p in prompts for j in range(req.n)]
+    async with state.slots.slot():
+        if req.max_tokens == 0:
+            gens = [Generation("", c, 0, "length") for c in counts for _ in range(req.n)]
+        else:
+            gens = await anyio.to_thread.run_sync(engine.generate, requests)
+        scored = None
+        if req.logprobs is not None:
+            texts = [r.prompt + g.text for r, g in zip(requests, gens)]
+            scored = await anyio.to_thread.run_sync(lambda: engine.prompt_logprobs(texts, adapter, req.logprobs))
+    choices = []
+    for i, (r, g) in enumerate(zip(requests, gens)):
+        lp = logprobs_of(r.prompt, g.text, scored[i], req.echo) if scored is not None else None
+        choices.append(CompletionChoice(index=i, text=(r.prompt if req.echo else "") + g.text, logprobs=lp, finish_reason=g.finish_reason))
+    prompt_tokens = sum(counts)
+    completion_tokens = sum(g.completion_tokens for g in gens)
+    body = CompletionResponse(
+        model=req.model,
+        choices=choices,
+        usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens),
+        kinject_mode=mode,
+    )
+    return JSONResponse(body.model_dump(), headers=headers)
+
+
+async def stream_completion(
+    state: ServiceState, req: CompletionRequest, prompts: list[str], params: SamplingParams, adapter: str | None, mode: str, include_usage: bool, prompt_tokens: int
+) -> AsyncIterator[str]:
+    rid, created = new_id("cmpl"), now()
+    skip = set() if include_usage else {"usage"}
+
+    def chunk(index: int, text: str, finish: str | None = None, **extra) -> str:
+        body = CompletionStreamResponse(id=rid, created=created, model=req.model, choices=[CompletionChoice(index=index, text=text, finish_reason=finish)], **extra)
+        return sse(body, exclude=skip | ({"kinject_mode"} if body.kinject_mode is None else set()))
+
+    completion_tokens = 0
+    try:
+        async with state.slots.slot():
+            for pi, prompt in enumerate(prompts):
+                for j in range(req.n):
+                    index = pi * req.n + j
+                    first = {"kinject_mode": mode} if index == 0 else {}
+                    if req.echo:
+                        yield chunk(index, prompt, **first)
+                        first = {}
+                    if req.max_tokens == 0:
+                        yield chunk(index, "", "length", **first)
+                        continue
+                    cancel = threading.Event()
+                    request = GenRequest(prompt=prompt, params=with_seed(params, j), adapter=adapter)
+                    finish = "stop"
+                    async with aclosing(in_thread(state.answerer.engine.stream(request, cancel), cancel)) as pieces:
+                        async for piece in pieces:
+                            if piece.text:
+                                yield chunk(index, piece.text, **first)
+                                first = {}
+                            if piece.finish_reason:
+                                finish = piece.finish_reason
+                                completion_tokens += piece.completion_tokens
+                    yield chunk(index, "", finish, **first)
+    except APIError as e:
+        yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+    except Exception as e:
+        log.exception("streamed completion failed")
+        yield sse({"error": {"message": f"generation failed: {type(e).__name__}: {e}", "type": "server_error", "param": None, "code": None}})
+    else:
+        if include_usage:
+            usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
+            yield sse(CompletionStreamResponse(id=rid, created=created, model=req.model, choices=[], usage=usage), exclude={"kinject_mode"})
+    yield DONE

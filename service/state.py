@@ -1,0 +1,75 @@
+"""What every route shares: the Answerer (one engine, one retriever), the settings, and the
+generation slots that bound concurrency.
+
+Engine calls block, so routes run them in worker threads (anyio.to_thread) and the event loop
+stays free for other clients. At most `serve.max_concurrency` generations are admitted at once;
+up to `serve.max_queue` more wait in arrival order, and beyond that the service answers 503.
+"""
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import Request
+
+from core.answer import ALL_MODES, AUTO, MODES, Answerer
+from core.settings import Settings
+from service.errors import APIError
+from service.protocol import MODEL_PREFIX
+
+
+class Slots:
+    def __init__(self, max_concurrency: int, max_queue: int):
+        self.max_concurrency, self.max_queue = max_concurrency, max_queue
+        self._sem = asyncio.Semaphore(max_concurrency)
+        self.waiting = 0
+        self.active = 0
+
+    def check_room(self) -> None:
+        """Refuse up front (before a streamed response starts) when the queue is full."""
+        if self.active >= self.max_concurrency and self.waiting >= self.max_queue:
+            raise APIError(503, f"the server is busy: {self.active} generations running and {self.waiting} waiting (serve.max_queue); retry later", code="server_busy")
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        self.check_room()
+        self.waiting += 1
+        try:
+            await self._sem.acquire()
+        finally:
+            self.waiting -= 1
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            self._sem.release()
+
+
+class ServiceState:
+    def __init__(self, answerer: Answerer, settings: Settings):
+        self.answerer, self.settings = answerer, settings
+        self.slots = Slots(settings.serve.max_concurrency, settings.serve.max_queue)
+
+    def model_id(self, mode: str) -> str:
+        return MODEL_PREFIX + mode
+
+    def mode_for(self, model: str) -> str:
+        """The mode a request's `model` names (`kinject-rag`, or plainly `rag`), checked against
+        what the KB has built: unknown or unbuilt modes are a 404 naming what to do."""
+        mode = model.removeprefix(MODEL_PREFIX)
+        if mode not in ALL_MODES:
+            listed = ", ".join(self.model_id(m) for m in self.answerer.available_modes())
+            raise APIError(404, f"the model {model!r} does not exist; available: {listed}", param="model", code="model_not_found")
+        self.answerer.check(mode)  # ModeUnavailable -> 404 naming the command that builds it
+        return mode
+
+    def describe(self, mode: str) -> str:
+        if mode == AUTO:
+            return "router: picks a mode per query from the retrieval scores"
+        return MODES[mode].description
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.kinject

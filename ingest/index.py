@@ -1,0 +1,181 @@
+"""The KB's vector index on disk: FAISS inner-product vectors plus the chunk and document records.
+
+Vectors live in a `faiss.IndexIDMap2(IndexFlatIP)` held by llama-index's `FaissVectorStore`, which
+persists and loads it. Deletes are ours: that store cannot delete, and its map variant reuses ids
+(`ntotal`) after a delete. Every chunk gets a fresh int64 id from a counter kept in meta.json,
+so replacing a document removes exactly its ids and adds new ones.
+
+Layout inside the KB's index/ folder: each write makes a new generation folder
+`gNNNNNN/` (faiss.index, chunks.jsonl, documents.jsonl, meta.json), and only then points
+`current.json` at it. A crash leaves the previous generation current; readers never see a
+half-written index. The previous generation is kept for readers that are still loading it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from core.files import atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
+from ingest.readers import Document
+
+CURRENT = "current.json"
+FAISS_FILE = "faiss.index"
+CHUNKS_FILE = "chunks.jsonl"
+DOCUMENTS_FILE = "documents.jsonl"
+META_FILE = "meta.json"
+
+
+def _gpu_count() -> int:
+    import faiss
+
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+class VectorIndex:
+    """Normalized vectors by int64 id; inner product = cosine similarity. faiss-gpu searches on GPU."""
+
+    def __init__(self, store):
+        self.store = store  # llama_index.vector_stores.faiss.FaissVectorStore
+        self._gpu = None
+
+    @classmethod
+    def empty(cls, dim: int) -> "VectorIndex":
+        import faiss
+        from llama_index.vector_stores.faiss import FaissVectorStore
+
+        return cls(FaissVectorStore(faiss_index=faiss.IndexIDMap2(faiss.IndexFlatIP(dim))))
+
+    @classmethod
+    def load(cls, path: Path) -> "VectorIndex":
+        from llama_index.vector_stores.faiss import FaissVectorStore
+
+        return cls(FaissVectorStore.from_persist_path(str(path)))
+
+    @property
+    def faiss(self):
+        return self.store.client
+
+    @property
+    def dim(self) -> int:
+        return self.faiss.d
+
+    def __len__(self) -> int:
+        return self.faiss.ntotal
+
+    def ids(self) -> np.ndarray:
+        import faiss
+
+        return faiss.vector_to_array(self.faiss.id_map).astype(np.int64)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(ids):
+            self.faiss.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
+            self._gpu = None
+
+    def remove(self, ids) -> int:
+        ids = np.asarray(list(ids), dtype=np.int64)
+        if not len(ids):
+            return 0
+        self._gpu = None
+        return int(self.faiss.remove_ids(ids))
+
+    def reconstruct(self, ids) -> np.ndarray:
+        return np.stack([self.faiss.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros((0, self.dim), np.float32)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each (n_queries, k); ids are -1 where the index has fewer than k vectors."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        return self._searcher().search(queries, min(k, max(len(self), 1)))
+
+    def _searcher(self):
+        if self._gpu is None and _gpu_count() > 0 and len(self) > 0:
+            import faiss
+
+            try:
+                self._gpu = faiss.index_cpu_to_all_gpus(self.faiss)
+            except Exception:  # an index type the GPU cloner does not know: search on CPU
+                self._gpu = self.faiss
+        return self._gpu or self.faiss
+
+    def save(self, path: Path) -> None:
+        self.store.persist(str(path))  # the CPU index; a GPU copy is rebuilt on load
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+
+
+@dataclass
+class IndexState:
+    """One generation of the index, fully in memory."""
+
+    meta: dict
+    index: VectorIndex
+    chunks: dict[int, dict]  # faiss id -> chunk record
+    documents: dict[str, Document] = field(default_factory=dict)
+    generation: str | None = None
+
+
+def current_generation(folder: Path) -> str | None:
+    try:
+        return json.loads((Path(folder) / CURRENT).read_text())["generation"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+
+
+def read_meta(folder: Path) -> dict | None:
+    gen = current_generation(folder)
+    if gen is None:
+        return None
+    return json.loads((Path(folder) / gen / META_FILE).read_text())
+
+
+def read_documents(folder: Path) -> list[Document]:
+    gen = current_generation(folder)
+    if gen is None:
+        return []
+    return [Document(**rec) for rec in read_jsonl(Path(folder) / gen / DOCUMENTS_FILE)]
+
+
+def read_chunks(gen_dir: Path) -> dict[int, dict]:
+    return {rec["id"]: rec for rec in read_jsonl(gen_dir / CHUNKS_FILE)}
+
+
+def load_state(folder: Path, with_documents: bool = True) -> IndexState | None:
+    """The current generation, or None when nothing was indexed yet."""
+    gen = current_generation(folder)
+    if gen is None:
+        return None
+    gen_dir = Path(folder) / gen
+    meta = json.loads((gen_dir / META_FILE).read_text())
+    docs = {d.doc_id: d for d in (Document(**r) for r in read_jsonl(gen_dir / DOCUMENTS_FILE))} if with_documents else {}
+    return IndexState(meta=meta, index=VectorIndex.load(gen_dir / FAISS_FILE), chunks=read_chunks(gen_dir), documents=docs, generation=gen)
+
+
+def write_state(folder: Path, state: IndexState) -> str:
+    """Write a new generation, then make it current. Returns the generation's name."""
+    folder = Path(folder)
+    previous = current_generation(folder)
+    number = int(previous[1:]) + 1 if previous else 1
+    gen = f"g{number:06d}"
+    with atomic_dir(folder / gen) as tmp:
+        state.index.save(tmp / FAISS_FILE)
+        atomic_write_text(tmp / CHUNKS_FILE, "".join(json.dumps(state.chunks[i], ensure_ascii=False) + "\n" for i in sorted(state.chunks)))
+        atomic_write_text(tmp / DOCUMENTS_FILE, "".join(json.dumps(d.to_json(), ensure_ascii=False) + "\n" for d in state.documents.values()))
+        atomic_write_json(tmp / META_FILE, state.meta)
+    atomic_write_json(folder / CURRENT, {"generation": gen})
+    state.generation = gen
+    _clean(folder, keep={gen, previous})
+    return gen
+
+
+def _clean(folder: Path, keep: set[str | None]) -> None:
+    """Drop generations older than the previous one and temp folders left by a crash."""
+    for p in folder.iterdir():
+        old_generation = p.is_dir() and p.name.startswith("g") and p.name[1:].isdigit() and p.name not in keep
+        crash_leftover = p.name.startswith(".") and (p.name.endswith(".tmp") or ".old." in p.name)
+        if old_generation or crash_leftover:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

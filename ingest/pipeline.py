@@ -1,0 +1,215 @@
+"""The ingest stage's one door: `ingest(kb, corpus, settings) -> IngestReport`.
+
+corpus -> Documents (readers) -> chunks (chunking) -> vectors (embedder) -> FAISS index (index).
+Incremental: only documents whose content hash is new or changed are chunked and embedded; a
+changed document's chunks are replaced and a removed document's chunks deleted, so the index
+answers as a from-scratch build of the same corpus would. `add_files` adds uploaded files
+without removing anything. The stage is recorded in the manifest once the new index is current.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from core.files import sha256_text
+from core.kb import KB, StageTimer
+from core.settings import Settings
+from ingest.chunking import CHUNKER_VERSION, Chunker
+from ingest.index import IndexState, VectorIndex, load_state, read_documents, write_state
+from ingest.readers import CorpusError, Document, Skipped, read_corpus, read_files
+
+__all__ = ["Document", "IngestReport", "ingest", "add_files", "load_documents", "CorpusError"]
+
+
+@dataclass
+class IngestReport:
+    kb: str
+    corpus: str
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    skipped: list[Skipped] = field(default_factory=list)
+    documents: int = 0  # in the index after the run
+    chunks: int = 0  # in the index after the run
+    chunks_embedded: int = 0
+    seconds: float = 0.0
+    embed_seconds: float = 0.0
+    chunks_per_s: float = 0.0  # chunks embedded per second of embedding
+    rebuilt: str = ""  # why the whole index was rebuilt, if it was
+    generation: str | None = None
+    fingerprint: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [
+            f"ingested {self.corpus} into KB {self.kb!r}" + (f" (index {self.generation})" if self.generation else ""),
+            f"  documents: {len(self.added)} added, {len(self.changed)} changed, {len(self.removed)} removed, "
+            f"{self.unchanged} unchanged, {len(self.skipped)} skipped; {self.documents} in the index",
+            f"  chunks: {self.chunks_embedded} embedded ({self.chunks_per_s:.1f} chunks/s), {self.chunks} in the index; "
+            f"{self.seconds:.1f} s in all",
+        ]
+        if self.rebuilt:
+            lines.append(f"  rebuilt from scratch: {self.rebuilt}")
+        if self.skipped:
+            lines.append("  skipped:")
+            lines += [f"    {s}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def ingest(kb: KB, corpus_path: str | Path, settings: Settings, progress: bool = True) -> IngestReport:
+    """Make the KB's index match the corpus: add new, replace changed, delete removed documents."""
+    timer = StageTimer()
+    corpus = Path(corpus_path).expanduser()
+    docs, skipped = read_corpus(corpus, settings.ingest.max_file_mb)
+    if not docs:
+        detail = f"{len(skipped)} file(s) or line(s) skipped, e.g. {skipped[0]}" if skipped else "it holds no files"
+        raise CorpusError(f"no documents to index in {corpus}: {detail}")
+    return _update(kb, docs, skipped, settings, progress, timer, corpus=str(corpus), remove_missing=True)
+
+
+def add_files(kb: KB, paths: list[str | Path], settings: Settings, progress: bool = False) -> IngestReport:
+    """Index a few files (an upload) into the KB, keeping every other document.
+
+    A file's doc_id is its name; files inside a given folder are named relative to that folder.
+    A file with an existing doc_id replaces that document.
+    """
+    timer = StageTimer()
+    docs: list[Document] = []
+    skipped: list[Skipped] = []
+    for p in map(lambda x: Path(x).expanduser(), paths):
+        if not p.exists():
+            raise CorpusError(f"file not found: {p}")
+        if p.is_dir():
+            found, more = read_corpus(p, settings.ingest.max_file_mb)
+            skipped += more
+        else:
+            found, _ = read_files([p], p.parent, settings.ingest.max_file_mb, skipped)
+        seen = {d.doc_id for d in docs}
+        for d in found:
+            if d.doc_id in seen:
+                skipped.append(Skipped(d.source, f"duplicate doc_id {d.doc_id!r} in this upload"))
+            else:
+                docs.append(d)
+    return _update(kb, docs, skipped, settings, progress, timer, corpus=", ".join(map(str, paths)), remove_missing=False)
+
+
+def load_documents(kb: KB) -> list[Document]:
+    """The KB's ingested documents (normalized text), as stored in its index folder."""
+    return read_documents(kb.root / "index")
+
+
+def _build_settings(settings: Settings, embedder) -> dict:
+    """What the vectors depend on: if any of this changes, the index is rebuilt."""
+    return {
+        "embedder": settings.models.embedder,
+        "dim": embedder.dim,
+        "max_seq_length": embedder.max_seq_length,
+        "chunk_size": settings.ingest.chunk_size,
+        "chunk_overlap": settings.ingest.chunk_overlap,
+        "metadata_in_text": settings.ingest.metadata_in_text,
+        "chunker_version": CHUNKER_VERSION,
+    }
+
+
+def fingerprint(documents: dict[str, Document] | list[Document], build: dict) -> str:
+    docs = documents.values() if isinstance(documents, dict) else documents
+    pairs = sorted((d.doc_id, d.content_hash) for d in docs)
+    return sha256_text(json.dumps({"documents": pairs, "build": build}, sort_keys=True))
+
+
+def _update(
+    kb: KB,
+    docs: list[Document],
+    skipped: list[Skipped],
+    settings: Settings,
+    progress: bool,
+    timer: StageTimer,
+    corpus: str,
+    remove_missing: bool,
+) -> IngestReport:
+    from core.retrieval import get_embedder
+
+    report = IngestReport(kb=kb.name, corpus=corpus, skipped=skipped)
+    with kb.lock():
+        folder = kb.dir("ingest")
+        embedder = get_embedder(settings.models.embedder, settings)
+        build = _build_settings(settings, embedder)
+        state = load_state(folder)
+        if state is not None:
+            differs = [k for k in build if state.meta.get(k) != build[k]]
+            if differs:
+                report.rebuilt = "changed " + ", ".join(f"{k} ({state.meta.get(k)} -> {build[k]})" for k in differs)
+                if not remove_missing:  # an upload keeps the other documents: they are embedded again too
+                    docs = [d for d in state.documents.values() if d.doc_id not in {x.doc_id for x in docs}] + docs
+                state = IndexState(meta={**build, "next_id": state.meta.get("next_id", 0)}, index=VectorIndex.empty(embedder.dim), chunks={}, generation=state.generation)
+        if state is None:
+            state = IndexState(meta={**build, "next_id": 0}, index=VectorIndex.empty(embedder.dim), chunks={})
+        old = state.documents
+        incoming = {d.doc_id: d for d in docs}
+        report.added = [d.doc_id for d in docs if d.doc_id not in old]
+        report.changed = [d.doc_id for d in docs if d.doc_id in old and old[d.doc_id].content_hash != d.content_hash]
+        report.removed = [i for i in old if i not in incoming] if remove_missing else []
+        report.unchanged = len(docs) - len(report.added) - len(report.changed)
+
+        # Drop the chunks of changed and removed documents: exactly their ids.
+        gone = set(report.changed) | set(report.removed)
+        drop = [cid for cid, rec in state.chunks.items() if rec["doc_id"] in gone]
+        state.index.remove(drop)
+        for cid in drop:
+            del state.chunks[cid]
+
+        # Chunk and embed the new and changed documents.
+        chunker = Chunker(embedder.tokenizer, embedder.max_seq_length, settings.ingest.chunk_size, settings.ingest.chunk_overlap, settings.ingest.metadata_in_text)
+        todo = [incoming[i] for i in report.added + report.changed]
+        chunks = [c for d in todo for c in chunker.chunk(d)]
+        t0 = time.perf_counter()
+        vectors = embedder.encode([c.embed_text for c in chunks], batch_size=settings.ingest.embed_batch_size, progress=progress)
+        report.embed_seconds = round(time.perf_counter() - t0, 3)
+        next_id = int(state.meta.get("next_id", 0))
+        ids = np.arange(next_id, next_id + len(chunks), dtype=np.int64)
+        state.index.add(ids, vectors)
+        for cid, c in zip(ids.tolist(), chunks):
+            state.chunks[cid] = {"id": cid, "chunk_id": c.chunk_id, "doc_id": c.doc_id, "title": c.title, "text": c.text, "page": c.page, "metadata": c.metadata}
+
+        if remove_missing:
+            state.documents = dict(incoming)
+        else:
+            state.documents = {**old, **incoming}
+        fp = fingerprint(state.documents, build)
+        state.meta.update(next_id=next_id + len(chunks), documents=len(state.documents), chunks=len(state.chunks), fingerprint=fp)
+        if chunks or drop or report.removed or state.generation is None or report.rebuilt or old != state.documents:
+            write_state(folder, state)
+        report.generation = state.generation
+        report.fingerprint = fp
+        report.documents = len(state.documents)
+        report.chunks = len(state.chunks)
+        report.chunks_embedded = len(chunks)
+        report.chunks_per_s = round(len(chunks) / report.embed_seconds, 1) if report.embed_seconds > 0 else 0.0
+        report.seconds = timer.seconds
+        kb.record_stage(
+            "ingest",
+            fingerprint=fp,
+            outputs={"index": f"index/{state.generation}", "documents": report.documents, "chunks": report.chunks},
+            metrics={
+                "added": len(report.added),
+                "changed": len(report.changed),
+                "removed": len(report.removed),
+                "unchanged": report.unchanged,
+                "skipped": len(report.skipped),
+                "chunks_embedded": report.chunks_embedded,
+                "seconds": report.seconds,
+                "chunks_per_s": report.chunks_per_s,
+            },
+            started_at=timer.started_at,
+            corpus=corpus,
+            build=build,
+            skipped=[{"path": s.path, "reason": s.reason} for s in report.skipped],
+        )
+    return report

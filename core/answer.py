@@ -233,9 +233,9 @@ class Answerer:
     def retriever(self):
         with self._lock:
             if self._retriever is None:
-                from core.retrieval import Retriever
+                from core.retrieval import get_retriever
 
-                self._retriever = Retriever(self.kb, self.settings)
+                self._retriever = get_retriever(self.kb, self.settings)  # shared with the UI and eval
             return self._retriever
 
     # ---- routing ----------------------------------------------------------------------------

@@ -23,10 +23,6 @@ router = APIRouter()
 MAX_INPUTS = 2048
 
 
-def embedder_name(state: ServiceState) -> str:
-    return state.answerer.kb.manifest().get("models", {}).get("embedder") or state.settings.models.embedder
-
-
 def inputs_of(req: EmbeddingRequest) -> list[str]:
     texts = [req.input] if isinstance(req.input, str) else list(req.input)
     if not texts:
@@ -42,15 +38,22 @@ def inputs_of(req: EmbeddingRequest) -> list[str]:
 
 @router.post("/v1/embeddings")
 async def create_embeddings(req: EmbeddingRequest, state: ServiceState = Depends(get_state)) -> EmbeddingResponse:
-    name = embedder_name(state)
+    retriever = state.answerer.retriever
+    embedder = await anyio.to_thread.run_sync(lambda: retriever.embedder)  # the index's own, loaded once
+    name = embedder.ref
     if req.model != name and req.model.removeprefix(MODEL_PREFIX) not in ALL_MODES:
         raise APIError(404, f"the embedding model {req.model!r} does not exist; use {name!r} (or any kinject-* model)", param="model", code="model_not_found")
     texts = inputs_of(req)
-    retriever = await anyio.to_thread.run_sync(lambda: state.answerer.retriever)
-    vectors = np.asarray(await anyio.to_thread.run_sync(retriever.embed_documents, texts), dtype=np.float32)
-    if req.dimensions is not None and req.dimensions != vectors.shape[1]:
-        raise bad_request(f"dimensions must be {vectors.shape[1]} for {name!r} (it cannot be truncated)", param="dimensions")
-    tokens = await anyio.to_thread.run_sync(lambda: sum(retriever.count_tokens(t) for t in texts))
+    if req.dimensions is not None and req.dimensions != embedder.dim:
+        raise bad_request(f"dimensions must be {embedder.dim} for {name!r} (it cannot be truncated)", param="dimensions")
+
+    def embed() -> tuple[np.ndarray, int]:
+        vectors = np.asarray(retriever.embed_documents(texts), dtype=np.float32)
+        with embedder._lock:  # the counting tokenizer is not safe to share between threads
+            tokens = sum(len(ids) for ids in embedder.tokenizer(texts)["input_ids"])
+        return vectors, tokens
+
+    vectors, tokens = await anyio.to_thread.run_sync(embed)
     data = []
     for i, v in enumerate(vectors):
         emb = base64.b64encode(v.astype("<f4").tobytes()).decode() if req.encoding_format == "base64" else v.tolist()

@@ -1,0 +1,173 @@
+"""`kinject bench`: run every benchmark in bench/ and write one dated summary.
+
+Each bench/<name>.py exposes `run(quick: bool) -> dict` and measures kinject against a baseline in
+the same run. Each runs in its own process (a crash or a vLLM worker stays contained), and the
+collected dicts go to bench/results/<date>.json; bench/results/<date>.md (copied to latest.md)
+lists every ratio it found with its target.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import typer
+
+from core.errors import KinjectError
+from core.files import atomic_write_json, atomic_write_text
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH_DIR = REPO / "bench"
+BENCHES = ("ingest", "augment", "train", "serve")
+# Keys that hold a speed-up or ratio against a baseline, and where its target is written.
+RATIO_WORDS = ("ratio", "speedup", "overhead")
+
+
+class BenchError(KinjectError):
+    pass
+
+
+def run_one(name: str, quick: bool, timeout_s: float | None = None) -> dict:
+    """Run bench/<name>.py's run(quick) in a child process; its dict, or {"error": ...}."""
+    path = BENCH_DIR / f"{name}.py"
+    if not path.exists():
+        return {"error": f"{path.relative_to(REPO)} does not exist"}
+    with tempfile.TemporaryDirectory(prefix="kinject-bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "core.bench", str(path), "1" if quick else "0", str(out)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, env=env, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout_s:.0f} s"}
+        seconds = round(time.perf_counter() - t0, 1)
+        if proc.returncode != 0 or not out.exists():
+            return {"error": f"exited with status {proc.returncode}", "seconds": seconds}
+        result = json.loads(out.read_text())
+    if not isinstance(result, dict):
+        return {"error": f"run() returned {type(result).__name__}, not a dict", "seconds": seconds}
+    result.setdefault("seconds", seconds)
+    return result
+
+
+def _flatten(d: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    else:
+        yield prefix, d
+
+
+def ratios(result: dict) -> list[tuple[str, float, Any]]:
+    """(key, value, target or None) for every ratio-like number in a bench result."""
+    flat = dict(_flatten(result))
+    rows = []
+    for key, value in flat.items():
+        leaf = key.rsplit(".", 1)[-1].lower()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not any(w in leaf for w in RATIO_WORDS) or "target" in leaf:
+            continue
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        target = None
+        for cand in (f"{key}_target", f"target_{leaf}", f"{parent}.target" if parent else "target", f"{parent}.target_ratio" if parent else "target_ratio"):
+            if cand in flat and not isinstance(flat[cand], dict):
+                target = flat[cand]
+                break
+        rows.append((key, float(value), target))
+    return rows
+
+
+def _meets(value: float, target: Any, key: str) -> str:
+    if target is None:
+        return ""
+    try:
+        t = float(str(target).lstrip("<>= ").rstrip("x%×"))
+    except ValueError:
+        return ""
+    lower_is_better = "overhead" in key.lower() or str(target).strip().startswith("<")
+    return "yes" if (value <= t if lower_is_better else value >= t) else "no"
+
+
+def summary_markdown(results: dict[str, dict], when: str, quick: bool, load: str) -> str:
+    lines = [
+        f"# kinject benchmarks, {when}",
+        "",
+        f"Each ratio compares kinject with a baseline measured in the same run on the same machine "
+        f"({'quick' if quick else 'full'} mode; load average at start {load}). Raw numbers: the JSON file beside this one.",
+        "",
+        "| benchmark | measure | value | target | met |",
+        "|---|---|---:|---:|:-:|",
+    ]
+    for name, result in results.items():
+        if "error" in result:
+            lines.append(f"| {name} | error: {result['error']} | | | |")
+            continue
+        rows = ratios(result)
+        if not rows:
+            lines.append(f"| {name} | (no ratio reported) | | | |")
+        for key, value, target in rows:
+            lines.append(f"| {name} | {key} | {value:.3g} | {'' if target is None else target} | {_meets(value, target, key)} |")
+    lines += ["", "Seconds per benchmark: " + ", ".join(f"{n} {r.get('seconds', '?')}" for n, r in results.items()), ""]
+    return "\n".join(lines)
+
+
+def run_all(names: list[str], quick: bool, out_dir: Path = BENCH_DIR / "results") -> tuple[Path, Path, dict]:
+    when = datetime.now().strftime("%Y-%m-%d")
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    results: dict[str, dict] = {}
+    for name in names:
+        typer.echo(f"== bench {name}{' (quick)' if quick else ''}")
+        results[name] = run_one(name, quick)
+        if "error" in results[name]:
+            typer.echo(f"bench {name}: {results[name]['error']}", err=True)
+    payload = {"date": when, "quick": quick, "loadavg_at_start": load, "python": sys.version.split()[0], "results": results}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{when}.json", out_dir / f"{when}.md"
+    atomic_write_json(json_path, payload)
+    md = summary_markdown(results, when, quick, load)
+    atomic_write_text(md_path, md)
+    shutil.copyfile(md_path, out_dir / "latest.md")
+    return json_path, md_path, results
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("bench")
+    def bench_cmd(
+        only: Optional[str] = typer.Option(None, "--only", help=f"Comma-separated subset of: {', '.join(BENCHES)}."),
+        quick: bool = typer.Option(False, "--quick", help="Smaller sizes (each benchmark decides what that means)."),
+    ) -> None:
+        """Run the benchmarks in bench/ and write bench/results/<date>.json and .md (ratios vs baselines)."""
+        names = [n.strip() for n in only.split(",")] if only else list(BENCHES)
+        unknown = [n for n in names if n not in BENCHES]
+        if unknown:
+            raise BenchError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
+        json_path, md_path, results = run_all(names, quick)
+        typer.echo("")
+        typer.echo(md_path.read_text())
+        typer.echo(f"wrote {json_path} and {md_path} (also bench/results/latest.md)")
+        failed = [n for n, r in results.items() if "error" in r]
+        if failed:
+            raise BenchError(f"benchmark(s) failed: {', '.join(failed)}")
+
+
+def _child(path: str, quick: str, out: str) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"kinject_bench_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.run(quick=quick == "1")
+    atomic_write_json(Path(out), result)
+
+
+if __name__ == "__main__":
+    _child(*sys.argv[1:4])

@@ -1,0 +1,149 @@
+"""`kinject build CORPUS --kb NAME`: ingest → augment → train in one go.
+
+Each stage's door owns its skip/resume logic (it compares its inputs with its manifest record);
+build only calls the doors in order, times them, and tells which ones did work. A stage counts
+as reused when its manifest record is untouched by the call, or when its report says so.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from core.errors import KinjectError
+from core.kb import KB
+from core.settings import Settings
+
+BUILD_STAGES = ("ingest", "augment", "train")
+
+# stage -> (module, function): the one public door of each stage.
+DOORS: dict[str, tuple[str, str]] = {
+    "ingest": ("ingest.pipeline", "ingest"),
+    "augment": ("ingest.augment", "augment"),
+    "train": ("finetune.train", "train"),
+    "eval": ("eval.run", "evaluate"),
+}
+
+
+class BuildError(KinjectError):
+    pass
+
+
+def door(stage: str) -> Callable[..., Any]:
+    module, name = DOORS[stage]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise BuildError(f"the {stage} stage is not installed ({module}.{name}: {e})") from None
+
+
+@dataclass
+class StageRun:
+    stage: str
+    status: str  # "ran", "resumed" or "skipped"
+    seconds: float
+    report: Any = None
+    note: str = ""
+
+
+@dataclass
+class BuildReport:
+    kb: str
+    runs: list[StageRun] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return round(sum(r.seconds for r in self.runs), 1)
+
+    def run_of(self, stage: str) -> Optional[StageRun]:
+        return next((r for r in self.runs if r.stage == stage), None)
+
+
+def _flag(report: Any, name: str) -> Any:
+    return report.get(name) if isinstance(report, dict) else getattr(report, name, None)
+
+
+def _status(before: dict | None, after: dict | None, report: Any) -> str:
+    """What a door did: its report's own flags when it has them, else the manifest's evidence."""
+    skipped = _flag(report, "skipped")
+    if isinstance(skipped, bool):  # (ingest's `skipped` is its list of skipped files, not a flag)
+        if skipped:
+            return "skipped"
+    elif _flag(report, "added") is not None:  # an incremental ingest that found nothing to do
+        if not any(_flag(report, k) for k in ("added", "changed", "removed", "rebuilt")):
+            return "skipped"
+    if _flag(report, "resumed") or _flag(report, "resumed_from_step"):
+        return "resumed"
+    if before is not None and after is not None and before.get("finished_at") == after.get("finished_at") and before.get("fingerprint") == after.get("fingerprint"):
+        return "skipped"
+    return "ran"
+
+
+def run_stage(kb: KB, stage: str, call: Callable[[], Any], echo: Callable[[str], None] = typer.echo) -> StageRun:
+    """Run one stage door, timed, and say whether it did work."""
+    before = kb.stage(stage)
+    t0 = time.perf_counter()
+    report = call()
+    seconds = round(time.perf_counter() - t0, 1)
+    run = StageRun(stage, _status(before, kb.stage(stage), report), seconds, report)
+    summary = getattr(report, "summary", None)
+    if callable(summary):
+        echo(summary())
+    note = "skipped: inputs unchanged, reused" if run.status == "skipped" else run.status
+    echo(f"[{stage}] {note} in {seconds:.1f} s")
+    return run
+
+
+def build(
+    kb: KB,
+    corpus: Path,
+    settings: Settings,
+    progress: bool = True,
+    echo: Callable[[str], None] = typer.echo,
+) -> BuildReport:
+    """ingest → augment → train on one KB; each door skips or resumes on its own."""
+    corpus = Path(corpus)
+    if not corpus.exists():
+        raise BuildError(f"corpus not found: {corpus}")
+    report = BuildReport(kb.name)
+    with kb.lock():
+        calls = {
+            "ingest": lambda: door("ingest")(kb, corpus, settings, progress=progress),
+            "augment": lambda: door("augment")(kb, settings, progress=progress),
+            "train": lambda: door("train")(kb, settings, progress=progress),
+        }
+        for i, stage in enumerate(BUILD_STAGES, 1):
+            echo(f"== [{i}/{len(BUILD_STAGES)}] {stage}")
+            report.runs.append(run_stage(kb, stage, calls[stage], echo))
+    return report
+
+
+def timing_table(runs: list[StageRun], title: str = "stage times") -> str:
+    """A markdown table of the stages' status and wall time, with the total."""
+    lines = [f"{title}:", "", "| stage | status | seconds |", "|---|---|---:|"]
+    lines += [f"| {r.stage} | {r.status} | {r.seconds:.1f} |" for r in runs]
+    lines.append(f"| **total** | | **{sum(r.seconds for r in runs):.1f}** |")
+    return "\n".join(lines)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("build")
+    def build_cmd(
+        ctx: typer.Context,
+        corpus: Path = typer.Argument(..., help="Corpus folder, file or JSONL of {doc_id, title, text}."),
+        kb_name: str = typer.Option(..., "--kb", help="Knowledge base to build (created when missing)."),
+        budget: Optional[int] = typer.Option(None, "--budget", help="Synthetic tokens to generate (augment.budget_tokens)."),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Training steps (train.max_steps; 0 = from epochs)."),
+    ) -> None:
+        """Build a KB in one go: ingest → augment → train, reusing every stage whose inputs are unchanged."""
+        from core.cli import settings_from
+
+        settings = settings_from(ctx, **{"augment.budget_tokens": budget, "train.max_steps": max_steps})
+        kb = KB.open(settings, kb_name, create=True)
+        report = build(kb, corpus, settings)
+        typer.echo("")
+        typer.echo(timing_table(report.runs, f"build of KB {kb_name!r}"))

@@ -62,3 +62,18 @@ def attach_untrained_lora(kb, settings, seed: int = 0) -> None:
     out = kb.dir("train")
     peft_model.save_pretrained(out)
     kb.record_stage("train", fingerprint=sha256_tree(out), inputs={}, metrics={"untrained": True})
+
+
+@pytest.fixture(scope="session")
+def squad_kb(tmp_path_factory):
+    """(kb, settings): a KB indexed once per session from ../shared/data/squad_short/corpus.jsonl
+    with the bundled MiniLM, in a temp KB root. Treat it as read-only: other tests share it."""
+    from core.kb import KB
+    from core.settings import load_settings
+    from ingest.pipeline import ingest
+
+    corpus = shared_dataset("squad_short") / "corpus.jsonl"
+    settings = load_settings({"kb_root": str(tmp_path_factory.mktemp("squad_kbs"))})
+    kb = KB.create(settings, "squad")
+    ingest(kb, corpus, settings, progress=False)
+    return kb, settings

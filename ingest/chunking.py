@@ -8,6 +8,7 @@ max_seq_length, and every chunk is measured again after the prefix is added.
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ METADATA_LABELS = {
     "category": "Category",
 }
 NOT_EMBEDDED = {"source", "url", "link", "split"}  # provenance, not content
-CHUNKER_VERSION = 1  # bump when chunk boundaries or embedded text change
+CHUNKER_VERSION = 2  # bump when chunk boundaries or embedded text change
 
 
 @dataclass
@@ -88,6 +89,12 @@ class Chunker:
         joiner = "\n\n" if prefix else ""
         budget = self.chunk_size - (self.count(prefix + joiner) if prefix else 0)
         overlap = min(self.chunk_overlap, budget // 4)
+        # Even out the chunks of a document a little over the budget, so it does not end in a
+        # few-word tail chunk that matches on its title alone.
+        total = self.count(doc.text)
+        if total > budget:
+            n = math.ceil((total - overlap) / (budget - overlap))
+            budget = min(budget, math.ceil((total - overlap) / n * 1.15) + overlap)
         splitter = SentenceSplitter(chunk_size=budget, chunk_overlap=overlap, tokenizer=self.token_ids)
         pieces: list[str] = []
         for piece in splitter.split_text(doc.text):

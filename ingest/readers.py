@@ -7,6 +7,7 @@ cannot be read becomes a `Skipped(path, reason)`.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -94,8 +95,9 @@ def iter_files(root: Path, skipped: list[Skipped]) -> Iterator[Path]:
             try:
                 is_dir = entry.is_dir()  # follows symlinks
                 is_file = entry.is_file()
-            except OSError as e:  # ELOOP: a symlink pointing to itself
-                skipped.append(Skipped(_rel(path, root), f"unreadable link ({e.strerror})"))
+            except OSError as e:
+                reason = "symlink loop" if e.errno == errno.ELOOP else f"unreadable ({e.strerror})"
+                skipped.append(Skipped(_rel(path, root), reason))
                 continue
             if is_dir:
                 yield from walk(path)
@@ -114,7 +116,7 @@ def _is_link_loop(path: Path) -> bool:
     except RuntimeError:  # Python < 3.13 signals a loop this way
         return True
     except OSError as e:
-        return e.errno == 40  # ELOOP
+        return e.errno == errno.ELOOP
     return False
 
 

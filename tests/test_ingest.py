@@ -1,0 +1,333 @@
+"""Ingest: readers and bad input, token-sized chunks, incremental updates equal to a fresh build."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+DEMO = REPO / "demo" / "corpus"
+
+
+def make_pdf(pages: list[str]) -> bytes:
+    """A minimal valid PDF with one Helvetica text line per page (pypdf extracts it)."""
+    n = len(pages)
+    objects = ["<< /Type /Catalog /Pages 2 0 R >>", "<< /Type /Pages /Kids [%s] /Count %d >>" % (" ".join(f"{3 + 2 * i} 0 R" for i in range(n)), n)]
+    for i, text in enumerate(pages):
+        stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+        objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {4 + 2 * i} 0 R /Resources << /Font << /F1 {3 + 2 * n} 0 R >> >> >>")
+        objects.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
+    objects.append("<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for num, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % num + (body if isinstance(body, bytes) else body.encode()) + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+def blank_pdf() -> bytes:
+    """A valid PDF whose page has no text layer, as a scanner makes."""
+    import io
+
+    from pypdf import PdfWriter
+
+    w = PdfWriter()
+    w.add_blank_page(width=612, height=792)
+    buf = io.BytesIO()
+    w.write(buf)
+    return buf.getvalue()
+
+
+def copy_demo(dst, names):
+    dst.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        shutil.copy(DEMO / n, dst / n)
+    return dst
+
+
+def demo_names(n: int) -> list[str]:
+    return sorted(p.name for p in DEMO.iterdir())[:n]
+
+
+def top_hits(retriever, queries, k=8):
+    return [[(h.chunk_id, h.score) for h in hits] for hits in retriever.search_many(queries, k)]
+
+
+# ---- incremental == from scratch ------------------------------------------------------------
+def test_incremental_updates_answer_like_a_fresh_build(tmp_path, settings):
+    from core.kb import KB
+    from core.retrieval import Retriever
+    from ingest.index import load_state
+    from ingest.pipeline import ingest
+
+    names = demo_names(9)
+    corpus = copy_demo(tmp_path / "corpus", names[:8])
+    kb = KB.create(settings, "inc")
+    first = ingest(kb, corpus, settings, progress=False)
+    assert len(first.added) == 8 and first.chunks_embedded == first.chunks > 8
+
+    # change one document, delete one, add one
+    changed, removed, added = names[0], names[1], names[8]
+    (corpus / changed).write_text((corpus / changed).read_text() + "\n\nIn 1999 the archive moved to a new building on Quay Street.\n")
+    (corpus / removed).unlink()
+    shutil.copy(DEMO / added, corpus / added)
+    second = ingest(kb, corpus, settings, progress=False)
+    assert (second.added, second.changed, second.removed) == ([added], [changed], [removed])
+    assert second.unchanged == 6
+
+    fresh_kb = KB.create(settings, "fresh")
+    fresh = ingest(fresh_kb, corpus, settings, progress=False)
+    per_doc = {}
+    for rec in load_state(fresh_kb.root / "index").chunks.values():
+        per_doc[rec["doc_id"]] = per_doc.get(rec["doc_id"], 0) + 1
+    # exactly the changed and the added document were embedded again
+    assert second.chunks_embedded == per_doc[changed] + per_doc[added]
+    assert second.chunks == fresh.chunks and second.documents == fresh.documents == 8
+
+    inc_state, fresh_state = load_state(kb.root / "index"), load_state(fresh_kb.root / "index")
+    by_chunk = lambda st: {rec["chunk_id"]: (cid, rec["text"]) for cid, rec in st.chunks.items()}
+    inc_chunks, fresh_chunks = by_chunk(inc_state), by_chunk(fresh_state)
+    assert inc_chunks.keys() == fresh_chunks.keys()
+    assert all(inc_chunks[c][1] == fresh_chunks[c][1] for c in inc_chunks)
+    assert len(inc_state.index) == len(fresh_state.index) == len(inc_chunks)
+    order = sorted(inc_chunks)
+    inc_vecs = inc_state.index.reconstruct([inc_chunks[c][0] for c in order])
+    fresh_vecs = fresh_state.index.reconstruct([fresh_chunks[c][0] for c in order])
+    assert np.abs(inc_vecs - fresh_vecs).max() < 1e-5
+
+    queries = [json.loads(line)["question"] for line in (REPO / "demo" / "questions.jsonl").read_text().splitlines()[:20]]
+    queries += ["archive moved to a new building on Quay Street"]
+    inc_hits = top_hits(Retriever(kb, settings), queries)
+    fresh_hits = top_hits(Retriever(fresh_kb, settings), queries)
+    for a, b in zip(inc_hits, fresh_hits):
+        assert [c for c, _ in a] == [c for c, _ in b]
+        assert np.allclose([s for _, s in a], [s for _, s in b], atol=1e-5)
+    assert not any(c.startswith(removed) for hits in inc_hits for c, _ in hits)
+    assert kb.stage("ingest")["fingerprint"] == fresh_kb.stage("ingest")["fingerprint"]
+
+    # the same corpus again: nothing to embed, the index is left as it is
+    third = ingest(kb, corpus, settings, progress=False)
+    assert third.chunks_embedded == 0 and not (third.added or third.changed or third.removed)
+    assert third.generation == second.generation
+
+    # a chunking setting that changes the vectors rebuilds the whole index
+    smaller = settings.model_copy(update={"ingest": settings.ingest.model_copy(update={"chunk_size": 64, "chunk_overlap": 8})})
+    rebuilt = ingest(kb, corpus, smaller, progress=False)
+    assert "chunk_size" in rebuilt.rebuilt and rebuilt.chunks_embedded == rebuilt.chunks > fresh.chunks
+
+
+def test_add_files_keeps_the_rest_and_the_retriever_reloads(tmp_path, settings):
+    from core.kb import KB
+    from core.retrieval import Retriever
+    from ingest.pipeline import add_files, ingest, load_documents
+
+    names = demo_names(5)
+    corpus = copy_demo(tmp_path / "corpus", names[:3])
+    kb = KB.create(settings, "upload")
+    ingest(kb, corpus, settings, progress=False)
+    retriever = Retriever(kb, settings)
+    before = retriever.search("Brightwater glassworks", 3)
+
+    upload = tmp_path / "upload"
+    upload.mkdir()
+    (upload / "ferry-timetable.md").write_text("# Ferry timetable\n\nThe Orlenne ferry leaves the harbour at 7:15 every morning and returns at 19:40.\n")
+    report = add_files(kb, [upload / "ferry-timetable.md"], settings)
+    assert report.added == ["ferry-timetable.md"] and not report.removed
+    assert {d.doc_id for d in load_documents(kb)} == set(names[:3]) | {"ferry-timetable.md"}
+    hits = retriever.search("When does the ferry leave in the morning?", 1)  # no reload call: it sees current.json change
+    assert hits[0].doc_id == "ferry-timetable.md"
+    assert [h.chunk_id for h in retriever.search("Brightwater glassworks", 3)] == [h.chunk_id for h in before]
+
+    again = add_files(kb, [upload / "ferry-timetable.md"], settings)
+    assert again.chunks_embedded == 0 and again.unchanged == 1
+    (upload / "ferry-timetable.md").write_text("# Ferry timetable\n\nThe ferry now leaves at 6:50.\n")
+    assert add_files(kb, [upload / "ferry-timetable.md"], settings).changed == ["ferry-timetable.md"]
+    assert "6:50" in retriever.search("ferry departure", 1)[0].text
+
+
+# ---- bad input ------------------------------------------------------------------------------
+def test_bad_input_is_skipped_with_a_reason_each(tmp_path, settings):
+    from core.kb import KB
+    from ingest.pipeline import ingest, load_documents
+
+    c = tmp_path / "corpus"
+    c.mkdir()
+    (c / "good.md").write_text("# Lighthouse\n\nThe Gull Rock lighthouse was lit in 1820.\n")
+    (c / "empty.txt").write_bytes(b"")
+    (c / "blob.txt").write_bytes(bytes(range(256)) * 4)
+    (c / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
+    (c / "scan.pdf").write_bytes(blank_pdf())
+    (c / "scripts.html").write_text("<html><head><script>var a = 1;</script><style>p{}</style></head><body><script>go()</script></body></html>")
+    (c / "big.txt").write_text("word " * 4000)  # 20 KB, over the 10 KB limit below
+    (c / "notes.xyz").write_text("not a supported type")
+    os.symlink(c, c / "loop")  # a folder link back to the corpus itself
+    os.symlink("self.txt", c / "self.txt")  # a link to itself
+    good = {"doc_id": "r1", "title": "Harbour", "text": "The harbour froze in 1907."}
+    lines = [
+        json.dumps(good),
+        '{"doc_id": "r2", "title": "broken',
+        json.dumps({"doc_id": "r1", "title": "again", "text": "duplicate id"}),
+        json.dumps(["a", "list"]),
+        json.dumps({"doc_id": "r3", "title": "no text"}),
+        json.dumps({"title": "no id", "text": "orphan"}),
+    ]
+    (c / "records.jsonl").write_text("\n".join(lines) + "\n")
+
+    s = settings.model_copy(update={"ingest": settings.ingest.model_copy(update={"max_file_mb": 0.01})})
+    report = ingest(KB.create(s, "bad"), c, s, progress=False)
+    reasons = {sk.path: sk.reason for sk in report.skipped}
+    print("\n".join(map(str, report.skipped)))
+    assert reasons["empty.txt"] == "empty file"
+    assert reasons["blob.txt"].startswith("binary file")
+    assert reasons["latin1.txt"].startswith("not valid UTF-8 (byte 0xe9")
+    assert reasons["scan.pdf"].startswith("PDF has no text layer")
+    assert reasons["scripts.html"].startswith("no text in HTML")
+    assert reasons["big.txt"].startswith("too large")
+    assert reasons["notes.xyz"].startswith("unsupported file type .xyz")
+    assert reasons["loop"].startswith("symlink loop")
+    assert reasons["self.txt"] == "symlink loop"
+    assert reasons["records.jsonl:2"].startswith("malformed JSON")
+    assert reasons["records.jsonl:3"].startswith("duplicate doc_id 'r1'")
+    assert reasons["records.jsonl:4"].startswith("not a JSON object")
+    assert reasons["records.jsonl:5"] == "record 'r3' has no text"
+    assert reasons["records.jsonl:6"] == "missing doc_id"
+    assert len(reasons) == len(report.skipped) == 14
+    assert sorted(report.added) == ["good.md", "r1"]
+    assert {d.doc_id: d.text for d in load_documents(KB.open(s, "bad"))}["r1"] == good["text"]
+    recorded = KB.open(s, "bad").stage("ingest")
+    assert {r["path"]: r["reason"] for r in recorded["skipped"]} == reasons
+    assert recorded["metrics"]["skipped"] == 14
+    assert "skipped:" in report.summary() and "scan.pdf: PDF has no text layer" in report.summary()
+
+
+def test_missing_or_empty_corpus_is_an_error_exit_2(tmp_path, settings, capsys):
+    from core.cli import main
+    from core.kb import KB
+    from ingest.pipeline import ingest
+    from ingest.readers import CorpusError
+
+    for corpus in (tmp_path / "nowhere", tmp_path / "empty"):
+        if corpus.name == "empty":
+            corpus.mkdir()
+        with pytest.raises(SystemExit) as exit:
+            main(["ingest", str(corpus), "--kb", "x"])
+        assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: corpus path not found: {tmp_path / 'nowhere'}" in err
+    assert f"error: no documents to index in {tmp_path / 'empty'}: it holds no files" in err
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    (only_bad / "empty.md").write_text("")
+    with pytest.raises(CorpusError, match="1 file.*skipped, e.g. empty.md: empty file"):
+        ingest(KB.create(settings, "y"), only_bad, settings, progress=False)
+
+
+def test_crash_leftovers_are_ignored_and_a_rerun_records_the_stage(tmp_path, settings):
+    from core.kb import KB
+    from core.retrieval import retrieve
+    from ingest.pipeline import ingest
+
+    corpus = copy_demo(tmp_path / "corpus", demo_names(3))
+    kb = KB.create(settings, "crash")
+    done = ingest(kb, corpus, settings, progress=False)
+    folder = kb.root / "index"
+    # a crash while writing the next generation, and before the manifest was written
+    (folder / "g000002").mkdir()
+    (folder / "g000002" / "faiss.index").write_bytes(b"torn")
+    (folder / ".g000003.abc.tmp").mkdir()
+    (folder / ".current.json.xyz.tmp").write_text("{")
+    kb.forget_stage("ingest")
+    assert retrieve(kb, "glass", 1, settings)  # readers follow current.json, not the newest folder
+    again = ingest(kb, corpus, settings, progress=False)
+    assert again.chunks_embedded == 0 and kb.stage("ingest")["fingerprint"] == done.fingerprint
+    (corpus / demo_names(3)[0]).unlink()
+    third = ingest(kb, corpus, settings, progress=False)
+    assert third.removed and third.generation == "g000002"
+    assert sorted(p.name for p in folder.iterdir()) == ["current.json", "g000001", "g000002"]
+    assert all(h.doc_id != demo_names(3)[0] for h in retrieve(kb, "glass", 10, settings))
+
+
+# ---- readers and chunking -------------------------------------------------------------------
+def test_html_pdf_and_markdown_readers(tmp_path):
+    from ingest.readers import read_corpus
+
+    (tmp_path / "a.html").write_text(
+        "<html><head><title>Harbour Gazette</title><style>p{color:red}</style></head>"
+        "<body><script>alert(1)</script><h1>Heading</h1><p>Founded in 1782.</p></body></html>"
+    )
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("Intro line\n\n## The Flood\n\nWater   rose\r\n\n\n\nfast.\n")
+    (tmp_path / "c.pdf").write_bytes(make_pdf(["Page one about herring.", "Page two about kelp."]))
+    docs, skipped = read_corpus(tmp_path, 20)
+    assert not skipped
+    by_id = {d.doc_id: d for d in docs}
+    assert set(by_id) == {"a.html", "sub/b.md", "c.pdf"}
+    assert by_id["a.html"].title == "Harbour Gazette"
+    assert "alert" not in by_id["a.html"].text and "color" not in by_id["a.html"].text and "1782" in by_id["a.html"].text
+    assert by_id["sub/b.md"].title == "The Flood" and by_id["sub/b.md"].text == "Intro line\n\n## The Flood\n\nWater rose\n\nfast."
+    assert by_id["c.pdf"].text == "Page one about herring.\n\nPage two about kelp."
+    assert len({d.content_hash for d in docs}) == 3
+
+
+def _chunker(settings, chunk_size, overlap=10, metadata=True):
+    from core.retrieval import get_embedder
+    from ingest.chunking import Chunker
+
+    emb = get_embedder(settings.models.embedder, settings)
+    return Chunker(emb.tokenizer, emb.max_seq_length, chunk_size, overlap, metadata), emb
+
+
+def test_chunks_fit_the_embedder_with_their_metadata_prefix(settings):
+    from ingest.readers import Document
+
+    chunker, emb = _chunker(settings, chunk_size=4000)  # far above MiniLM's 256 word pieces
+    sentences = [f"Sentence number {i} tells about the harbour pilot Ansel{i} and his boat." for i in range(150)]
+    run_on = " ".join(f"word{i}" for i in range(700))  # no sentence boundary at all
+    meta = {"published_at": "2023-11-24T10:00:00+00:00", "publisher": "The Verge", "url": "https://x.example/a", "source": "feed"}
+    doc = Document(doc_id="long", title="A long article", text=" ".join(sentences) + "\n\n" + run_on, source="x", metadata=meta)
+    chunks = chunker.chunk(doc)
+    assert len(chunks) > 4
+    full_lengths = [len(emb.tokenizer(c.embed_text)["input_ids"]) for c in chunks]  # with [CLS] and [SEP]
+    assert max(full_lengths) <= emb.max_seq_length == 256
+    assert all(c.embed_text.startswith("Title: A long article | Published: 2023-11-24 | Publisher: The Verge\n\n") for c in chunks)
+    assert all("https://" not in c.embed_text and "feed" not in c.embed_text for c in chunks)
+    joined = " ".join(c.text for c in chunks)
+    assert all(s in joined for s in sentences) and all(f"word{i} " in joined + " " for i in range(700))
+    assert [c.chunk_id for c in chunks] == [f"long#{i}" for i in range(len(chunks))]
+    assert chunks[0].metadata == {k: meta[k] for k in meta}
+
+    plain, _ = _chunker(settings, chunk_size=4000, metadata=False)
+    assert plain.chunk(doc)[0].embed_text.startswith("Title: A long article\n\n")
+
+
+def test_pdf_chunks_know_their_page(tmp_path, settings):
+    from ingest.readers import read_corpus
+
+    pages = [" ".join(f"Herring fact {i} on page one." for i in range(12)), " ".join(f"Kelp fact {i} on page two." for i in range(12))]
+    (tmp_path / "doc.pdf").write_bytes(make_pdf(pages))
+    (doc,), _ = read_corpus(tmp_path / "doc.pdf", 20)
+    chunker, _ = _chunker(settings, chunk_size=48, overlap=0)
+    chunks = chunker.chunk(doc)
+    assert [c.page for c in chunks if "Herring" in c.text and "Kelp" not in c.text] and all(
+        c.page == 1 for c in chunks if "Herring" in c.text and "Kelp" not in c.text
+    )
+    assert all(c.page == 2 for c in chunks if c.text.startswith("Kelp"))
+    assert "_page_starts" not in chunks[0].metadata
+
+
+def test_cli_ingest_prints_the_summary(tmp_path, settings, capsys):
+    from core.cli import main
+
+    corpus = copy_demo(tmp_path / "corpus", demo_names(2))
+    for expected in ("2 added, 0 changed, 0 removed, 0 unchanged, 0 skipped", "chunks: 0 embedded"):
+        with pytest.raises(SystemExit) as exit:
+            main(["ingest", str(corpus), "--kb", "cli", "--no-progress"])
+        assert exit.value.code == 0 and expected in capsys.readouterr().out

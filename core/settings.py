@@ -105,6 +105,9 @@ class AugmentSettings(_Group):
         return v
 
 
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
 class TrainSettings(_Group):
     lora_rank: int = Field(16, description="LoRA rank; vLLM accepts 8, 16, 32, 64, 128, 256, 320, 512")
     lora_alpha: int = Field(32, ge=1)
@@ -121,14 +124,15 @@ class TrainSettings(_Group):
     schedule: Literal["cosine", "linear"] = "cosine"
     save_every: int = Field(20, ge=1)
     include_documents: bool = True
+    qa_chat: bool = Field(True, description="Also train on the synthetic Q/A pairs rendered as the service prompts (ft and ft-rag), so the adapter keeps answering from quoted passages")
+    open_book_fraction: float = Field(0.5, ge=0, le=1, description="Share of those Q/A samples that quote the source passage among others, as the rag modes do")
     replay_fraction: float = Field(0.0, ge=0, lt=1)
 
     @field_validator("lora_rank")
     @classmethod
     def _rank_for_vllm(cls, v: int) -> int:
-        allowed = (8, 16, 32, 64, 128, 256, 320, 512)
-        if v not in allowed:
-            raise ValueError(f"rank {v} is not loadable by vLLM; allowed: {', '.join(map(str, allowed))}")
+        if v not in VLLM_LORA_RANKS:
+            raise ValueError(f"rank {v} is not loadable by vLLM; allowed: {', '.join(map(str, VLLM_LORA_RANKS))}")
         return v
 
 

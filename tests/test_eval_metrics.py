@@ -1,0 +1,144 @@
+"""eval: metrics, statistics, question files and report rendering (no model needed)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from eval import metrics as M
+from eval.questions import MC, SHORT, QuestionsError, dataset_name, load_questions
+from tests.conftest import REPO
+
+
+def test_squad_normalization_ignores_case_punctuation_articles_and_spaces():
+    assert M.normalize_answer("  The  Eiffel-Tower, in PARIS! ") == "eiffeltower in paris"
+    assert M.exact_match("the Amazon", "Amazon.") == 1.0
+    assert M.exact_match("Amazon river", "Amazon") == 0.0
+
+
+def test_token_f1_counts_shared_tokens():
+    # pred: "ten times more money" (4 tokens), gold: "ten times more" (3): P=3/4, R=1 -> F1=6/7
+    assert M.token_f1("ten times more money", "ten times more") == pytest.approx(6 / 7)
+    assert M.token_f1("Iran", "Iran") == 1.0
+    assert M.token_f1("Saudi Arabia", "Iran") == 0.0
+    assert M.token_f1("the", "a") == 1.0  # both normalize to nothing, as in the SQuAD script
+
+
+def test_contains_gold_and_yes_no():
+    assert M.contains_gold("It was founded in 1412 by settlers.", "1412") == 1.0
+    assert M.contains_gold("It was founded in 14120.", "1412") == 0.0  # word boundaries
+    assert M.is_yes_no("Yes") and M.is_yes_no("no") and not M.is_yes_no("Google")
+    assert M.yes_no_correct("No, it does not.", "no") == 1.0
+    assert M.yes_no_correct("Yes.", "no") == 0.0
+
+
+def test_recall_and_reciprocal_rank_use_distinct_documents():
+    ranked = M.ranked_doc_ids([{"doc_id": "a"}, {"doc_id": "a"}, {"doc_id": "b"}, {"doc_id": "c"}])
+    assert ranked == ["a", "b", "c"]
+    assert M.recall_at_k(ranked, ["c", "d"], k=3) == 0.5
+    assert M.recall_at_k(ranked, ["c"], k=2) == 0.0
+    assert M.reciprocal_rank(ranked, ["b"]) == 0.5
+    assert M.reciprocal_rank(ranked, ["z"]) == 0.0
+
+
+def test_bootstrap_interval_contains_the_mean_and_narrows_with_n():
+    rng = np.random.default_rng(1)
+    small = rng.integers(0, 2, 30).astype(float)
+    big = rng.integers(0, 2, 3000).astype(float)
+    for x in (small, big):
+        lo, hi = M.bootstrap_ci(x, samples=2000, seed=0)
+        assert lo <= x.mean() <= hi
+    assert (np.subtract(*M.bootstrap_ci(big)[::-1])) < (np.subtract(*M.bootstrap_ci(small)[::-1]))
+    assert M.bootstrap_ci([1.0] * 10) == (1.0, 1.0)
+
+
+def test_paired_tests():
+    a = [1.0, 0.0, 1.0, 1.0, 0.0] * 6
+    same = M.paired_test(a, a)
+    assert same["p"] == 1.0 and same["diff"] == 0.0 and same["test"] == "mcnemar_exact"
+    f1 = [0.2, 0.5, 0.9, 0.1] * 5
+    assert M.paired_test(f1, f1)["p"] == 1.0 and M.paired_test(f1, f1)["test"] == "paired_bootstrap"
+    # 12 discordant pairs, all won by b: p = 2 * 0.5**12
+    b = [1.0] * 12 + [0.0] * 8
+    a2 = [0.0] * 12 + [0.0] * 8
+    assert M.mcnemar_exact(a2, b) == pytest.approx(2 * 0.5**12)
+    # 1 win out of 2 discordant pairs is no evidence
+    assert M.mcnemar_exact([1, 0, 1], [0, 1, 1]) == 1.0
+    assert M.paired_bootstrap([x + 0.3 for x in f1], f1) < 0.01
+
+
+def test_load_questions_kinds_splits_and_limit():
+    path = REPO / "demo" / "questions.jsonl"
+    qs = load_questions(path)
+    assert {q.kind for q in qs} == {SHORT, MC}
+    dev = load_questions(path, split="dev", limit=5)
+    assert len(dev) == 5 and all(q.split == "dev" for q in dev)
+    mc = next(q for q in qs if q.kind == MC)
+    assert mc.choices[mc.answer_index] == mc.answer
+    assert dataset_name(path) == "demo"
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"qid": "a", "question": "q?"}', "needs a non-empty 'answer'"),
+        ('{"qid": "a", "question": "q?", "choices": ["x", "y"], "answer_index": 2}', "'answer_index' must be an integer from 0 to 1"),
+        ('{"qid": "a", "question": "q?", "choices": ["x"], "answer_index": 0}', "2 or more"),
+        ('{"qid": "a", "question": "q?", "answer": "x", "doc_ids": "d1"}', "'doc_ids' must be a list"),
+        ('{"question": "q?", "answer": "x"}', "missing or empty 'qid'"),
+    ],
+)
+def test_bad_question_files_name_the_line(tmp_path, line, message):
+    p = tmp_path / "q.jsonl"
+    p.write_text('{"qid": "ok", "question": "fine?", "answer": "yes"}\n' + line + "\n")
+    with pytest.raises(QuestionsError, match="line 2") as e:
+        load_questions(p)
+    assert message in str(e.value)
+
+
+def test_duplicate_qids_and_missing_split_are_refused(tmp_path):
+    p = tmp_path / "q.jsonl"
+    rows = [{"qid": "a", "question": "q?", "answer": "x", "split": "dev"}] * 2
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(QuestionsError, match="duplicate qid 'a'"):
+        load_questions(p)
+    p.write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(QuestionsError, match="no questions in split 'test'; splits present: dev"):
+        load_questions(p, split="test")
+    with pytest.raises(QuestionsError, match="not found"):
+        load_questions(tmp_path / "missing.jsonl")
+
+
+def _rows(mode: str, primaries: list[float], top1: list[float] | None = None) -> list[dict]:
+    return [
+        {"qid": f"q{i}", "mode": mode, "primary": p, "scores": {"f1": p}, "sources": [{"doc_id": "d", "score": top1[i]}] if top1 else []}
+        for i, p in enumerate(primaries)
+    ]
+
+
+def test_router_calibration_finds_the_threshold_where_retrieval_stops_helping():
+    from core.settings import load_settings
+    from eval.questions import Question
+    from eval.run import calibrate_router
+
+    s = load_settings()
+    n = 24
+    top1 = [0.1 + 0.03 * i for i in range(n)]  # 0.10 .. 0.79
+    # With context right only when the top passage scores >= 0.40; closed book right below it.
+    rag = [1.0 if t >= 0.40 else 0.0 for t in top1]
+    ft = [0.0 if t >= 0.40 else 1.0 for t in top1]
+    qs = [Question(f"q{i}", "?", "a", split="dev") for i in range(n)]
+    r = calibrate_router({"rag": _rows("rag", rag, top1), "ft": _rows("ft", ft), "ft-rag": _rows("ft-rag", [0.0] * n, top1)}, qs, s)
+    assert r["with_context"] == "rag" and r["closed_book"] == "ft"
+    assert r["min_score"] == pytest.approx(min(t for t in top1 if t >= 0.40))
+    assert r["routed_score"] == 1.0 and r["all_context_score"] == pytest.approx(sum(rag) / n)
+    # Too few questions: the default threshold, still the better context mode.
+    few = calibrate_router({"rag": _rows("rag", rag[:10], top1), "ft-rag": _rows("ft-rag", [1.0] * 10, top1), "base": _rows("base", ft[:10])}, qs[:10], s)
+    assert few["min_score"] == s.serve.auto_rag_min_score and few["with_context"] == "ft-rag" and "10 < 20" in few["basis"]
+    # Ties go to rag; held-out questions are never tuned on.
+    tie = calibrate_router({"rag": _rows("rag", [0.5] * n, top1), "ft-rag": _rows("ft-rag", [0.5] * n, top1)}, qs, s)
+    assert tie["with_context"] == "rag"
+    held = [Question(f"q{i}", "?", "a", split="heldout") for i in range(n)]
+    assert calibrate_router({"rag": _rows("rag", rag, top1), "ft": _rows("ft", ft)}, held, s) is None

@@ -1,0 +1,66 @@
+"""`kinject augment --kb NAME`: the KB's documents -> curated synthetic corpus + quality report."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("augment")(augment_cmd)
+
+
+def _weights(spec: Optional[str]) -> Optional[dict]:
+    if spec is None:
+        return None
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"expected type=weight, got {part!r}", param_hint="--weights") from None
+        if not sep:
+            raise typer.BadParameter(f"expected type=weight, got {part!r}", param_hint="--weights")
+    return out
+
+
+def augment_cmd(
+    ctx: typer.Context,
+    kb: str = typer.Option(..., "--kb", help="KB name (ingested first with `kinject ingest`)."),
+    budget: Optional[int] = typer.Option(None, "--budget", help="Synthetic tokens to generate; 0 = --multiple x corpus tokens (augment.budget_tokens)."),
+    multiple: Optional[float] = typer.Option(None, "--multiple", help="Budget as a multiple of the corpus tokens when --budget is 0 (augment.budget_multiple)."),
+    types: Optional[str] = typer.Option(None, "--types", help="Comma-separated prompt types (augment.types), e.g. key_concepts,qa."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Per-type weights, e.g. key_concepts=2,mind_map=0.5 (augment.type_weights)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="transformers, vllm or openai (engine.backend)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Tokens per sample at most (augment.max_new_tokens)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the generation progress bar."),
+) -> None:
+    """Write the KB's synthetic training corpus (SPA prompt types), curate it and print its quality report.
+
+    Resumable: rerun after an interruption and it continues; a higher --budget adds samples.
+    """
+    from core.cli import settings_from
+    from core.kb import KB
+    from ingest.augment import augment
+
+    type_list = [t.strip() for t in types.split(",") if t.strip()] if types is not None else None
+    settings = settings_from(
+        ctx,
+        **{
+            "augment.budget_tokens": budget,
+            "augment.budget_multiple": multiple,
+            "augment.types": type_list,
+            "augment.type_weights": _weights(weights),
+            "engine.backend": engine,
+            "augment.max_new_tokens": max_new_tokens,
+        },
+    )
+    result = augment(KB.open(settings, kb), settings, progress=progress)
+    result.print()
+    r = result.report
+    if result.new_samples:
+        typer.echo(f"generated {result.new_samples} samples ({result.new_tokens} tokens) in {result.seconds:.0f} s, {result.tokens_per_s} tok/s")
+    else:
+        typer.echo("nothing to generate: the budget was already met")
+    typer.echo(f"kept {r['kept']} of {r['samples']} samples ({r['kept_tokens']} tokens) -> {result.folder}/curated.jsonl")

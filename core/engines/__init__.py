@@ -13,4 +13,12 @@ def make_engine(settings: Settings, model_ref: str | None = None) -> Engine:
         from core.engines.transformers_engine import TransformersEngine
 
         return TransformersEngine(settings, model_ref)
+    if backend == "vllm":
+        from core.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(settings, model_ref)
+    if backend == "openai":
+        from core.engines.openai_engine import OpenAIEngine
+
+        return OpenAIEngine(settings, model_ref)
     raise ValueError(f"engine backend {backend!r} is not available in this build")

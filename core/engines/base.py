@@ -104,6 +104,37 @@ class Engine(ABC):
         self.close()
 
 
+def render_prompt(tokenizer, request: GenRequest) -> str:
+    """The text a model reads for a request: the prompt as is, or the messages through the
+    tokenizer's chat template (a plain transcript for base models without one, or no tokenizer)."""
+    if request.prompt is not None:
+        return request.prompt
+    if tokenizer is not None and tokenizer.chat_template:
+        return tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+    # Base models without a template: a plain transcript that ends where the answer goes.
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in request.messages]
+    return "\n\n".join(lines) + "\n\nAssistant:"
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of (context, continuation) for log-likelihood scoring."""
+    # As lm-evaluation-harness does: move trailing spaces of the context onto the continuation.
+    n_space = len(context) - len(context.rstrip(" "))
+    if n_space:
+        continuation = context[-n_space:] + continuation
+        context = context[:-n_space]
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    # Tokenize jointly so boundary merges match how the model would read the text.
+    common = 0
+    while common < min(len(ctx), len(whole)) and ctx[common] == whole[common]:
+        common += 1
+    cont = whole[common:]
+    if not cont:
+        return ctx, tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    return whole[:common], cont
+
+
 def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     """Cut text at the first stop string; True if one was found."""
     cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)

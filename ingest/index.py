@@ -36,12 +36,22 @@ def _gpu_count() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
+def _one_thread_per_search() -> None:
+    """One OpenMP thread per FAISS search. The service searches from several threads at once,
+    and a flat scan of one query is memory-bound: an OpenMP team per query only adds spinning
+    (on a busy 2-core machine it made single-query latency several times worse)."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+
+
 class VectorIndex:
     """Normalized vectors by int64 id; inner product = cosine similarity. faiss-gpu searches on GPU."""
 
     def __init__(self, store):
         self.store = store  # llama_index.vector_stores.faiss.FaissVectorStore
         self._gpu = None
+        _one_thread_per_search()
 
     @classmethod
     def empty(cls, dim: int) -> "VectorIndex":
@@ -113,7 +123,7 @@ class IndexState:
     """One generation of the index, fully in memory."""
 
     meta: dict
-    index: VectorIndex
+    index: VectorIndex | None  # None until the embedder's dimension is known
     chunks: dict[int, dict]  # faiss id -> chunk record
     documents: dict[str, Document] = field(default_factory=dict)
     generation: str | None = None

@@ -105,12 +105,11 @@ def load_documents(kb: KB) -> list[Document]:
     return read_documents(kb.root / "index")
 
 
-def _build_settings(settings: Settings, embedder) -> dict:
-    """What the vectors depend on: if any of this changes, the index is rebuilt."""
+def _build_settings(settings: Settings) -> dict:
+    """What the vectors depend on: if any of this changes, the index is rebuilt. (The model's
+    dimension and sequence limit are added once it is loaded; they follow from its name.)"""
     return {
         "embedder": settings.models.embedder,
-        "dim": embedder.dim,
-        "max_seq_length": embedder.max_seq_length,
         "chunk_size": settings.ingest.chunk_size,
         "chunk_overlap": settings.ingest.chunk_overlap,
         "metadata_in_text": settings.ingest.metadata_in_text,
@@ -139,8 +138,7 @@ def _update(
     report = IngestReport(kb=kb.name, corpus=corpus, skipped=skipped)
     with kb.lock():
         folder = kb.dir("ingest")
-        embedder = get_embedder(settings.models.embedder, settings)
-        build = _build_settings(settings, embedder)
+        build = _build_settings(settings)
         state = load_state(folder)
         if state is not None:
             differs = [k for k in build if state.meta.get(k) != build[k]]
@@ -148,9 +146,19 @@ def _update(
                 report.rebuilt = "changed " + ", ".join(f"{k} ({state.meta.get(k)} -> {build[k]})" for k in differs)
                 if not remove_missing:  # an upload keeps the other documents: they are embedded again too
                     docs = [d for d in state.documents.values() if d.doc_id not in {x.doc_id for x in docs}] + docs
-                state = IndexState(meta={**build, "next_id": state.meta.get("next_id", 0)}, index=VectorIndex.empty(embedder.dim), chunks={}, generation=state.generation)
+                state = IndexState(meta={"next_id": state.meta.get("next_id", 0)}, index=None, chunks={}, generation=state.generation)
         if state is None:
-            state = IndexState(meta={**build, "next_id": 0}, index=VectorIndex.empty(embedder.dim), chunks={})
+            state = IndexState(meta={"next_id": 0}, index=None, chunks={})
+        known = state.documents
+        embedder = None
+        if state.index is None or any(d.doc_id not in known or known[d.doc_id].content_hash != d.content_hash for d in docs):
+            embedder = get_embedder(settings.models.embedder, settings)  # loaded only when there is work for it
+            build.update(dim=embedder.dim, max_seq_length=embedder.max_seq_length)
+            if state.index is None:
+                state.index = VectorIndex.empty(embedder.dim)
+        else:
+            build.update(dim=state.meta["dim"], max_seq_length=state.meta["max_seq_length"])
+        state.meta.update(build)
         old = state.documents
         incoming = {d.doc_id: d for d in docs}
         report.added = [d.doc_id for d in docs if d.doc_id not in old]
@@ -166,15 +174,18 @@ def _update(
             del state.chunks[cid]
 
         # Chunk and embed the new and changed documents.
-        chunker = Chunker(embedder.tokenizer, embedder.max_seq_length, settings.ingest.chunk_size, settings.ingest.chunk_overlap, settings.ingest.metadata_in_text)
         todo = [incoming[i] for i in report.added + report.changed]
-        chunks = [c for d in todo for c in chunker.chunk(d)]
-        t0 = time.perf_counter()
-        vectors = embedder.encode([c.embed_text for c in chunks], batch_size=settings.ingest.embed_batch_size, progress=progress)
-        report.embed_seconds = round(time.perf_counter() - t0, 3)
+        chunks = []
+        if todo:
+            chunker = Chunker(embedder.tokenizer, embedder.max_seq_length, settings.ingest.chunk_size, settings.ingest.chunk_overlap, settings.ingest.metadata_in_text)
+            chunks = [c for d in todo for c in chunker.chunk(d)]
+            t0 = time.perf_counter()
+            vectors = embedder.encode([c.embed_text for c in chunks], batch_size=settings.ingest.embed_batch_size, progress=progress)
+            report.embed_seconds = round(time.perf_counter() - t0, 3)
         next_id = int(state.meta.get("next_id", 0))
         ids = np.arange(next_id, next_id + len(chunks), dtype=np.int64)
-        state.index.add(ids, vectors)
+        if chunks:
+            state.index.add(ids, vectors)
         for cid, c in zip(ids.tolist(), chunks):
             state.chunks[cid] = {"id": cid, "chunk_id": c.chunk_id, "doc_id": c.doc_id, "title": c.title, "text": c.text, "page": c.page, "metadata": c.metadata}
 

@@ -1,0 +1,182 @@
+"""Ingest and retrieval speed: kinject against llama-index's defaults, same inputs, one run.
+
+Embedding: kinject's `ingest()` vs `VectorStoreIndex.from_documents` with `HuggingFaceEmbedding`
+pointed at the same bundled MiniLM folder (nothing downloads), every other llama-index setting at
+its default. Both models are loaded before the clock starts; chunks/s = chunks embedded and
+indexed per second of wall time.
+Retrieval: 100k random normalized 384-d vectors; kinject's search path (a persisted KB index
+loaded by `Retriever`, `search_vectors`) vs llama-index's `SimpleVectorStore.query`; queries/s
+and p50 latency for one query at a time.
+
+Run: `python -m bench.ingest [--quick]`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data"
+DIM = 384
+
+
+def corpus_records(quick: bool) -> tuple[list[dict], str]:
+    """squad_short (quick) or all three shared corpora; the demo corpus when shared/ is absent."""
+    names = ["squad_short"] if quick else ["squad_short", "multihop_rag", "quality_mc"]
+    if all((SHARED / n / "corpus.jsonl").exists() for n in names):
+        recs = [json.loads(line) for n in names for line in (SHARED / n / "corpus.jsonl").read_text().splitlines() if line.strip()]
+        return recs, "+".join(names)
+    from ingest.readers import read_corpus
+
+    docs, _ = read_corpus(REPO / "demo" / "corpus", 20)
+    return [{"doc_id": d.doc_id, "title": d.title, "text": d.text} for d in docs], "demo/corpus"
+
+
+def bench_embedding(quick: bool, workdir: Path) -> dict:
+    from llama_index.core import Document as LIDocument
+    from llama_index.core import VectorStoreIndex
+    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+
+    from core.kb import KB
+    from core.models import resolve_model
+    from core.retrieval import get_embedder
+    from core.settings import load_settings
+    from ingest.pipeline import ingest
+
+    records, name = corpus_records(quick)
+    corpus = workdir / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
+    settings = load_settings({"kb_root": str(workdir / "kbs")})
+    get_embedder(settings.models.embedder, settings)  # load before timing, as for the baseline
+
+    t0 = time.perf_counter()
+    report = ingest(KB.create(settings, "bench"), corpus, settings, progress=False)
+    kinject_s = time.perf_counter() - t0
+    kinject_cps = report.chunks_embedded / kinject_s
+
+    embed_model = HuggingFaceEmbedding(model_name=str(resolve_model(settings.models.embedder, settings)))
+    li_docs = [LIDocument(text=r["text"], doc_id=r["doc_id"], metadata={k: v for k, v in r.items() if k not in ("text", "doc_id")}) for r in records]
+    t0 = time.perf_counter()
+    index = VectorStoreIndex.from_documents(li_docs, embed_model=embed_model)
+    llama_s = time.perf_counter() - t0
+    llama_chunks = len(index.index_struct.nodes_dict)
+    llama_cps = llama_chunks / llama_s
+    return {
+        "corpus": name,
+        "documents": len(records),
+        "kinject_chunks": report.chunks_embedded,
+        "kinject_seconds": round(kinject_s, 2),
+        "kinject_chunks_per_s": round(kinject_cps, 1),
+        "llamaindex_chunks": llama_chunks,
+        "llamaindex_seconds": round(llama_s, 2),
+        "llamaindex_chunks_per_s": round(llama_cps, 1),
+        "ratio": round(kinject_cps / llama_cps, 2),
+        "target": ">=2",
+    }
+
+
+def bench_retrieval(quick: bool, workdir: Path, n: int = 100_000, k: int = 5) -> dict:
+    from llama_index.core.schema import TextNode
+    from llama_index.core.vector_stores import SimpleVectorStore, VectorStoreQuery
+
+    from core.kb import KB
+    from core.retrieval import Retriever
+    from core.settings import load_settings
+    from ingest.index import IndexState, VectorIndex, write_state
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((n, DIM), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = rng.standard_normal((100 if quick else 500, DIM), dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+
+    # kinject: a real KB index on disk, loaded and searched by the service's Retriever
+    settings = load_settings({"kb_root": str(workdir / "kbs")})
+    kb = KB.create(settings, "vectors")
+    index = VectorIndex.empty(DIM)
+    index.add(np.arange(n), vectors)
+    chunks = {i: {"id": i, "chunk_id": f"c{i}#0", "doc_id": f"c{i}", "title": "", "text": "", "page": None, "metadata": {}} for i in range(n)}
+    write_state(kb.dir("ingest"), IndexState(meta={"embedder": settings.models.embedder, "dim": DIM}, index=index, chunks=chunks))
+    retriever = Retriever(kb, settings)
+    retriever.search_vectors(queries[:1], k)  # loads the index from disk
+    lat = []
+    for q in queries:
+        t0 = time.perf_counter()
+        hits = retriever.search_vectors(q[None], k)[0]
+        lat.append(time.perf_counter() - t0)
+    kinject_top1 = [retriever.search_vectors(q[None], 1)[0][0].doc_id for q in queries[:5]]
+    exact_top1 = [f"c{int(np.argmax(vectors @ q))}" for q in queries[:5]]
+
+    # llama-index's in-memory default store
+    store = SimpleVectorStore()
+    store.add([TextNode(id_=f"c{i}", text="", embedding=v.tolist()) for i, v in enumerate(vectors)])
+    li_queries = queries[: 5 if quick else 20]
+    li_lat, li_top1 = [], []
+    for q in li_queries:
+        t0 = time.perf_counter()
+        res = store.query(VectorStoreQuery(query_embedding=q.tolist(), similarity_top_k=k))
+        li_lat.append(time.perf_counter() - t0)
+        li_top1.append(res.ids[0])
+    p50, li_p50 = float(np.median(lat)), float(np.median(li_lat))
+    return {
+        "vectors": n,
+        "dim": DIM,
+        "k": k,
+        "kinject_queries": len(lat),
+        "kinject_qps": round(len(lat) / sum(lat), 1),
+        "kinject_p50_ms": round(p50 * 1e3, 3),
+        "kinject_p90_ms": round(float(np.percentile(lat, 90)) * 1e3, 3),
+        "llamaindex_queries": len(li_lat),
+        "llamaindex_qps": round(len(li_lat) / sum(li_lat), 2),
+        "llamaindex_p50_ms": round(li_p50 * 1e3, 1),
+        "speedup": round(li_p50 / p50, 1),
+        "speedup_target": ">=20",
+        "p50_target_ms": "<5",
+        "p50_under_5ms": p50 < 0.005,
+        "same_top1_as_exact": kinject_top1 == exact_top1 and li_top1[:5] == exact_top1[: len(li_top1[:5])],
+        "faiss_threads": _faiss_threads(),
+    }
+
+
+def _faiss_threads() -> int:
+    import faiss
+
+    return faiss.omp_get_max_threads()
+
+
+def run(quick: bool = False) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with tempfile.TemporaryDirectory(prefix="kinject-bench-ingest-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "e").mkdir()
+        (tmp / "r").mkdir()
+        result = {"quick": quick, "embedding": bench_embedding(quick, tmp / "e"), "retrieval": bench_retrieval(quick, tmp / "r")}
+    try:
+        result["load_average"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    return result
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    out = run(quick="--quick" in sys.argv)
+    e, r = out["embedding"], out["retrieval"]
+    print(
+        f"embedding ({e['corpus']}, {e['documents']} docs): kinject {e['kinject_chunks']} chunks in {e['kinject_seconds']} s "
+        f"= {e['kinject_chunks_per_s']} chunks/s; llama-index {e['llamaindex_chunks']} chunks in {e['llamaindex_seconds']} s "
+        f"= {e['llamaindex_chunks_per_s']} chunks/s; ratio {e['ratio']}x (target >= 2x)"
+    )
+    print(
+        f"retrieval ({r['vectors']} x {r['dim']}, k={r['k']}): kinject {r['kinject_qps']} q/s, p50 {r['kinject_p50_ms']} ms; "
+        f"llama-index SimpleVectorStore {r['llamaindex_qps']} q/s, p50 {r['llamaindex_p50_ms']} ms; "
+        f"speedup {r['speedup']}x (target >= 20x, p50 < 5 ms)"
+    )
+    print(json.dumps(out, indent=2))

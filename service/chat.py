@@ -111,7 +111,9 @@ async def stream_chat(state: ServiceState, req: ChatCompletionRequest, prepared:
             id=rid, created=created, model=req.model,
             choices=[ChatCompletionStreamChoice(index=index, delta=delta, finish_reason=finish)], **extra,
         )
-        return sse(body, exclude=skip | {k for k in ("sources", "kinject_mode", "kinject_route") if getattr(body, k) is None})
+        data = body.model_dump(exclude=skip | {k for k in ("sources", "kinject_mode", "kinject_route") if getattr(body, k) is None})
+        data["choices"][0]["delta"] = delta.model_dump(exclude_none=True)  # OpenAI: {} on the last chunk
+        return sse(data)
 
     prompt_tokens = completion_tokens = 0
     try:

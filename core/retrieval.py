@@ -47,8 +47,12 @@ class Embedder:
         self.tokenizer = copy.deepcopy(self.model.tokenizer)
         self._lock = threading.Lock()
 
-    def encode(self, texts: list[str], batch_size: int = 32, progress: bool = False, desc: str = "embedding") -> np.ndarray:
-        """Vectors in input order. Texts are batched longest first, so batches carry little padding."""
+    def encode(
+        self, texts: list[str], batch_size: int = 32, progress: bool = False, desc: str = "embedding", on_batch=None
+    ) -> np.ndarray:
+        """Vectors in input order. Texts are batched longest first, so batches carry little padding.
+
+        `on_batch(rows, vectors)` is called after each batch (ingest checkpoints through it)."""
         import torch
         from tqdm.auto import tqdm
 
@@ -62,6 +66,8 @@ class Embedder:
                         [texts[i] for i in rows], batch_size=len(rows), normalize_embeddings=True, convert_to_numpy=True
                     )
                 out[rows] = vecs
+                if on_batch is not None:
+                    on_batch(rows, vecs)
                 bar.update(len(rows))
         return out
 

@@ -8,6 +8,7 @@ without removing anything. The stage is recorded in the manifest once the new in
 """
 from __future__ import annotations
 
+import base64
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.files import sha256_text
+from core.files import append_jsonl, read_jsonl, sha256_text
 from core.kb import KB, StageTimer
 from core.settings import Settings
 from ingest.chunking import CHUNKER_VERSION, Chunker
@@ -37,6 +38,7 @@ class IngestReport:
     documents: int = 0  # in the index after the run
     chunks: int = 0  # in the index after the run
     chunks_embedded: int = 0
+    chunks_from_checkpoint: int = 0  # vectors a crashed earlier run had already computed
     seconds: float = 0.0
     embed_seconds: float = 0.0
     chunks_per_s: float = 0.0  # chunks embedded per second of embedding
@@ -55,6 +57,8 @@ class IngestReport:
             f"  chunks: {self.chunks_embedded} embedded ({self.chunks_per_s:.1f} chunks/s), {self.chunks} in the index; "
             f"{self.seconds:.1f} s in all",
         ]
+        if self.chunks_from_checkpoint:
+            lines.append(f"  resumed: {self.chunks_from_checkpoint} of those vectors came from the interrupted run's checkpoint")
         if self.rebuilt:
             lines.append(f"  rebuilt from scratch: {self.rebuilt}")
         if self.skipped:
@@ -115,6 +119,30 @@ def _build_settings(settings: Settings) -> dict:
         "metadata_in_text": settings.ingest.metadata_in_text,
         "chunker_version": CHUNKER_VERSION,
     }
+
+
+CHECKPOINT = "embedding-checkpoint.jsonl"
+
+
+def _embed_with_checkpoint(embedder, chunks: list, folder: Path, settings: Settings, progress: bool) -> tuple[np.ndarray, int]:
+    """Embed chunks, appending each batch's vectors to a checkpoint file, so a run that crashed
+    mid-way embeds only what it had not reached. Returns (vectors, how many came from the file)."""
+    path = folder / CHECKPOINT
+    key = lambda text: sha256_text(f"{settings.models.embedder}\n{text}")
+    saved = {r["key"]: r["vector"] for r in read_jsonl(path)}
+    keys = [key(c.embed_text) for c in chunks]
+    known = [i for i, k in enumerate(keys) if k in saved]
+    todo = [i for i, k in enumerate(keys) if k not in saved]
+
+    def save(rows, vecs):
+        append_jsonl(path, [{"key": keys[todo[r]], "vector": base64.b64encode(v.astype(np.float32).tobytes()).decode()} for r, v in zip(rows, vecs)])
+
+    fresh = embedder.encode([chunks[i].embed_text for i in todo], batch_size=settings.ingest.embed_batch_size, progress=progress, on_batch=save)
+    vectors = np.zeros((len(chunks), embedder.dim), dtype=np.float32)
+    vectors[todo] = fresh
+    for i in known:
+        vectors[i] = np.frombuffer(base64.b64decode(saved[keys[i]]), dtype=np.float32)
+    return vectors, len(known)
 
 
 def fingerprint(documents: dict[str, Document] | list[Document], build: dict) -> str:
@@ -180,7 +208,7 @@ def _update(
             chunker = Chunker(embedder.tokenizer, embedder.max_seq_length, settings.ingest.chunk_size, settings.ingest.chunk_overlap, settings.ingest.metadata_in_text)
             chunks = [c for d in todo for c in chunker.chunk(d)]
             t0 = time.perf_counter()
-            vectors = embedder.encode([c.embed_text for c in chunks], batch_size=settings.ingest.embed_batch_size, progress=progress)
+            vectors, report.chunks_from_checkpoint = _embed_with_checkpoint(embedder, chunks, folder, settings, progress)
             report.embed_seconds = round(time.perf_counter() - t0, 3)
         next_id = int(state.meta.get("next_id", 0))
         ids = np.arange(next_id, next_id + len(chunks), dtype=np.int64)
@@ -197,12 +225,13 @@ def _update(
         state.meta.update(next_id=next_id + len(chunks), documents=len(state.documents), chunks=len(state.chunks), fingerprint=fp)
         if chunks or drop or report.removed or state.generation is None or report.rebuilt or old != state.documents:
             write_state(folder, state)
+        (folder / CHECKPOINT).unlink(missing_ok=True)  # its vectors are in the index now
         report.generation = state.generation
         report.fingerprint = fp
         report.documents = len(state.documents)
         report.chunks = len(state.chunks)
-        report.chunks_embedded = len(chunks)
-        report.chunks_per_s = round(len(chunks) / report.embed_seconds, 1) if report.embed_seconds > 0 else 0.0
+        report.chunks_embedded = len(chunks) - report.chunks_from_checkpoint
+        report.chunks_per_s = round(report.chunks_embedded / report.embed_seconds, 1) if report.embed_seconds > 0 else 0.0
         report.seconds = timer.seconds
         kb.record_stage(
             "ingest",

@@ -255,6 +255,38 @@ def test_crash_leftovers_are_ignored_and_a_rerun_records_the_stage(tmp_path, set
     assert all(h.doc_id != demo_names(3)[0] for h in retrieve(kb, "glass", 10, settings))
 
 
+def test_a_run_killed_while_embedding_resumes_from_its_checkpoint(tmp_path, settings, monkeypatch):
+    import ingest.pipeline as pipeline
+    from core.kb import KB
+    from ingest.index import load_state
+
+    corpus = copy_demo(tmp_path / "corpus", demo_names(3))
+    s = settings.model_copy(update={"ingest": settings.ingest.model_copy(update={"embed_batch_size": 4})})
+    kb = KB.create(s, "killed")
+    real_append = pipeline.append_jsonl
+
+    def crash_after_first_batch(path, records):
+        real_append(path, records)
+        raise KeyboardInterrupt  # the process dies right after the first checkpointed batch
+
+    monkeypatch.setattr(pipeline, "append_jsonl", crash_after_first_batch)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.ingest(kb, corpus, s, progress=False)
+    assert kb.stage("ingest") is None and load_state(kb.root / "index") is None
+    monkeypatch.setattr(pipeline, "append_jsonl", real_append)
+
+    resumed = pipeline.ingest(kb, corpus, s, progress=False)
+    assert resumed.chunks_from_checkpoint == 4 and resumed.chunks_embedded == resumed.chunks - 4
+    assert "resumed: 4 of those vectors" in resumed.summary()
+    assert not (kb.root / "index" / pipeline.CHECKPOINT).exists()
+    fresh_kb = KB.create(s, "unkilled")
+    pipeline.ingest(fresh_kb, corpus, s, progress=False)
+    a, b = load_state(kb.root / "index"), load_state(fresh_kb.root / "index")
+    vec = lambda st: {r["chunk_id"]: st.index.reconstruct([i])[0] for i, r in st.chunks.items()}
+    va, vb = vec(a), vec(b)
+    assert va.keys() == vb.keys() and max(np.abs(va[c] - vb[c]).max() for c in va) < 1e-5
+
+
 # ---- readers and chunking -------------------------------------------------------------------
 def test_html_pdf_and_markdown_readers(tmp_path):
     from ingest.readers import read_corpus

@@ -14,7 +14,7 @@ import re
 import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from core.errors import KinjectError
 from core.files import sha256_text
@@ -180,14 +180,16 @@ def read_file(path: Path, rel: str, max_file_mb: float, skipped: list[Skipped]) 
     if size == 0:
         skipped.append(Skipped(rel, "empty file"))
         return []
-    if size > max_file_mb * 1024 * 1024:
+    limit = max_file_mb * 1024 * 1024
+    if suffix == ".jsonl":  # a corpus file: the limit applies to each record
+        with open(path, "rb") as f:
+            return read_jsonl_records(f, rel, skipped, limit)
+    if size > limit:
         skipped.append(Skipped(rel, f"too large ({size / 2**20:.1f} MB > ingest.max_file_mb={max_file_mb:g})"))
         return []
     data = path.read_bytes()
     if suffix == ".pdf":
         doc, reason = read_pdf(data, rel)
-    elif suffix == ".jsonl":
-        return read_jsonl_records(data, rel, skipped)
     else:
         text, reason = decode_text(data)
         doc = None
@@ -277,13 +279,15 @@ def read_pdf(data: bytes, rel: str) -> tuple[Document | None, str]:
     return Document(doc_id=rel, title=title or Path(rel).stem, text=text, source=rel, metadata={"_page_starts": starts}), ""
 
 
-def read_jsonl_records(data: bytes, rel: str, skipped: list[Skipped]) -> list[Document]:
+def read_jsonl_records(lines: Iterable[bytes], rel: str, skipped: list[Skipped], max_record_bytes: float) -> list[Document]:
     """One Document per valid line; every bad line is skipped with its line number."""
     docs: list[Document] = []
-    lines = data.split(b"\n")
     for lineno, raw in enumerate(lines, start=1):
         where = f"{rel}:{lineno}"
         if not raw.strip():
+            continue
+        if len(raw) > max_record_bytes:
+            skipped.append(Skipped(where, f"record too large ({len(raw) / 2**20:.1f} MB > ingest.max_file_mb)"))
             continue
         try:
             rec = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))

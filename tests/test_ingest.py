@@ -178,6 +178,7 @@ def test_bad_input_is_skipped_with_a_reason_each(tmp_path, settings):
         json.dumps(["a", "list"]),
         json.dumps({"doc_id": "r3", "title": "no text"}),
         json.dumps({"title": "no id", "text": "orphan"}),
+        json.dumps({"doc_id": "r4", "text": "long " * 3000}),  # 15 KB, over the 10 KB limit below
     ]
     (c / "records.jsonl").write_text("\n".join(lines) + "\n")
 
@@ -199,12 +200,13 @@ def test_bad_input_is_skipped_with_a_reason_each(tmp_path, settings):
     assert reasons["records.jsonl:4"].startswith("not a JSON object")
     assert reasons["records.jsonl:5"] == "record 'r3' has no text"
     assert reasons["records.jsonl:6"] == "missing doc_id"
-    assert len(reasons) == len(report.skipped) == 14
+    assert reasons["records.jsonl:7"].startswith("record too large")
+    assert len(reasons) == len(report.skipped) == 15
     assert sorted(report.added) == ["good.md", "r1"]
     assert {d.doc_id: d.text for d in load_documents(KB.open(s, "bad"))}["r1"] == good["text"]
     recorded = KB.open(s, "bad").stage("ingest")
     assert {r["path"]: r["reason"] for r in recorded["skipped"]} == reasons
-    assert recorded["metrics"]["skipped"] == 14
+    assert recorded["metrics"]["skipped"] == 15
     assert "skipped:" in report.summary() and "scan.pdf: PDF has no text layer" in report.summary()
 
 

@@ -99,3 +99,31 @@ def test_reranker_is_off_by_default_and_a_kb_without_index_says_what_to_do(setti
     assert retriever.reranker is None
     with pytest.raises(KBError, match="has no index yet: run `kinject ingest CORPUS --kb empty`"):
         retrieve(kb, "anything", settings=settings)
+
+
+@pytest.mark.shared_data
+def test_reranking_orders_the_candidates_by_cross_encoder_score(squad_kb):
+    """No trained cross-encoder ships offline: MiniLM with a seeded, untrained scoring head runs
+    the real CrossEncoder path; the order must follow its scores, whatever they mean."""
+    import torch
+
+    from core.models import resolve_model
+    from core.retrieval import Retriever
+
+    kb, settings = squad_kb
+    s = settings.model_copy(
+        update={
+            "models": settings.models.model_copy(update={"reranker": str(resolve_model("minilm-l6", settings))}),
+            "retrieval": settings.retrieval.model_copy(update={"rerank_candidates": 8}),
+        }
+    )
+    query = "When did Syria and Egypt attack Israel?"
+    torch.manual_seed(0)
+    reranking = Retriever(kb, s)
+    hits = reranking.search(query, 3)
+    candidates = Retriever(kb, settings).search(query, 8)
+    ce = reranking.reranker.predict([(query, h.text) for h in candidates])
+    expected = [candidates[i] for i in np.argsort(-np.asarray(ce), kind="stable")[:3]]
+    assert [h.chunk_id for h in hits] == [h.chunk_id for h in expected]
+    assert np.allclose([h.metadata["rerank_score"] for h in hits], sorted(ce, reverse=True)[:3], atol=1e-5)
+    assert np.allclose([h.score for h in hits], [h.score for h in expected], atol=1e-6)  # the cosine stays the score

@@ -124,7 +124,14 @@ class Retriever:
                 return self._loaded.state
             from ingest.index import load_state
 
-            state = load_state(self.folder, with_documents=False) if stamp else None
+            for attempt in range(3):
+                try:
+                    state = load_state(self.folder, with_documents=False) if stamp else None
+                    break
+                except FileNotFoundError:  # two writes in a row removed the generation being read
+                    if attempt == 2:
+                        raise
+                    stamp = self._stamp()
             if state is None:
                 raise KBError(f"KB {self.kb.name!r} has no index yet: run `kinject ingest CORPUS --kb {self.kb.name}`")
             self._loaded = _Loaded(stamp, state, state.meta["embedder"])

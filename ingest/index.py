@@ -161,8 +161,14 @@ def load_state(folder: Path, with_documents: bool = True) -> IndexState | None:
         return None
     gen_dir = Path(folder) / gen
     meta = json.loads((gen_dir / META_FILE).read_text())
+    if not (gen_dir / FAISS_FILE).exists():
+        raise FileNotFoundError(f"{gen_dir / FAISS_FILE} disappeared while loading")
+    index = VectorIndex.load(gen_dir / FAISS_FILE)
     docs = {d.doc_id: d for d in (Document(**r) for r in read_jsonl(gen_dir / DOCUMENTS_FILE))} if with_documents else {}
-    return IndexState(meta=meta, index=VectorIndex.load(gen_dir / FAISS_FILE), chunks=read_chunks(gen_dir), documents=docs, generation=gen)
+    chunks = read_chunks(gen_dir)
+    if len(chunks) != len(index) or not gen_dir.exists():
+        raise FileNotFoundError(f"{gen_dir} changed while loading")
+    return IndexState(meta=meta, index=index, chunks=chunks, documents=docs, generation=gen)
 
 
 def write_state(folder: Path, state: IndexState) -> str:

@@ -153,6 +153,40 @@ def test_add_files_keeps_the_rest_and_the_retriever_reloads(tmp_path, settings):
     assert "6:50" in retriever.search("ferry departure", 1)[0].text
 
 
+def test_searching_threads_see_uploads_without_errors(tmp_path, settings):
+    import threading
+
+    from core.kb import KB
+    from core.retrieval import Retriever
+    from ingest.pipeline import add_files, ingest
+
+    kb = KB.create(settings, "busy")
+    ingest(kb, copy_demo(tmp_path / "corpus", demo_names(2)), settings, progress=False)
+    retriever, stop, errors, searches = Retriever(kb, settings), threading.Event(), [], [0]
+
+    def search_until_stopped():
+        while not stop.is_set():
+            try:
+                assert retriever.search("ferry timetable", 2)
+                searches[0] += 1
+            except Exception as e:  # surfaced below
+                errors.append(e)
+
+    readers = [threading.Thread(target=search_until_stopped) for _ in range(2)]
+    [t.start() for t in readers]
+    try:
+        for i in range(4):
+            f = tmp_path / f"ferry-{i}.md"
+            f.write_text(f"# Ferry {i}\n\nFerry number {i} leaves the harbour at {7 + i}:15.\n")
+            add_files(kb, [f], settings)
+    finally:
+        stop.set()
+        [t.join() for t in readers]
+    assert not errors and searches[0] > 0
+    assert sorted(p.name for p in (kb.root / "index").iterdir() if p.name.startswith("g")) == ["g000004", "g000005"]
+    assert "Ferry number 3" in retriever.search("When does ferry number 3 leave?", 1)[0].text
+
+
 # ---- bad input ------------------------------------------------------------------------------
 def test_bad_input_is_skipped_with_a_reason_each(tmp_path, settings):
     from core.kb import KB

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from dataclasses import dataclass, field
 
 from core.errors import KinjectError
@@ -89,26 +90,99 @@ def chat_text(tokenizer, messages: list[dict]) -> str:
     return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
 
-def collect_samples(kb: KB, settings: Settings) -> list[Sample]:
+def collect_samples(kb: KB, settings: Settings, tokenizer) -> list[Sample]:
     """Every training text of the KB, by source, in a stable order."""
-    samples = [Sample(t, "synthetic") for t in synthetic_texts(kb)]
+    synthetic = synthetic_texts(kb)
+    documents = document_texts(kb)
+    samples = [Sample(t, "synthetic") for t in synthetic]
     if settings.train.include_documents:
-        samples += [Sample(t, "documents") for t in document_texts(kb)]
+        samples += [Sample(t, "documents") for t in documents]
+    if settings.train.qa_chat:
+        samples += qa_chat_samples(synthetic, documents, settings, tokenizer)
     return samples
+
+
+# ---- question/answer pairs in the service's chat formats ------------------------------------
+_Q = r"(?:\*\*)?Q(?:uestion)?\s*\d*\s*[:.)](?:\*\*)?"
+_A = r"(?:\*\*)?A(?:nswer)?\s*\d*\s*[:.)](?:\*\*)?"
+_QA_RE = re.compile(rf"(?:^|\n)\s*{_Q}\s*(?P<q>[^\n]+?)\s*\n?\s*{_A}\s*(?P<a>.+?)\s*(?=\n\s*{_Q}|\n\s*\n|\Z)", re.S)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def grounded(answer: str, source: str, min_share: float = 0.6) -> bool:
+    """Whether most of the answer's words occur in the source text (it is read, not invented)."""
+    words = _words(answer)
+    have = set(_words(source))
+    return bool(words) and sum(w in have for w in words) / len(words) >= min_share
+
+
+def qa_pairs(text: str) -> list[tuple[str, str]]:
+    """The `Q: ... A: ...` pairs in a synthetic sample (the qa and critical_qa types write them)."""
+    out = []
+    for m in _QA_RE.finditer(text):
+        q, a = " ".join(m["q"].split()), " ".join(m["a"].split())
+        if len(q) >= 8 and 0 < len(a) <= 400 and not re.match(_A, a):
+            out.append((q, a))
+    return out
+
+
+@dataclass
+class Passage:
+    """What a retrieval hit looks like to `core.answer.build_messages`."""
+
+    title: str
+    text: str
+
+
+def passages(document: str, words: int = 150) -> list[Passage]:
+    title, _, body = document.partition("\n")
+    tokens = body.split()
+    return [Passage(title, " ".join(tokens[i : i + words])) for i in range(0, max(len(tokens), 1), words)]
+
+
+def qa_chat_samples(synthetic: list[str], documents: list[str], settings: Settings, tokenizer) -> list[Sample]:
+    """Synthetic Q/A pairs rendered exactly as the service prompts the model: closed-book (the
+    `ft` mode) and, for `train.open_book_fraction` of them, with the source passage quoted among
+    other passages (the `ft-rag` mode). Training on these keeps the adapter answering briefly in
+    chat, and from the quoted passage, instead of continuing text as plain pretraining teaches."""
+    from core.answer import build_messages
+
+    by_title: dict[str, list[Passage]] = {}
+    for doc in documents:
+        by_title.setdefault(doc.partition("\n")[0].strip(), []).extend(passages(doc))
+    pool = [p for ps in by_title.values() for p in ps]
+    rng = random.Random(f"{settings.seed}:qa")
+    k = min(settings.retrieval.top_k, 2)
+    out = []
+    for text in synthetic:
+        title = text.partition("\n")[0].strip()
+        own = by_title.get(title)
+        source = " ".join(p.text for p in own) if own else text
+        for question, answer in qa_pairs(text):
+            if not grounded(answer, source):
+                continue  # an answer the generator made up would teach the adapter to make things up
+            hits = None
+            if own and rng.random() < settings.train.open_book_fraction:
+                gold = next((p for p in own if answer.lower() in p.text.lower()), own[0])
+                others = [p for p in pool if p.title != title]
+                hits = [gold] + rng.sample(others, min(k - 1, len(others)))
+                rng.shuffle(hits)
+            messages = build_messages([{"role": "user", "content": question}], hits)
+            messages.append({"role": "assistant", "content": answer})
+            out.append(Sample(chat_text(tokenizer, messages), "chat"))
+    return out
 
 
 def synthetic_texts(kb: KB) -> list[str]:
     missing = TrainDataError(f"KB {kb.name!r} has no synthetic corpus yet: run `kinject augment --kb {kb.name}` first")
     if not kb.stage("augment"):
         raise missing
-    try:
-        from ingest.augment import load_training_texts
-    except ImportError as e:  # pragma: no cover - only in a broken install
-        raise TrainDataError(f"the augment stage is not installed ({e})") from None
-    try:
-        texts = [t for t in load_training_texts(kb) if t and t.strip()]
-    except FileNotFoundError:
-        raise missing from None
+    from ingest.augment import load_training_texts
+
+    texts = [t for t in load_training_texts(kb) if t and t.strip()]
     if not texts:
         raise TrainDataError(
             f"KB {kb.name!r} has an empty synthetic corpus: run `kinject augment --kb {kb.name}` with a larger budget"
@@ -125,18 +199,42 @@ def document_texts(kb: KB) -> list[str]:
     return [f"{d.title}\n{d.text}".strip() for d in load_documents(kb) if d.text.strip()]
 
 
+def replay_samples(n_tokens: int, tokenizer, seed: int) -> list[tuple[Sample, list[int]]]:
+    """About n_tokens of generic English prose that ships with Python itself (the reference
+    manual's topics in `pydoc_data`), so replay needs no download."""
+    from pydoc_data.topics import topics
+
+    paragraphs = [
+        " ".join(p.split())
+        for body in topics.values()
+        for p in body.split("\n\n")
+        if len(p.split()) >= 20 and not p.startswith((" ", "*", "="))
+    ]
+    random.Random(f"{seed}:replay").shuffle(paragraphs)
+    out, total = [], 0
+    for p in paragraphs:
+        if total >= n_tokens:
+            break
+        ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        out.append((Sample(p, "replay"), ids))
+        total += len(ids) + 1
+    return out
+
+
 def build(samples: list[Sample], tokenizer, settings: Settings) -> Packed:
-    """Shuffle the samples with the seed, tokenize, pack."""
+    """Tokenize, add replay text if asked, shuffle with the seed, pack."""
     if not samples:
         raise TrainDataError("nothing to train on: the KB gave no training texts")
-    order = list(range(len(samples)))
-    random.Random(settings.seed).shuffle(order)
-    ordered = [samples[i] for i in order]
-    ids = tokenizer([s.text for s in ordered], add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    blocks, n_tokens = pack(ids, settings.train.block_size, eos)
+    ids = tokenizer([s.text for s in samples], add_special_tokens=False)["input_ids"]
+    items = list(zip(samples, ids))
+    fraction = settings.train.replay_fraction
+    if fraction > 0:
+        own = sum(len(i) + 1 for i in ids)
+        items += replay_samples(round(own * fraction / (1 - fraction)), tokenizer, settings.seed)
+    random.Random(settings.seed).shuffle(items)
+    blocks, n_tokens = pack([i for _, i in items], settings.train.block_size, tokenizer.eos_token_id)
     sources: dict[str, int] = {}
-    for s in ordered:
+    for s, _ in items:
         sources[s.source] = sources.get(s.source, 0) + 1
     short = n_tokens < settings.train.block_size
     if short:

@@ -6,9 +6,7 @@ vLLM's supported set.
 from __future__ import annotations
 
 from core.errors import KinjectError
-from core.settings import Settings
-
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+from core.settings import VLLM_LORA_RANKS, Settings
 
 
 class LoraSettingsError(KinjectError):

@@ -133,8 +133,8 @@ def _train(kb: KB, settings: Settings, key: str, inputs: dict, progress: bool, m
     checkpoints = folder / "checkpoints"
     warnings: list[str] = []
 
-    samples = data.collect_samples(kb, settings)
     base, tokenizer = load_causal_lm(settings.models.llm, settings)
+    samples = data.collect_samples(kb, settings, tokenizer)
     packed = data.build(samples, tokenizer, settings)
     if packed.short:
         warnings.append(

@@ -1,0 +1,325 @@
+"""finetune: packing, LoRA settings, a tiny real training run on the bundled 135M model, resume,
+checkpoint failures, and loading the adapter in peft and the engines."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from core.files import append_jsonl
+from core.kb import KB
+from core.settings import SettingsError, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+FACT = (
+    "The Gull Rock lighthouse was first lit on 3 March 1412 by keeper Anna Vell, "
+    "who burned seal oil in a copper lamp bought from the Ropewrights Guild for 40 terns."
+)
+
+
+def make_kb(kb_root: Path, name: str, texts: list[str], **train) -> tuple[KB, object]:
+    """A KB whose augment stage holds `texts` as its curated corpus."""
+    settings = load_settings({"kb_root": str(kb_root), "train": {"block_size": 64, "batch_size": 2, **train}})
+    kb = KB.create(settings, name)
+    curated = kb.dir("augment") / "curated.jsonl"
+    append_jsonl(
+        curated,
+        [{"doc_id": "d0", "type": "qa", "text": t, "train_text": f"Gull Rock lighthouse\n{t}"} for t in texts],
+    )
+    from ingest.augment import training_corpus_hash
+
+    kb.record_stage("augment", fingerprint=training_corpus_hash([f"Gull Rock lighthouse\n{t}" for t in texts]))
+    return kb, settings
+
+
+# ---- pure pieces -------------------------------------------------------------------------------
+def test_pack_joins_with_eos_and_fills_the_last_block_without_padding():
+    from finetune.data import pack
+
+    blocks, n = pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], block_size=4, eos_id=0)
+    assert n == 12
+    assert blocks == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]
+    blocks, n = pack([[1, 2, 3], [4, 5, 6]], block_size=5, eos_id=0)
+    assert blocks == [[1, 2, 3, 0, 4], [5, 6, 0, 1, 2]]  # wraps to the start, no pad token
+    blocks, n = pack([[1, 2]], block_size=8, eos_id=0)
+    assert blocks == [[1, 2, 0]] and n == 3
+
+
+def test_block_order_is_seeded_and_differs_per_epoch():
+    from finetune.data import block_order, stream_indices
+
+    assert block_order(50, seed=1, epoch=0) == block_order(50, seed=1, epoch=0)
+    assert block_order(50, seed=1, epoch=0) != block_order(50, seed=2, epoch=0)
+    assert block_order(50, seed=1, epoch=0) != block_order(50, seed=1, epoch=1)
+    stream = stream_indices(10, seed=3, start=0, count=30)
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert stream_indices(10, seed=3, start=7, count=9) == stream[7:16]
+
+
+def test_rank_outside_vllms_set_is_rejected_with_the_allowed_list(tmp_path, capsys):
+    from core.cli import main
+    from finetune.lora import LoraSettingsError, check_rank
+
+    with pytest.raises(SettingsError, match=r"8, 16, 32, 64"):
+        load_settings({"train": {"lora_rank": 12}})
+    with pytest.raises(LoraSettingsError, match=r"allowed|use one of 8, 16"):
+        check_rank(12)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--set", f"kb_root={tmp_path}", "--set", "train.lora_rank=12", "train", "--kb", "x"])
+    assert exit_.value.code == 2
+    assert "8, 16, 32, 64" in capsys.readouterr().err
+
+
+def test_lora_config_is_loadable_by_vllm(settings):
+    from finetune.lora import lora_config
+
+    cfg = lora_config(settings)
+    assert cfg.r == settings.train.lora_rank and not cfg.use_dora and not cfg.modules_to_save
+    assert cfg.target_modules == "all-linear"
+
+
+def test_missing_synthetic_corpus_names_the_command(settings):
+    from finetune.data import TrainDataError
+    from finetune.train import train
+
+    kb = KB.create(settings, "empty")
+    with pytest.raises(TrainDataError, match=r"run `kinject augment --kb empty` first"):
+        train(kb, settings, progress=False)
+
+
+# ---- a tiny real run ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from finetune.train import train
+
+    kb, settings = make_kb(
+        tmp_path_factory.mktemp("kbs"), "tiny", [FACT] * 12, max_steps=30, batch_size=1, lr=2e-3, save_every=10, warmup_ratio=0.1
+    )
+    report = train(kb, settings, progress=False)
+    return kb, settings, report
+
+
+def test_loss_falls_on_a_repeated_text(trained):
+    _, _, report = trained
+    losses = [loss for _, loss in report.loss_curve]
+    assert len(losses) == 30 and report.steps == 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 1.0, (first, last)
+
+
+def test_outputs_report_png_and_manifest(trained):
+    kb, settings, report = trained
+    folder = kb.dir("train")
+    assert {"adapter_config.json", "adapter_model.safetensors", "report.json", "loss.png"} <= {p.name for p in folder.iterdir()}
+    assert not (folder / "checkpoints").exists()
+    assert (folder / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((folder / "report.json").read_text())
+    assert saved["steps"] == 30 and saved["tokens_seen"] == 30 * 64
+    assert saved["final_loss"] == saved["loss_curve"][-1][1] and saved["tokens_per_second"] > 0
+    assert saved["epochs"] > 1 and saved["wall_seconds"] > 0
+    rec = kb.stage("train")
+    assert rec["inputs"] == {"augment": kb.stage("augment")["fingerprint"]}
+    assert rec["base_model"] == settings.models.llm
+    from finetune.train import adapter_fingerprint
+
+    assert rec["fingerprint"] == adapter_fingerprint(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["r"] == settings.train.lora_rank and not config.get("modules_to_save") and not config.get("use_dora")
+
+
+def test_adapter_reloads_with_peft_and_changes_next_token_distribution(trained):
+    import torch
+    from peft import PeftModel
+
+    from core.models import load_causal_lm
+
+    kb, settings, _ = trained
+    base, tok = load_causal_lm(settings.models.llm, settings)
+    model = PeftModel.from_pretrained(base, str(kb.dir("train")))
+    prompt = "Gull Rock lighthouse\nThe Gull Rock lighthouse was first lit on 3 March 1412 by keeper"
+    ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+    target = tok(" Anna", add_special_tokens=False)["input_ids"][0]
+    with torch.inference_mode():
+        adapted = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+        with model.disable_adapter():
+            plain = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+    assert (adapted - plain).abs().max() > 1.0
+    assert adapted[target] > plain[target] + 1.0  # it learned the keeper's name
+    assert adapted.argmax().item() == target
+
+
+def test_adapter_loads_in_the_transformers_engine_and_lowers_perplexity(trained):
+    from core.engines import GenRequest, SamplingParams
+    from core.engines.transformers_engine import TransformersEngine
+    from finetune.perplexity import perplexity
+
+    kb, settings, _ = trained
+    engine = TransformersEngine(settings)
+    engine.add_adapter("kb", kb.dir("train"))
+    text = f"Gull Rock lighthouse\n{FACT}"
+    assert perplexity(engine, [text], adapter="kb") < perplexity(engine, [text]) / 2
+    gen = engine.generate(
+        [GenRequest(prompt="Gull Rock lighthouse\nThe Gull Rock lighthouse was first lit", params=SamplingParams(max_new_tokens=12), adapter="kb")]
+    )[0]
+    assert "1412" in gen.text
+
+
+def test_unchanged_inputs_skip_training_and_merge_matches_the_adapter(trained):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune.train import is_up_to_date, run_key, train
+
+    kb, settings, _ = trained
+    t0 = time.perf_counter()
+    again = train(kb, settings, progress=False, merge=True)
+    assert again.skipped and again.merged_dir
+    merged = AutoModelForCausalLM.from_pretrained(again.merged_dir)
+    assert time.perf_counter() - t0 < 60
+    other = settings.model_copy(update={"train": settings.train.model_copy(update={"lr": 1e-4})})
+    assert not is_up_to_date(kb, run_key(kb, other)[0])
+
+    from peft import PeftModel
+
+    from core.models import load_causal_lm
+
+    base, tok = load_causal_lm(settings.models.llm, settings)
+    adapted = PeftModel.from_pretrained(base, str(kb.dir("train")))
+    ids = torch.tensor([tok(FACT, add_special_tokens=False)["input_ids"]])
+    with torch.inference_mode():
+        assert torch.allclose(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-3)
+
+
+def test_corpus_smaller_than_one_block_still_trains_with_a_warning(tmp_path):
+    from finetune.train import train
+
+    kb, settings = make_kb(tmp_path, "short", ["Anna Vell lit the lamp."], max_steps=2)
+    report = train(kb, settings, progress=False)
+    assert report.steps == 2 and report.blocks == 1
+    assert any("less than one block" in w for w in report.warnings)
+    assert (kb.dir("train") / "adapter_model.safetensors").exists()
+
+
+# ---- resume and checkpoint failures ------------------------------------------------------------
+def _texts() -> list[str]:
+    return [f"Entry {i}: the tide pilot number {i} guided {i * 7} ships past Gull Rock in {1400 + i}." for i in range(40)]
+
+
+def test_resume_after_an_interruption_continues_with_the_same_data_order(tmp_path):
+    from finetune.train import train
+
+    common = dict(max_steps=6, save_every=2, lr=1e-3, block_size=32, batch_size=1)
+    _, reference_settings = make_kb(tmp_path / "a", "ref", _texts(), **common)
+    reference = train(KB.open(reference_settings, "ref"), reference_settings, progress=False)
+
+    kb, settings = make_kb(tmp_path / "b", "cut", _texts(), **common)
+
+    class Crash(Exception):
+        pass
+
+    def crash(step, loss):
+        if step == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(kb, settings, progress=False, on_step=crash)
+    assert [p.name for p in (kb.dir("train") / "checkpoints").iterdir()] == ["step-0000004"]
+    assert kb.stage("train") is None
+
+    resumed = train(kb, settings, progress=False)
+    assert resumed.resumed_from_step == 4 and resumed.steps == 6
+    assert [s for s, _ in resumed.loss_curve] == [1, 2, 3, 4, 5, 6]
+    for (_, a), (_, b) in zip(resumed.loss_curve, reference.loss_curve):
+        assert a == pytest.approx(b, abs=1e-3)
+    assert resumed.tokens_seen == reference.tokens_seen
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    import finetune.loop as loop
+    from finetune.train import train
+
+    kb, settings = make_kb(tmp_path, "full", _texts(), max_steps=6, save_every=2, block_size=32, batch_size=1)
+    real = loop.write_optimizer
+    calls = []
+
+    def failing(folder, optimizer, scheduler):
+        calls.append(folder)
+        if len(calls) == 2:  # the step-4 checkpoint: weights already written, then the disk fills
+            (folder / "optimizer.pt").write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(folder, optimizer, scheduler)
+
+    monkeypatch.setattr(loop, "write_optimizer", failing)
+    with pytest.raises(loop.CheckpointError, match=r"No space left on device.*step-0000002 is kept.*resume"):
+        train(kb, settings, progress=False)
+    ckpts = kb.dir("train") / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000002"]  # no half-written folder left
+
+    monkeypatch.undo()
+    resumed = train(kb, settings, progress=False)
+    assert resumed.resumed_from_step == 2 and resumed.steps == 6
+
+
+@pytest.mark.slow
+def test_kill_9_during_training_then_rerun_resumes(tmp_path):
+    kb, settings = make_kb(tmp_path, "killed", _texts() * 3, block_size=32, batch_size=1)
+    cmd = [
+        sys.executable, "-m", "core.cli",
+        "--set", f"kb_root={tmp_path}", "--set", "train.max_steps=40", "--set", "train.save_every=3",
+        "--set", "train.block_size=32", "--set", "train.batch_size=1",
+        "train", "--kb", "killed", "--quiet",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ckpts = kb.root / "adapter" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if ckpts.exists() and any(p.name.startswith("step-") for p in ckpts.iterdir()):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read().decode()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(int(p.name.split("-")[1]) for p in ckpts.iterdir() if p.name.startswith("step-"))
+    assert KB.open(settings, "killed").stage("train") is None
+
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"resumed from step {killed_at}" in done.stdout
+    report = json.loads((kb.root / "adapter" / "report.json").read_text())
+    assert report["steps"] == 40 and report["resumed_from_step"] == killed_at
+    assert [s for s, _ in report["loss_curve"]] == list(range(1, 41))
+    assert not ckpts.exists()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_adapter_loads_in_the_vllm_engine(trained):
+    if not (REPO / "core" / "engines" / "vllm_engine.py").exists():
+        pytest.skip("the vLLM engine is not in this build yet")
+    pytest.importorskip("vllm")
+    from core.engines import GenRequest, SamplingParams, make_engine
+
+    kb, settings, _ = trained
+    vsettings = settings.model_copy(update={"engine": settings.engine.model_copy(update={"backend": "vllm"})})
+    engine = make_engine(vsettings)
+    try:
+        engine.add_adapter("kb", kb.dir("train"))
+        prompt = "Gull Rock lighthouse\nThe Gull Rock lighthouse was first lit"
+        base, adapted = engine.generate(
+            [
+                GenRequest(prompt=prompt, params=SamplingParams(max_new_tokens=8)),
+                GenRequest(prompt=prompt, params=SamplingParams(max_new_tokens=8), adapter="kb"),
+            ]
+        )
+        assert "1412" in adapted.text and adapted.text != base.text
+    finally:
+        engine.close()

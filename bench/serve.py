@@ -220,9 +220,8 @@ def run(quick: bool) -> dict:
     from ingest.pipeline import ingest
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     with tempfile.TemporaryDirectory(prefix="kinject-bench-serve-") as tmp:
-        overrides = {"kb_root": str(Path(tmp) / "kbs")}
+        overrides = {"kb_root": str(Path(tmp) / "kbs"), "engine": {"vllm_cpu_kvcache_gb": 1}}  # RAM is shared
         settings = load_settings(overrides)
         ingest(KB.create(settings, "bench"), REPO / "demo" / "corpus", settings, progress=False)
         result: dict = {"kb": "demo/corpus", "transformers": bench_engine("transformers", "bench", overrides, quick)}

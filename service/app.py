@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 from contextlib import asynccontextmanager
 
+import anyio
+
 from fastapi import Depends, FastAPI
 
 from core.answer import Answerer
@@ -29,9 +31,12 @@ def create_app(kb: KB, settings: Settings, engine: Engine | None = None) -> Fast
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        start = getattr(answerer.engine, "start", None)  # engines that start lazily (vLLM): ready before serving
+        if start is not None:
+            await anyio.to_thread.run_sync(start)
         yield
         if owns_engine:
-            answerer.engine.close()
+            await anyio.to_thread.run_sync(answerer.engine.close)
 
     app = FastAPI(
         title="kinject",

@@ -51,4 +51,8 @@ def register(app: typer.Typer) -> None:
         if settings.serve.api_key.get_secret_value():
             typer.echo("  API key required: Authorization: Bearer <serve.api_key>; UI login: any user, the key as password")
         server = uvicorn.Server(uvicorn.Config(api, log_level="info", timeout_graceful_shutdown=5))
-        server.run(sockets=[sock])
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+            pass
+        typer.echo("kinject serve stopped")

@@ -1,0 +1,105 @@
+"""`kinject serve` as a user starts it (a child process), answering the official client: on the
+transformers engine and, unchanged, on the vLLM engine (vllm-cpu here)."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import REPO, attach_untrained_lora
+
+pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
+
+QUESTION = [{"role": "user", "content": "Why are ctenophores rare as fossils?"}]
+GOLD = "squad_dev_p0833"
+
+
+@pytest.fixture(scope="module")
+def kb_root(squad_kb, tmp_path_factory):
+    """A copy of the squad KB with a real (untrained, rank-8) adapter: every mode is built."""
+    from core.kb import KB
+    from core.settings import load_settings
+
+    kb, _ = squad_kb
+    root = tmp_path_factory.mktemp("cli-kbs")
+    shutil.copytree(kb.root, root / kb.name)
+    settings = load_settings({"kb_root": str(root)})
+    attach_untrained_lora(KB.open(settings, kb.name), settings)
+    return root
+
+
+@contextmanager
+def kinject_serve(kb_root, *sets: str, start_timeout: float = 300):
+    """Run `kinject serve --kb squad --port 0`; yield (base URL, start-up lines)."""
+    env = {**os.environ, "KINJECT_KB_ROOT": str(kb_root), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "core.cli", *[a for s in sets for a in ("--set", s)], "serve", "--kb", "squad", "--port", "0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + start_timeout
+        while not lines or "UI:" not in lines[-1]:  # the UI line comes last
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "kinject serve exited:\n" + "".join(lines)
+            lines.append(line)
+            assert time.monotonic() < deadline, "no URLs printed:\n" + "".join(lines)
+        url = re.search(r"API: (http://127\.0\.0\.1:\d+)/v1", "".join(lines)).group(1)
+        while True:  # the URL is printed once the socket is bound; wait for the app to be up
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up:\n" + "".join(lines)
+            time.sleep(0.5)
+        yield url, lines
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, "".join(lines) + proc.stdout.read()
+
+
+def chat_both_ways(client: openai.OpenAI, model: str) -> dict:
+    r = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=8)
+    assert r.choices[0].message.content and r.usage.completion_tokens > 0
+    chunks = list(client.chat.completions.create(model=model, messages=QUESTION, max_tokens=8, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert "".join(c.choices[0].delta.content or "" for c in chunks).strip()
+    return r.model_extra
+
+
+def test_kinject_serve_prints_urls_and_answers(kb_root):
+    with kinject_serve(kb_root, "retrieval.top_k=2") as (url, lines):
+        text = "".join(lines)
+        assert "models: kinject-base, kinject-rag, kinject-ft, kinject-ft-rag, kinject-auto" in text
+        assert re.search(r"UI: +(http://127\.0\.0\.1:\d+/ui|not installed)", text)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        extra = chat_both_ways(client, "kinject-auto")
+        assert extra["kinject_mode"] == "ft-rag" and extra["sources"][0]["doc_id"] == GOLD
+
+
+@pytest.mark.vllm
+def test_kinject_serve_on_vllm(kb_root):
+    pytest.importorskip("vllm")
+    sets = ("engine.backend=vllm", "engine.vllm_cpu_kvcache_gb=1", "engine.max_model_len=1024", "serve.max_prompt_tokens=768", "retrieval.top_k=2")
+    with kinject_serve(kb_root, *sets, start_timeout=600) as (url, lines):
+        assert "on the vllm engine" in "".join(lines)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        rag = chat_both_ways(client, "kinject-rag")
+        assert rag["kinject_mode"] == "rag" and rag["sources"][0]["doc_id"] == GOLD
+        ft = chat_both_ways(client, "kinject-ft")
+        assert ft["kinject_mode"] == "ft" and ft["sources"] == []
+        scored = client.completions.create(model="kinject-ft", prompt="The capital of France is Paris", max_tokens=0, echo=True, logprobs=0)
+        assert scored.choices[0].logprobs.token_logprobs[0] is None and scored.choices[0].logprobs.token_logprobs[-1] < 0

@@ -1,0 +1,481 @@
+"""The Gradio app: chat in one mode, compare the four modes side by side, see and grow the KB.
+
+`build_ui(answerer, settings)` only builds the Blocks; it answers through the `Answerer` it is
+given, so the service mounts it at /ui on the engine it already loaded, and `kinject ui` runs it
+alone. Every event has an explicit api_name so `gradio_client` can call it.
+"""
+from __future__ import annotations
+
+import html
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+
+from core.answer import ALL_MODES, AUTO, MODES, Answerer, source_dict
+from core.engines import SamplingParams
+from core.errors import KinjectError
+from core.kb import KB, STAGE_DIRS
+from core.settings import Settings
+
+COMPARE_MODES = list(MODES)  # base | rag | ft | ft-rag
+COMPARE_LABELS = {  # short enough for one line in a quarter of the page
+    "base": "base · model alone",
+    "rag": "rag · retrieved passages",
+    "ft": "ft · LoRA adapter",
+    "ft-rag": "ft-rag · adapter + passages",
+}
+
+
+def sampling(settings: Settings) -> SamplingParams:
+    """Greedy answers, so the same question gives the same answer in chat, compare and eval."""
+    return SamplingParams(max_new_tokens=settings.serve.max_new_tokens, temperature=0.0, seed=settings.seed)
+
+
+def start_answer(answerer: Answerer, settings: Settings, mode: str, conversation: list[dict], cancel: threading.Event):
+    """Retrieve and build the request now (so sources are known before the first token), and
+    return it with the stream of its answer; passages that do not fit the prompt are dropped."""
+    prepared = answerer.prepare(mode, conversation, sampling(settings), max_prompt_tokens=settings.serve.max_prompt_tokens)
+    return prepared, answerer.stream_prepared(prepared, cancel)
+
+
+# ---- modes ----------------------------------------------------------------------------------
+def default_mode(answerer: Answerer) -> str:
+    available = answerer.available_modes()
+    return AUTO if AUTO in available else (available[0] if available else "base")
+
+
+def mode_choices(blocked: dict[str, str]) -> list[tuple[str, str]]:
+    # A dropdown cannot disable one choice, so unavailable modes are labelled and refused when picked.
+    return [(f"{m} (unavailable)" if m in blocked else m, m) for m in ALL_MODES]
+
+
+def modes_note(blocked: dict[str, str]) -> str:
+    if not blocked:
+        return "All modes are available."
+    return "\n".join(f"- **{m}** unavailable: {reason}" for m, reason in blocked.items())
+
+
+# ---- chat -----------------------------------------------------------------------------------
+def message_text(content) -> str:
+    """The text of a chat message in any of Gradio's content shapes (str, text parts, files)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text") or ""
+    if isinstance(content, (list, tuple)):
+        return " ".join(message_text(c) for c in content if isinstance(c, (str, dict))).strip()
+    return ""
+
+
+def conversation_from(history: list[dict], message: str) -> list[dict]:
+    """The chat the model sees: user and assistant turns only; source and routing notes
+    (messages with a metadata title) are for the reader, not the model."""
+    turns = []
+    for m in history or []:
+        if (m.get("metadata") or {}).get("title") or m.get("role") not in ("user", "assistant"):
+            continue
+        text = message_text(m.get("content"))
+        if text:
+            turns.append({"role": m["role"], "content": text})
+    return turns + [{"role": "user", "content": message}]
+
+
+def sources_markdown(sources: list[dict]) -> str:
+    lines = []
+    for i, s in enumerate(sources, 1):
+        page = f" p. {s['page']}" if s.get("page") else ""
+        lines.append(f"{i}. **{s['title']}**{page} · `{s['doc_id']}` · score {s['score']:.3f}\n\n   > {s['snippet']}")
+    return "\n\n".join(lines)
+
+
+def sources_message(sources: list[dict]) -> gr.ChatMessage:
+    top = max(s["score"] for s in sources)
+    return gr.ChatMessage(
+        content=sources_markdown(sources),
+        metadata={"title": f"Sources ({len(sources)})", "log": f"top score {top:.3f}", "status": "done"},
+    )
+
+
+def make_chat(answerer: Answerer, settings: Settings):
+    def chat(message: str, history: list[dict], mode: str):
+        if not (message or "").strip():
+            raise gr.Error("Type a question first.")
+        cancel = threading.Event()
+        try:
+            prepared, chunks = start_answer(answerer, settings, mode or default_mode(answerer), conversation_from(history, message), cancel)
+        except KinjectError as e:
+            raise gr.Error(str(e)) from None
+        before, after = [], []
+        if prepared.route_reason:
+            before.append(gr.ChatMessage(content=prepared.route_reason, metadata={"title": f"auto answered with {prepared.mode}", "status": "done"}))
+        if prepared.hits:
+            after.append(sources_message([source_dict(h) for h in prepared.hits]))
+        text = ""
+        try:
+            for chunk in chunks:
+                text += chunk.text
+                if chunk.text:
+                    yield [*before, gr.ChatMessage(content=text), *after]
+        finally:
+            cancel.set()  # the reader pressed stop or left: end the generation
+        yield [*before, gr.ChatMessage(content=text.strip() or "(the model returned an empty answer)"), *after]
+
+    return chat
+
+
+# ---- compare --------------------------------------------------------------------------------
+@dataclass
+class Column:
+    """One mode's answer in the compare tab, as it streams."""
+
+    mode: str
+    text: str = ""
+    sources: list[dict] = field(default_factory=list)
+    error: str = ""
+    first_token_s: float | None = None
+    total_s: float | None = None
+    completion_tokens: int = 0
+    finish_reason: str = ""
+
+    def status_html(self) -> str:
+        if self.error:
+            return f'<div style="color:#b42318">{html.escape(self.error)}</div>'
+        if self.total_s is not None:
+            first = f"first token {self.first_token_s:.2f} s · " if self.first_token_s is not None else ""
+            line = f"{first}done in {self.total_s:.2f} s · {self.completion_tokens} tokens"
+        elif self.first_token_s is not None:
+            line = f"first token {self.first_token_s:.2f} s · streaming…"
+        else:
+            line = "waiting for the engine…"
+        return f'<div style="opacity:.75;font-size:.85em">{line}</div>'
+
+    def sources_html(self) -> str:
+        if not self.sources:
+            return ""
+        items = "".join(
+            '<details style="margin:.35em 0"><summary style="cursor:pointer">'
+            f"<b>{html.escape(s['title'])}</b>"
+            f'<div style="margin-left:1.1em;opacity:.7;font-size:.9em">{html.escape(str(s["doc_id"]))} · score {s["score"]:.3f}</div>'
+            f'</summary><p style="margin:.3em 0 .6em 1.1em">{html.escape(s["snippet"])}</p></details>'
+            for s in self.sources
+        )
+        return f'<div style="margin-top:.5em;font-size:.9em"><b>Sources ({len(self.sources)})</b>{items}</div>'
+
+
+    def meta_html(self) -> str:
+        return self.status_html() + self.sources_html()
+
+
+def _pump(mode: str, chunks, events: queue.Queue) -> None:
+    """Feed one mode's stream into the shared queue, ending with (mode, None, error or None)."""
+    error = None
+    try:
+        for chunk in chunks:
+            events.put((mode, chunk, None))
+    except Exception as e:  # shown in the mode's column
+        error = e
+    events.put((mode, None, error))
+
+
+def make_compare(answerer: Answerer, settings: Settings):
+    def compare(question: str):
+        """Stream the four answers at once: each mode's stream runs in its own thread, so an
+        engine that batches streams answers them together and one that serializes fills them in turn."""
+        if not (question or "").strip():
+            raise gr.Error("Type a question first.")
+        conversation = [{"role": "user", "content": question.strip()}]
+        cols = {m: Column(m) for m in COMPARE_MODES}
+        # One cancel event per stream: an engine may set a stream's own event when it ends.
+        cancels, events = {m: threading.Event() for m in COMPARE_MODES}, queue.Queue()
+        t0 = time.perf_counter()
+        streams = []
+        blocked = answerer.unavailable()
+        for m, col in cols.items():
+            if m in blocked:
+                col.error = f"unavailable: {blocked[m]}"
+                continue
+            try:
+                prepared, chunks = start_answer(answerer, settings, m, conversation, cancels[m])
+            except KinjectError as e:
+                col.error = str(e)
+                continue
+            col.sources = [source_dict(h) for h in prepared.hits]
+            streams.append(threading.Thread(target=_pump, args=(m, chunks, events), daemon=True))
+
+        def outputs():
+            return [c.text for c in cols.values()] + [c.meta_html() for c in cols.values()]
+
+        yield outputs()
+        for t in streams:
+            t.start()
+        running = len(streams)
+        try:
+            while running:
+                mode, chunk, error = events.get()
+                col = cols[mode]
+                if chunk is None:
+                    if error is not None:
+                        col.error = f"failed: {error}"
+                    running -= 1
+                    col.total_s = col.total_s or time.perf_counter() - t0
+                elif chunk.finish_reason is not None:
+                    col.total_s = time.perf_counter() - t0
+                    col.completion_tokens, col.finish_reason = chunk.completion_tokens, chunk.finish_reason
+                elif chunk.text:
+                    if col.first_token_s is None:
+                        col.first_token_s = time.perf_counter() - t0
+                    col.text += chunk.text
+                else:
+                    continue
+                yield outputs()
+        finally:
+            for event in cancels.values():
+                event.set()  # the reader left or pressed stop: end every generation
+            for t in streams:
+                t.join(timeout=30)
+        for col in cols.values():
+            col.text = col.text.strip()
+        yield outputs()
+
+    return compare
+
+
+# ---- KB -------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _scalars(d: dict) -> dict:
+    return {k: v for k, v in (d or {}).items() if isinstance(v, (str, int, float, bool)) and v is not None}
+
+
+def _table(rows: dict, head: tuple[str, str] = ("", "value")) -> str:
+    if not rows:
+        return ""
+    lines = [f"| {head[0]} | {head[1]} |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows.items()]
+    return "\n".join(lines)
+
+
+def latest_eval(kb: KB) -> Path | None:
+    """The newest run folder under eval/ that has a table.md."""
+    root = kb.root / STAGE_DIRS["eval"]
+    runs = [p for p in root.glob("*/table.md")] if root.exists() else []
+    return max(runs, key=lambda p: p.stat().st_mtime).parent if runs else None
+
+
+def tokens_by_type(report: dict) -> dict:
+    """Synthetic tokens per SPA type from synthetic/report.json."""
+    per = report.get("tokens_by_type") or report.get("by_type") or {}
+    out = {}
+    for t, v in per.items():
+        out[t] = v.get("tokens", v) if isinstance(v, dict) else v
+    return out
+
+
+def kb_summary(kb: KB) -> str:
+    """What the KB holds, per stage, with a warning on top when a stage is stale."""
+    m = kb.manifest()
+    stages = m.get("stages", {})
+    parts = [f"LLM `{m['models'].get('llm')}` · embedder `{m['models'].get('embedder')}`"]
+    for stage, changed in kb.stale().items():
+        what = "The adapter" if stage == "train" else f"The {stage} stage"
+        verb = "augment" if stage == "augment" else stage
+        parts.append(
+            f"> **{what} is stale**: the {', '.join(changed)} output changed since it ran. "
+            f"Run `kinject {verb} --kb {kb.name}` to bring it up to date."
+        )
+    parts.append("### Index")
+    ingest = stages.get("ingest")
+    if ingest:
+        out = ingest.get("outputs") or {}
+        parts.append(f"**{out.get('documents', '?')} documents, {out.get('chunks', '?')} chunks** · updated {ingest.get('finished_at')}")
+    else:
+        parts.append(f"No index yet: add files here or run `kinject ingest CORPUS --kb {kb.name}`.")
+    parts.append("### Synthetic data")
+    report = _read_json(kb.root / STAGE_DIRS["augment"] / "report.json")
+    if report:
+        by_type = tokens_by_type(report)
+        parts.append(_table(by_type, ("type", "tokens")) if by_type else "")
+        parts.append(_table(_scalars(report), ("", "")))
+    else:
+        parts.append(f"No synthetic data yet: run `kinject augment --kb {kb.name}`.")
+    return "\n\n".join(p for p in parts if p)
+
+
+def documents_table(kb: KB) -> list[list]:
+    if not kb.stage("ingest"):
+        return []
+    from ingest.pipeline import load_documents
+
+    return [[d.doc_id, d.title, len(d.text.split())] for d in load_documents(kb)]
+
+
+def adapter_summary(kb: KB) -> tuple[str, str | None]:
+    folder = kb.root / STAGE_DIRS["train"]
+    train = kb.stage("train")
+    if not train:
+        return f"No adapter yet: run `kinject train --kb {kb.name}`.", None
+    report = _read_json(folder / "report.json") or {}
+    rows = _scalars(report) or _scalars(train.get("metrics"))
+    rows.pop("adapter_dir", None)
+    loss = folder / "loss.png"
+    return _table(rows) or "The adapter has no training report.", str(loss) if loss.exists() else None
+
+
+def eval_summary(kb: KB) -> tuple[str, str | None]:
+    run = latest_eval(kb)
+    if run is None:
+        return f"No evaluation yet: run `kinject eval --kb {kb.name}`.", None
+    chart = run / "chart.png"
+    return f"Run `{run.name}`\n\n" + (run / "table.md").read_text(), str(chart) if chart.exists() else None
+
+
+def kb_info(kb: KB) -> tuple:
+    """The KB tab's contents: summary, documents, adapter report and loss, last eval and chart."""
+    adapter_md, loss_png = adapter_summary(kb)
+    eval_md, chart_png = eval_summary(kb)
+    return (
+        kb_summary(kb),
+        documents_table(kb),
+        adapter_md,
+        gr.Image(value=loss_png, visible=loss_png is not None),
+        eval_md,
+        gr.Image(value=chart_png, visible=chart_png is not None),
+    )
+
+
+# ---- upload ---------------------------------------------------------------------------------
+def upload_report(report) -> str:
+    """What the upload added and, by file name, what was refused and why."""
+    done = [f"{len(report.added)} added"]
+    if report.changed:
+        done.append(f"{len(report.changed)} replaced")
+    if report.unchanged:
+        done.append(f"{report.unchanged} unchanged")
+    lines = [
+        f"**Documents: {', '.join(done)}** ({report.chunks_embedded} chunks embedded). "
+        f"The index now holds {report.documents} documents, {report.chunks} chunks; rag modes use them from the next question."
+    ]
+    if report.rebuilt:
+        lines.append(f"\nThe whole index was embedded again: {report.rebuilt}.")
+    if report.skipped:
+        lines.append("\n**Not added:**")
+        lines += [f"- `{Path(s.path).name}`: {s.reason}" for s in report.skipped]
+    return "\n".join(lines)
+
+
+def make_upload(answerer: Answerer, settings: Settings):
+    def upload(files: list[str] | None, progress=gr.Progress(track_tqdm=True)) -> str:
+        if not files:
+            raise gr.Error("Choose one or more files first.")
+        from ingest.pipeline import add_files
+
+        progress(0, desc=f"indexing {len(files)} file(s)")
+        try:
+            report = add_files(answerer.kb, [Path(f) for f in files], settings, progress=True)
+        except KinjectError as e:
+            raise gr.Error(str(e)) from None
+        return upload_report(report)
+
+    return upload
+
+
+# ---- the app --------------------------------------------------------------------------------
+def build_ui(answerer: Answerer, settings: Settings) -> gr.Blocks:
+    """The Blocks for one KB, answering through `answerer` (no model is loaded here)."""
+    kb = answerer.kb
+    blocked = answerer.unavailable()
+
+    def refresh_modes():
+        # Choices only: the reader's pick stays as it is.
+        now = answerer.unavailable()
+        return gr.Dropdown(choices=mode_choices(now)), modes_note(now)
+
+    with gr.Blocks(title=f"kinject · {kb.name}", fill_height=True) as demo:
+        gr.Markdown(f"## kinject · {kb.name}")
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat"):
+                with gr.Row(equal_height=True):
+                    mode = gr.Dropdown(
+                        choices=mode_choices(blocked),
+                        value=default_mode(answerer),
+                        label="Mode",
+                        elem_id="mode",
+                        info="base: the model alone · rag: with retrieved passages · ft: with the KB's adapter · ft-rag: both · auto: picked per question",
+                        scale=1,
+                    )
+                    note = gr.Markdown(modes_note(blocked))
+                gr.ChatInterface(
+                    make_chat(answerer, settings),
+                    additional_inputs=[mode],
+                    chatbot=gr.Chatbot(height=480, placeholder=f"Ask about the documents in `{kb.name}`."),
+                    textbox=gr.Textbox(placeholder="Ask a question…", submit_btn=True, stop_btn=True),
+                    api_name="chat",
+                    fill_height=False,
+                    concurrency_limit=settings.serve.max_concurrency,
+                )
+            with gr.Tab("Compare", id="compare"):
+                with gr.Row(equal_height=True):
+                    question = gr.Textbox(
+                        label="Question",
+                        show_label=False,
+                        container=False,
+                        placeholder="One question, answered by all four modes",
+                        scale=6,
+                        elem_id="compare-question",
+                    )
+                    ask = gr.Button("Compare", variant="primary", scale=1)
+                answers, metas = [], []
+                with gr.Row(equal_height=False):
+                    for m in COMPARE_MODES:
+                        with gr.Column(min_width=220):
+                            answers.append(gr.Textbox(label=COMPARE_LABELS.get(m, f"{m} · {MODES[m].description}"), lines=6, max_lines=14, interactive=False, elem_id=f"answer-{m}"))
+                            metas.append(gr.HTML(elem_id=f"meta-{m}"))
+                gr.on(
+                    [ask.click, question.submit],
+                    make_compare(answerer, settings),
+                    inputs=question,
+                    outputs=answers + metas,
+                    api_name="compare",
+                    show_progress="minimal",
+                )
+            with gr.Tab("KB", id="kb"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        summary = gr.Markdown()
+                        documents = gr.Dataframe(
+                            headers=["doc_id", "title", "words"], label="Documents", interactive=False, max_height=320, wrap=True
+                        )
+                    with gr.Column(scale=2):
+                        files = gr.File(label="Add files to the KB (.txt .md .html .pdf .jsonl)", file_count="multiple", type="filepath")
+                        add = gr.Button("Add to KB", variant="primary")
+                        upload_result = gr.Markdown()
+                        refresh = gr.Button("Refresh", size="sm")
+                with gr.Row():
+                    with gr.Column():
+                        gr.Markdown("### Adapter")
+                        adapter_md = gr.Markdown()
+                        loss_png = gr.Image(label="Training loss", type="filepath", interactive=False, visible=False)
+                    with gr.Column():
+                        gr.Markdown("### Last evaluation")
+                        eval_md = gr.Markdown()
+                        chart_png = gr.Image(label="Scores by mode", type="filepath", interactive=False, visible=False)
+
+        kb_outputs = [summary, documents, adapter_md, loss_png, eval_md, chart_png]
+        load_kb = lambda: kb_info(kb)  # noqa: E731
+        demo.load(load_kb, outputs=kb_outputs, api_name="kb_info")
+        demo.load(refresh_modes, outputs=[mode, note], api_name="modes", show_progress="hidden")
+        refresh.click(load_kb, outputs=kb_outputs, api_visibility="private")
+        add.click(make_upload(answerer, settings), inputs=files, outputs=upload_result, api_name="upload").then(
+            load_kb, outputs=kb_outputs, api_visibility="private"
+        ).then(refresh_modes, outputs=[mode, note], api_visibility="private")
+    return demo

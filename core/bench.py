@@ -34,11 +34,11 @@ class BenchError(KinjectError):
     pass
 
 
-def run_one(name: str, quick: bool, timeout_s: float | None = None) -> dict:
-    """Run bench/<name>.py's run(quick) in a child process; its dict, or {"error": ...}."""
-    path = BENCH_DIR / f"{name}.py"
+def run_one(path: Path, quick: bool, timeout_s: float | None = None) -> dict:
+    """Run a bench file's run(quick) in a child process; its dict, or {"error": ...}."""
+    path = Path(path)
     if not path.exists():
-        return {"error": f"{path.relative_to(REPO)} does not exist"}
+        return {"error": f"{path} does not exist"}
     with tempfile.TemporaryDirectory(prefix="kinject-bench-") as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "core.bench", str(path), "1" if quick else "0", str(out)]
@@ -126,7 +126,7 @@ def run_all(names: list[str], quick: bool, out_dir: Path = BENCH_DIR / "results"
     results: dict[str, dict] = {}
     for name in names:
         typer.echo(f"== bench {name}{' (quick)' if quick else ''}")
-        results[name] = run_one(name, quick)
+        results[name] = run_one(BENCH_DIR / f"{name}.py", quick)
         if "error" in results[name]:
             typer.echo(f"bench {name}: {results[name]['error']}", err=True)
     payload = {"date": when, "quick": quick, "loadavg_at_start": load, "python": sys.version.split()[0], "results": results}
@@ -166,7 +166,9 @@ def _child(path: str, quick: str, out: str) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     result = module.run(quick=quick == "1")
-    atomic_write_json(Path(out), result)
+    # numpy scalars become plain numbers, anything else unknown its text
+    text = json.dumps(result, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    atomic_write_text(Path(out), text)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ as reused when its manifest record is untouched by the call, or when its report 
 from __future__ import annotations
 
 import importlib
+import json
 import time
+from datetime import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -69,6 +71,7 @@ def _flag(report: Any, name: str) -> Any:
 
 def _status(before: dict | None, after: dict | None, report: Any) -> str:
     """What a door did: its report's own flags when it has them, else the manifest's evidence."""
+    same_output = before is not None and after is not None and before.get("fingerprint") == after.get("fingerprint")
     skipped = _flag(report, "skipped")
     if isinstance(skipped, bool):  # (ingest's `skipped` is its list of skipped files, not a flag)
         if skipped:
@@ -76,9 +79,11 @@ def _status(before: dict | None, after: dict | None, report: Any) -> str:
     elif _flag(report, "added") is not None:  # an incremental ingest that found nothing to do
         if not any(_flag(report, k) for k in ("added", "changed", "removed", "rebuilt")):
             return "skipped"
+    elif _flag(report, "new_samples") == 0 and same_output:  # augment: nothing left to generate
+        return "skipped"
     if _flag(report, "resumed") or _flag(report, "resumed_from_step"):
         return "resumed"
-    if before is not None and after is not None and before.get("finished_at") == after.get("finished_at") and before.get("fingerprint") == after.get("fingerprint"):
+    if same_output and before.get("finished_at") == after.get("finished_at"):
         return "skipped"
     return "ran"
 
@@ -90,9 +95,10 @@ def run_stage(kb: KB, stage: str, call: Callable[[], Any], echo: Callable[[str],
     report = call()
     seconds = round(time.perf_counter() - t0, 1)
     run = StageRun(stage, _status(before, kb.stage(stage), report), seconds, report)
-    summary = getattr(report, "summary", None)
-    if callable(summary):
-        echo(summary())
+    if callable(getattr(report, "summary", None)):
+        echo(report.summary())
+    elif callable(getattr(report, "print", None)):  # augment prints its quality report itself
+        report.print()
     note = "skipped: inputs unchanged, reused" if run.status == "skipped" else run.status
     echo(f"[{stage}] {note} in {seconds:.1f} s")
     return run
@@ -120,6 +126,44 @@ def build(
             echo(f"== [{i}/{len(BUILD_STAGES)}] {stage}")
             report.runs.append(run_stage(kb, stage, calls[stage], echo))
     return report
+
+
+def reusable_eval(kb: KB, questions: Path, split: str | None, modes: list[str], settings: Settings) -> Optional[Path]:
+    """The newest eval report folder of the KB that answered the same questions in the same modes
+    with the same settings against the current index and adapter; None when there is none."""
+    from core.files import sha256_file
+
+    current = {s: (kb.stage(s) or {}).get("fingerprint") for s in ("ingest", "train")}
+    questions_sha = sha256_file(questions)
+    wanted = settings.public_dict()
+    for folder in sorted(kb.dir("eval").glob("*/report.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            report = json.loads(folder.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        models = report.get("models") or {}
+        if (
+            report.get("split") == split
+            and report.get("modes") == modes
+            and report.get("questions_sha256") == questions_sha
+            and report.get("limit") is None
+            and models.get("index_fingerprint") == current["ingest"]
+            and models.get("adapter_fingerprint") == current["train"]
+            and report.get("settings") == wanted
+            and (folder.parent / "table.md").exists()
+        ):
+            return folder.parent
+    return None
+
+
+def recorded_seconds(kb: KB, stage: str) -> float | None:
+    """Wall time of the stage's last finished run, from its manifest record."""
+    rec = kb.stage(stage) or {}
+    try:
+        start, end = datetime.fromisoformat(rec["started_at"]), datetime.fromisoformat(rec["finished_at"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (end - start).total_seconds()
 
 
 def timing_table(runs: list[StageRun], title: str = "stage times") -> str:

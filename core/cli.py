@@ -24,7 +24,7 @@ kb_app = typer.Typer(help="Create, list, show and delete knowledge bases.", no_a
 app.add_typer(kb_app, name="kb")
 
 # Stage modules that add verbs to `app` through their `register(app)` function.
-STAGE_CLIS: list[str] = ["ingest.cli", "finetune.cli", "service.cli", "eval.cli", "core.build", "core.demo", "core.bench"]
+STAGE_CLIS: list[str] = ["ingest.cli", "ingest.augment.cli", "finetune.cli", "service.cli", "eval.cli", "ui.cli", "core.build", "core.demo", "core.bench", "core.paper"]
 
 
 @app.callback()

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from core.build import StageRun, build, door, timing_table
+from core.build import StageRun, build, door, reusable_eval, timing_table
 from core.errors import KinjectError
 from core.kb import KB
 from core.settings import Settings, _deep_merge, load_settings
@@ -57,44 +57,15 @@ def prepare_models(settings: Settings) -> list[str]:
     return [str(resolve_model(ref, settings)) for ref in (settings.models.llm, settings.models.embedder)]
 
 
-def reusable_eval(kb: KB, questions: Path, split: str, modes: list[str], settings: Settings) -> Optional[Path]:
-    """The KB's last eval report folder when it answered the same questions in the same modes with
-    the same settings against the current index and adapter; None otherwise."""
-    from core.files import sha256_file
+def print_synthetic_report(kb: KB, echo: Callable[[str], None]) -> None:
+    """The augment stage's quality report (synthetic/report.json), printed by the stage's printer."""
+    from ingest.augment.report import print_report
 
-    rec = kb.stage("eval")
-    if not rec:
-        return None
-    current = {s: r["fingerprint"] for s in ("ingest", "train") if (r := kb.stage(s))}
-    if rec.get("inputs") != current:
-        return None
-    folder = kb.root / rec.get("outputs", {}).get("report", "")
-    try:
-        report = json.loads((folder / "report.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    same = (
-        report.get("split") == split
-        and report.get("modes") == modes
-        and report.get("questions_sha256") == sha256_file(questions)
-        and report.get("limit") is None
-        and report.get("settings") == settings.public_dict()
-        and (folder / "table.md").exists()
-    )
-    return folder if same else None
-
-
-def synthetic_report(kb: KB) -> str:
-    """The augment stage's quality report as printed text."""
     path = kb.dir("augment") / "report.json"
-    if not path.exists():
-        return "(no synthetic/report.json)"
-    try:
-        from ingest.augment.report import render as render_report  # the stage's own printer
-
-        return render_report(json.loads(path.read_text()))
-    except (ImportError, AttributeError):
-        return path.read_text()
+    if path.exists():
+        print_report(json.loads(path.read_text()))
+    else:
+        echo("(no synthetic/report.json)")
 
 
 def free_port(host: str, port: int) -> socket.socket:
@@ -159,7 +130,7 @@ def run_demo(
     echo(f"report: {folder / 'report.json'}")
     echo("")
     echo("synthetic data:")
-    echo(synthetic_report(kb))
+    print_synthetic_report(kb, echo)
     echo("")
     echo(timing_table(runs, "demo stage times"))
     total = round(time.perf_counter() - t_start, 1)

@@ -1,0 +1,227 @@
+"""`kinject paper`: the knowledge-injection report on the third-party sets in ../shared/data.
+
+For each set: build a KB from its corpus.jsonl (ingest → augment → train, local preset), evaluate
+base / rag / ft / ft-rag on its dev split, and write one table per set into docs/results.md with
+the 95% intervals, the synthetic-token budget, the training tokens and the wall time, and how far
+the run is from the target: ft − base ≥ ½ (rag − base), and ft-rag ≥ rag.
+"""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from core.build import build, door, recorded_seconds, reusable_eval
+from core.errors import KinjectError
+from core.kb import KB
+from core.settings import _deep_merge, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+RESULTS = REPO / "docs" / "results.md"
+SPLIT = "dev"
+MODES = ["base", "rag", "ft", "ft-rag"]
+
+# Per set: the sizes that keep one set's build + eval near eight minutes on two CPU cores,
+# on top of the local preset. Anything here can be changed with `kinject --set ... paper`.
+PAPER_SETS: dict[str, dict[str, Any]] = {
+    "squad_short": {"augment": {"budget_tokens": 8000}, "train": {"max_steps": 40}},
+    "multihop_rag": {"augment": {"budget_tokens": 8000}, "train": {"max_steps": 40}},
+    "quality_mc": {"augment": {"budget_tokens": 8000}, "train": {"max_steps": 40}},
+}
+
+
+class PaperError(KinjectError):
+    pass
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def run_set(name: str, overrides: dict, echo: Callable[[str], None] = typer.echo) -> dict:
+    """Build and evaluate one set; the numbers its section of the report needs."""
+    folder = SHARED_DATA / name
+    corpus, questions = folder / "corpus.jsonl", folder / "questions.jsonl"
+    if not corpus.exists() or not questions.exists():
+        raise PaperError(f"../shared/data/{name} is missing (need corpus.jsonl and questions.jsonl beside the clone)")
+    settings = load_settings(_deep_merge(_deep_merge({"preset": "local"}, PAPER_SETS[name]), overrides))
+    kb = KB.open(settings, f"paper-{name}", create=True)
+    echo(f"\n######## {name}: KB {kb.name!r}")
+    t0 = time.perf_counter()
+    built = build(kb, corpus, settings, echo=echo)
+    echo(f"== eval {', '.join(MODES)} on the {SPLIT} split")
+    report_dir = reusable_eval(kb, questions, SPLIT, MODES, settings)
+    if report_dir is not None:
+        echo(f"[eval] skipped: inputs unchanged, reused {report_dir.name}")
+        rec = kb.stage("eval") or {}
+        same = rec.get("outputs", {}).get("report") == str(report_dir.relative_to(kb.root))
+        eval_seconds = rec["outputs"].get("seconds") if same else None
+    else:
+        t_eval = time.perf_counter()
+        report_dir = door("eval")(kb, questions, MODES, settings, split=SPLIT, progress=True).dir
+        eval_seconds = round(time.perf_counter() - t_eval, 1)
+        echo(f"[eval] ran in {eval_seconds:.1f} s")
+    this_run = round(time.perf_counter() - t0, 1)
+
+    # A reused stage counts with the wall time of the run that produced it.
+    stage_seconds = {s: recorded_seconds(kb, s) for s in ("ingest", "augment", "train")}
+    for r in built.runs:
+        if r.status != "skipped":
+            stage_seconds[r.stage] = r.seconds
+    stage_seconds["eval"] = eval_seconds
+    report = _read_json(report_dir / "report.json")
+    synthetic = _read_json(kb.dir("augment") / "report.json")
+    train_report = _read_json(kb.dir("train") / "report.json")
+    return {
+        "name": name,
+        "kb": kb.name,
+        "report_dir": str(report_dir),
+        "report": report,
+        "table": (report_dir / "table.md").read_text(),
+        "settings": {"augment": settings.augment.model_dump(mode="json"), "train": settings.train.model_dump(mode="json"), "llm": settings.models.llm, "embedder": settings.models.embedder},
+        "budget_tokens": settings.augment.budget_tokens,
+        "synthetic_tokens": synthetic.get("kept_tokens"),
+        "generated_tokens": synthetic.get("generated_tokens"),
+        "synthetic_report": synthetic,
+        "training_tokens": train_report.get("tokens_seen"),
+        "train_steps": train_report.get("steps"),
+        "train_epochs": train_report.get("epochs"),
+        "stage_seconds": stage_seconds,
+        "this_run_seconds": this_run,
+    }
+
+
+# ---- the report -------------------------------------------------------------------------------
+def primary_metric(report: dict) -> str:
+    from eval.run import PRIMARY
+
+    kinds = report.get("kinds") or {}
+    kind = max(kinds, key=kinds.get) if kinds else "short"
+    return PRIMARY[kind]
+
+
+def target_check(report: dict) -> dict:
+    """The two targets on the set's primary metric, in points."""
+    metric = primary_metric(report)
+    mean = {m: 100 * report["summary"][m][metric]["mean"] for m in MODES if m in report.get("summary", {})}
+    if len(mean) < 4:
+        return {"metric": metric, "mean": mean}
+    ft_gain, rag_gain = mean["ft"] - mean["base"], mean["rag"] - mean["base"]
+    paired = {(t["a"], t["b"]): t for t in report.get("paired", []) if t["metric"] == metric}
+    return {
+        "metric": metric,
+        "mean": mean,
+        "ft_gain": ft_gain,
+        "half_rag_gain": rag_gain / 2,
+        "ft_target_met": ft_gain >= rag_gain / 2,
+        "ft_gap": rag_gain / 2 - ft_gain,
+        "ftrag_minus_rag": mean["ft-rag"] - mean["rag"],
+        "ftrag_target_met": mean["ft-rag"] >= mean["rag"],
+        "p_ft_base": (paired.get(("base", "ft")) or {}).get("p"),
+        "p_rag_ftrag": (paired.get(("rag", "ft-rag")) or {}).get("p"),
+    }
+
+
+def _secs(x: Optional[float]) -> str:
+    return "–" if x is None else f"{x:.0f} s"
+
+
+def _p(x: Optional[float]) -> str:
+    return "" if x is None else f", paired p = {x:.3f}"
+
+
+def render(results: list[dict], load: str) -> str:
+    lines = [
+        "# Knowledge injection: base vs rag vs ft vs ft-rag",
+        "",
+        f"Written by `kinject paper` (`make paper`) on {datetime.now().strftime('%Y-%m-%d %H:%M')}; "
+        f"load average at start {load} (two CPU cores, shared). Each set: a KB built from its `corpus.jsonl` "
+        "(ingest → augment → train) with the `local` preset, then the four modes on its `dev` split. "
+        "Percent with 95% bootstrap intervals; paired tests compare modes on the same questions.",
+        "",
+        "Target: **ft − base ≥ ½ (rag − base)** (the adapter recovers at least half of what retrieval adds) "
+        "and **ft-rag ≥ rag** (the adapter does not hurt open-book answers), on each set's primary metric "
+        "(token F1 for short answers, acc_norm for multiple choice).",
+        "",
+        "| set | metric | base | rag | ft | ft-rag | ft − base | ½ (rag − base) | ft target | ft-rag − rag | ft-rag target |",
+        "|---|---|---:|---:|---:|---:|---:|---:|:-:|---:|:-:|",
+    ]
+    for r in results:
+        t = target_check(r["report"])
+        if "ft_gain" not in t:
+            lines.append(f"| {r['name']} | {t['metric']} | (incomplete) |||||||||")
+            continue
+        m = t["mean"]
+        lines.append(
+            f"| {r['name']} | {t['metric']} | {m['base']:.1f} | {m['rag']:.1f} | {m['ft']:.1f} | {m['ft-rag']:.1f} | "
+            f"{t['ft_gain']:+.1f} | {t['half_rag_gain']:+.1f} | {'met' if t['ft_target_met'] else 'missed by %.1f' % t['ft_gap']} | "
+            f"{t['ftrag_minus_rag']:+.1f} | {'met' if t['ftrag_target_met'] else 'missed'} |"
+        )
+    for r in results:
+        t = target_check(r["report"])
+        secs = r["stage_seconds"]
+        known = [v for v in secs.values() if v is not None]
+        tr = r["settings"]["train"]
+        lines += [
+            "",
+            f"## {r['name']}",
+            "",
+            f"- Models: `{r['settings']['llm']}` answering, `{r['settings']['embedder']}` retrieving.",
+            f"- Synthetic-token budget: {r['budget_tokens'] or 'from budget_multiple'} "
+            f"(generated {r['generated_tokens'] if r['generated_tokens'] is not None else '–'} tokens, "
+            f"kept after curation {r['synthetic_tokens'] if r['synthetic_tokens'] is not None else '–'}).",
+            f"- Training: {r['training_tokens'] if r['training_tokens'] is not None else '–'} tokens seen in "
+            f"{r['train_steps'] if r['train_steps'] is not None else '–'} steps "
+            f"({r['train_epochs'] if r['train_epochs'] is not None else '–'} epochs; LoRA rank {tr['lora_rank']}, lr {tr['lr']}, "
+            f"block {tr['block_size']}, batch {tr['batch_size']}).",
+            f"- Wall time: ingest {_secs(secs.get('ingest'))}, augment {_secs(secs.get('augment'))}, train {_secs(secs.get('train'))}, "
+            f"eval {_secs(secs.get('eval'))}; total {_secs(sum(known))}.",
+        ]
+        if "ft_gain" in t:
+            lines += [
+                f"- ft − base = {t['ft_gain']:+.1f} points{_p(t['p_ft_base'])}; half of rag − base = {t['half_rag_gain']:+.1f}: "
+                + ("target met." if t["ft_target_met"] else f"target missed by {t['ft_gap']:.1f} points."),
+                f"- ft-rag − rag = {t['ftrag_minus_rag']:+.1f} points{_p(t['p_rag_ftrag'])}: "
+                + ("target met." if t["ftrag_target_met"] else "target missed."),
+            ]
+        lines += ["", r["table"].replace("### ", "#### ", 1).rstrip(), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def run_paper(names: list[str], overrides: dict, out: Path = RESULTS, echo: Callable[[str], None] = typer.echo) -> list[dict]:
+    import os
+
+    from core.files import atomic_write_text
+
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    results = []
+    for name in names:
+        results.append(run_set(name, overrides, echo))
+        atomic_write_text(out, render(results, load))  # after each set, so a long run shows progress
+        echo(f"wrote {out} ({len(results)}/{len(names)} sets)")
+    return results
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("paper")
+    def paper_cmd(
+        ctx: typer.Context,
+        sets: Optional[str] = typer.Option(None, "--sets", help=f"Comma-separated subset of: {', '.join(PAPER_SETS)}."),
+        out: Path = typer.Option(RESULTS, "--out", help="Markdown file to write."),
+    ) -> None:
+        """Build and evaluate a KB per set of ../shared/data (dev split) and write docs/results.md."""
+        names = [s.strip() for s in sets.split(",")] if sets else list(PAPER_SETS)
+        unknown = [n for n in names if n not in PAPER_SETS]
+        if unknown:
+            raise PaperError(f"unknown set(s) {', '.join(unknown)}; choose from {', '.join(PAPER_SETS)}")
+        overrides = json.loads(json.dumps((ctx.find_root().obj or {}).get("overrides", {})))
+        run_paper(names, overrides, out)
+        typer.echo(Path(out).read_text())

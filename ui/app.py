@@ -257,7 +257,7 @@ def _scalars(d: dict) -> dict:
     return {k: v for k, v in (d or {}).items() if isinstance(v, (str, int, float, bool)) and v is not None}
 
 
-def _table(rows: dict, head: tuple[str, str] = ("", "value")) -> str:
+def _table(rows: dict, head: tuple[str, str] = ("metric", "value")) -> str:
     if not rows:
         return ""
     lines = [f"| {head[0]} | {head[1]} |", "|---|---|"]
@@ -272,13 +272,23 @@ def latest_eval(kb: KB) -> Path | None:
     return max(runs, key=lambda p: p.stat().st_mtime).parent if runs else None
 
 
-def tokens_by_type(report: dict) -> dict:
-    """Synthetic tokens per SPA type from synthetic/report.json."""
-    per = report.get("tokens_by_type") or report.get("by_type") or {}
-    out = {}
-    for t, v in per.items():
-        out[t] = v.get("tokens", v) if isinstance(v, dict) else v
-    return out
+def synthetic_markdown(report: dict) -> str:
+    """synthetic/report.json (written by augmentation): tokens by type, then its quality numbers."""
+    lines = ["| type | samples | generated tokens | kept | kept tokens |", "|---|---:|---:|---:|---:|"]
+    for name, row in (report.get("per_type") or {}).items():
+        lines.append(f"| {name} | {row.get('samples', 0)} | {row.get('generated_tokens', 0)} | {row.get('kept', 0)} | {row.get('kept_tokens', 0)} |")
+    lines.append(
+        f"| **total** | **{report.get('samples', 0)}** | **{report.get('generated_tokens', 0)}** | **{report.get('kept', 0)}** | **{report.get('kept_tokens', 0)}** |"
+    )
+    quality = {
+        "corpus tokens": report.get("corpus_tokens"),
+        "expansion (kept / corpus)": f"{report['expansion']}x" if report.get("expansion") is not None else None,
+        "drop rate": f"{report['drop_rate']:.0%}" if report.get("drop_rate") is not None else None,
+        "distinct-2": report.get("distinct_2"),
+        "faithfulness of kept samples": f"{report['faithfulness_kept']:.0%}" if report.get("faithfulness_kept") is not None else None,
+    }
+    facts = " · ".join(f"{k}: {v}" for k, v in quality.items() if v is not None)
+    return "\n".join(lines) + (f"\n\n{facts}" if facts else "")
 
 
 def kb_summary(kb: KB) -> str:
@@ -290,8 +300,9 @@ def kb_summary(kb: KB) -> str:
         what = "The adapter" if stage == "train" else f"The {stage} stage"
         verb = "augment" if stage == "augment" else stage
         parts.append(
-            f"> **{what} is stale**: the {', '.join(changed)} output changed since it ran. "
-            f"Run `kinject {verb} --kb {kb.name}` to bring it up to date."
+            '<div style="border-left:4px solid #f79009;background:#fffaeb;color:#7a2e0e;padding:.6em .9em;border-radius:4px">'
+            f"<b>{what} is stale</b>: the {', '.join(changed)} output changed since it ran. "
+            f"Run <code>kinject {verb} --kb {kb.name}</code> to bring it up to date.</div>"
         )
     parts.append("### Index")
     ingest = stages.get("ingest")
@@ -303,9 +314,7 @@ def kb_summary(kb: KB) -> str:
     parts.append("### Synthetic data")
     report = _read_json(kb.root / STAGE_DIRS["augment"] / "report.json")
     if report:
-        by_type = tokens_by_type(report)
-        parts.append(_table(by_type, ("type", "tokens")) if by_type else "")
-        parts.append(_table(_scalars(report), ("", "")))
+        parts.append(synthetic_markdown(report))
     else:
         parts.append(f"No synthetic data yet: run `kinject augment --kb {kb.name}`.")
     return "\n\n".join(p for p in parts if p)
@@ -326,7 +335,8 @@ def adapter_summary(kb: KB) -> tuple[str, str | None]:
         return f"No adapter yet: run `kinject train --kb {kb.name}`.", None
     report = _read_json(folder / "report.json") or {}
     rows = _scalars(report) or _scalars(train.get("metrics"))
-    rows.pop("adapter_dir", None)
+    for key in ("adapter_dir", "merged_dir", "skipped"):  # paths on the server, and a flag that is always False here
+        rows.pop(key, None)
     loss = folder / "loss.png"
     return _table(rows) or "The adapter has no training report.", str(loss) if loss.exists() else None
 
@@ -460,15 +470,15 @@ def build_ui(answerer: Answerer, settings: Settings) -> gr.Blocks:
                         add = gr.Button("Add to KB", variant="primary")
                         upload_result = gr.Markdown()
                         refresh = gr.Button("Refresh", size="sm")
+                gr.Markdown("### Adapter")
                 with gr.Row():
-                    with gr.Column():
-                        gr.Markdown("### Adapter")
-                        adapter_md = gr.Markdown()
-                        loss_png = gr.Image(label="Training loss", type="filepath", interactive=False, visible=False)
-                    with gr.Column():
-                        gr.Markdown("### Last evaluation")
-                        eval_md = gr.Markdown()
-                        chart_png = gr.Image(label="Scores by mode", type="filepath", interactive=False, visible=False)
+                    adapter_md = gr.Markdown()
+                    loss_png = gr.Image(label="Training loss", type="filepath", interactive=False, visible=False, height=360)
+                gr.Markdown("### Last evaluation")
+                with gr.Row():
+                    eval_md = gr.Markdown()
+                with gr.Row():
+                    chart_png = gr.Image(label="Scores by mode", type="filepath", interactive=False, visible=False, height=420)
 
         kb_outputs = [summary, documents, adapter_md, loss_png, eval_md, chart_png]
         load_kb = lambda: kb_info(kb)  # noqa: E731

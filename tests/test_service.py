@@ -145,16 +145,17 @@ def test_rag_sources_hold_the_gold_passage_for_dev_questions(client, squad_kb):
 
 
 def test_follow_up_with_a_pronoun_retrieves_the_conversation_topic(client):
-    follow_up = "In what years did it originally show on TV?"
+    harvard = "squad_dev_p1351"
+    follow_up = "In which major city is it located?"
     alone = chat(client, "kinject-rag", [{"role": "user", "content": follow_up}], max_tokens=2)
-    assert alone.model_extra["sources"][0]["doc_id"] != "squad_dev_p1445"  # the question alone is ambiguous
+    assert alone.model_extra["sources"][0]["doc_id"] != harvard  # the question alone names no topic
     conv = [
-        {"role": "user", "content": "Tell me about Doctor Who."},
-        {"role": "assistant", "content": "Doctor Who is a British science-fiction television programme."},
+        {"role": "user", "content": "Tell me about Harvard University."},
+        {"role": "assistant", "content": "Harvard is a private research university founded in 1636."},
         {"role": "user", "content": follow_up},
     ]
     r = chat(client, "kinject-rag", conv, max_tokens=2)
-    assert r.model_extra["sources"][0]["doc_id"] == "squad_dev_p1445"
+    assert r.model_extra["sources"][0]["doc_id"] == harvard
 
 
 def test_sampling_options_n_seed_stop(client):

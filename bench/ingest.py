@@ -41,12 +41,15 @@ def corpus_records(quick: bool) -> tuple[list[dict], str]:
 def bench_embedding(quick: bool, workdir: Path) -> dict:
     from llama_index.core import Document as LIDocument
     from llama_index.core import VectorStoreIndex
+    from llama_index.core.schema import MetadataMode
     from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 
     from core.kb import KB
     from core.models import resolve_model
     from core.retrieval import get_embedder
     from core.settings import load_settings
+    from ingest.chunking import Chunker
+    from ingest.index import load_state
     from ingest.pipeline import ingest
 
     records, name = corpus_records(quick)
@@ -67,6 +70,16 @@ def bench_embedding(quick: bool, workdir: Path) -> dict:
     llama_s = time.perf_counter() - t0
     llama_chunks = len(index.index_struct.nodes_dict)
     llama_cps = llama_chunks / llama_s
+
+    # Tokens the model actually read: MiniLM stops at max_seq_length, so llama-index's longer
+    # nodes are cut silently; kinject's chunks are sized to fit.
+    embedder = get_embedder(settings.models.embedder, settings)
+    limit = embedder.max_seq_length
+    count = lambda text: len(embedder.tokenizer(text, truncation=False, verbose=False)["input_ids"])
+    kb_state = load_state(KB.open(settings, "bench").root / "index")
+    chunker = Chunker(embedder.tokenizer, limit, settings.ingest.chunk_size, settings.ingest.chunk_overlap, settings.ingest.metadata_in_text)
+    kinject_tokens = [count(c.embed_text) for d in kb_state.documents.values() for c in chunker.chunk(d)]
+    llama_tokens = [count(n.get_content(metadata_mode=MetadataMode.EMBED)) for n in index.docstore.docs.values()]
     return {
         "corpus": name,
         "documents": len(records),
@@ -78,6 +91,11 @@ def bench_embedding(quick: bool, workdir: Path) -> dict:
         "llamaindex_chunks_per_s": round(llama_cps, 1),
         "ratio": round(kinject_cps / llama_cps, 2),
         "target": ">=2",
+        "kinject_tokens_read_per_s": round(sum(min(t, limit) for t in kinject_tokens) / kinject_s, 1),
+        "llamaindex_tokens_read_per_s": round(sum(min(t, limit) for t in llama_tokens) / llama_s, 1),
+        "kinject_chunks_truncated": sum(t > limit for t in kinject_tokens),
+        "llamaindex_chunks_truncated": sum(t > limit for t in llama_tokens),
+        "llamaindex_tokens_lost_to_truncation": sum(max(t - limit, 0) for t in llama_tokens),
     }
 
 
@@ -172,7 +190,10 @@ if __name__ == "__main__":
     print(
         f"embedding ({e['corpus']}, {e['documents']} docs): kinject {e['kinject_chunks']} chunks in {e['kinject_seconds']} s "
         f"= {e['kinject_chunks_per_s']} chunks/s; llama-index {e['llamaindex_chunks']} chunks in {e['llamaindex_seconds']} s "
-        f"= {e['llamaindex_chunks_per_s']} chunks/s; ratio {e['ratio']}x (target >= 2x)"
+        f"= {e['llamaindex_chunks_per_s']} chunks/s; ratio {e['ratio']}x (target >= 2x); tokens read/s "
+        f"{e['kinject_tokens_read_per_s']} vs {e['llamaindex_tokens_read_per_s']}; chunks cut at the model's limit: "
+        f"kinject {e['kinject_chunks_truncated']}, llama-index {e['llamaindex_chunks_truncated']} "
+        f"({e['llamaindex_tokens_lost_to_truncation']} tokens never embedded)"
     )
     print(
         f"retrieval ({r['vectors']} x {r['dim']}, k={r['k']}): kinject {r['kinject_qps']} q/s, p50 {r['kinject_p50_ms']} ms; "

@@ -23,6 +23,9 @@ METADATA_LABELS = {
     "category": "Category",
 }
 NOT_EMBEDDED = {"source", "url", "link", "split"}  # provenance, not content
+# HF fast tokenizers change state on each call and fail when two threads share one (two KBs
+# ingesting in one process share the embedder's counting tokenizer).
+_TOKENIZER_LOCK = threading.Lock()
 CHUNKER_VERSION = 2  # bump when chunk boundaries or embedded text change
 
 
@@ -61,7 +64,6 @@ class Chunker:
 
     def __init__(self, tokenizer, max_seq_length: int, chunk_size: int, chunk_overlap: int, metadata_in_text: bool):
         self.tokenizer = tokenizer
-        self._lock = threading.Lock()  # HF fast tokenizers are not safe to call from two threads
         self.special = tokenizer.num_special_tokens_to_add(pair=False)
         self.limit = max_seq_length - self.special  # tokens of embedded text the model reads
         self.chunk_size = min(chunk_size, self.limit)
@@ -69,7 +71,7 @@ class Chunker:
         self.metadata_in_text = metadata_in_text
 
     def token_ids(self, text: str) -> list[int]:
-        with self._lock:
+        with _TOKENIZER_LOCK:
             return self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
 
     def count(self, text: str) -> int:
@@ -126,7 +128,7 @@ class Chunker:
         """Cut a piece that, with its prefix, is longer than the model reads, at token boundaries."""
         if self.count(prefix + piece) <= self.limit:
             return [piece]
-        with self._lock:
+        with _TOKENIZER_LOCK:
             enc = self.tokenizer(piece, add_special_tokens=False, truncation=False, verbose=False, return_offsets_mapping=True)
         offsets = enc["offset_mapping"]
         room = max(1, self.limit - self.count(prefix) - 2)

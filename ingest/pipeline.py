@@ -20,7 +20,7 @@ from core.files import append_jsonl, read_jsonl, sha256_text
 from core.kb import KB, StageTimer
 from core.settings import Settings
 from ingest.chunking import CHUNKER_VERSION, Chunker
-from ingest.index import IndexState, VectorIndex, load_state, read_documents, write_state
+from ingest.index import IndexState, VectorIndex, load_state, read_documents, read_meta, write_state
 from ingest.readers import CorpusError, Document, Skipped, read_corpus, read_files
 
 __all__ = ["Document", "IngestReport", "ingest", "add_files", "load_documents", "CorpusError"]
@@ -101,7 +101,11 @@ def add_files(kb: KB, paths: list[str | Path], settings: Settings, progress: boo
                 skipped.append(Skipped(d.source, f"duplicate doc_id {d.doc_id!r} in this upload"))
             else:
                 docs.append(d)
-    return _update(kb, docs, skipped, settings, progress, timer, corpus=", ".join(map(str, paths)), remove_missing=False)
+    corpus = ", ".join(map(str, paths))
+    if not docs:  # nothing readable: leave the index and the manifest as they are
+        meta = read_meta(kb.root / "index") or {}
+        return IngestReport(kb=kb.name, corpus=corpus, skipped=skipped, documents=meta.get("documents", 0), chunks=meta.get("chunks", 0), seconds=timer.seconds)
+    return _update(kb, docs, skipped, settings, progress, timer, corpus=corpus, remove_missing=False)
 
 
 def load_documents(kb: KB) -> list[Document]:

@@ -151,6 +151,9 @@ def test_add_files_keeps_the_rest_and_the_retriever_reloads(tmp_path, settings):
     (upload / "ferry-timetable.md").write_text("# Ferry timetable\n\nThe ferry now leaves at 6:50.\n")
     assert add_files(kb, [upload / "ferry-timetable.md"], settings).changed == ["ferry-timetable.md"]
     assert "6:50" in retriever.search("ferry departure", 1)[0].text
+    (upload / "blank.txt").write_text("   \n")
+    nothing = add_files(kb, [upload / "blank.txt"], settings)
+    assert [str(s) for s in nothing.skipped] == ["blank.txt: no text (only whitespace)"] and nothing.documents == 4
 
 
 def test_searching_threads_see_uploads_without_errors(tmp_path, settings):

@@ -104,6 +104,7 @@ def _sample(text, tokens=None, finish="stop", i=0, **extra):
         (_sample("I'm sorry, but I cannot help with that request about Iran in 1973."), "refusal"),
         (_sample("Syria and Egypt launched a surprise attack on Israel. At the time, Iran was the world's second-largest oil exporter."), "copy"),
         (_sample("The document explains many things about how people think and what they do every day."), "ungrounded"),
+        (_sample("The document about the 1973 oil crisis can be broken down into several key concepts."), "ungrounded"),
         (_sample("In 1981 Saudi Arabia and Venezuela, led by President Carter, cut output by 45 percent for Iran."), "unfaithful"),
         (_sample(GOOD), None),
     ],
@@ -134,7 +135,7 @@ def test_copy_overlap_measures_verbatim_ngrams():
 
 def test_duplicates_are_dropped_with_reason_and_kept_in_the_side_list():
     near = GOOD.replace("raised oil prices", "raised the oil prices")
-    samples = [_sample(GOOD, i=0), _sample(GOOD.upper().lower(), i=1), _sample(near, i=2), _sample("Refused.", tokens=1, i=3)]
+    samples = [_sample(GOOD, i=0), _sample(GOOD.replace(" ", "  ") + "\n", i=1), _sample(near, i=2), _sample("Refused.", tokens=1, i=3)]
     out = curate(samples, {"oil": SOURCE}, CFG)
     assert [r["sample_index"] for r in out.kept] == [0]
     reasons = {r["sample_index"]: r["reason"] for r in out.dropped}

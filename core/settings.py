@@ -97,7 +97,7 @@ class AugmentSettings(_Group):
     faithfulness_min: float = Field(0.5, ge=0, le=1, description="Min share of a sample's numbers/entities found in the source")
     min_tokens: int = Field(16, ge=0)
     prompt_style: Literal["auto", "chat", "completion"] = Field("auto", description="auto: chat if the model has a chat template")
-    samples_per_call: int = Field(32, ge=1, description="Samples per engine call; each call's results are appended together")
+    samples_per_call: int = Field(16, ge=1, description="Samples per engine call (the resume unit: each call's results are appended together)")
 
     @field_validator("budget_tokens", mode="before")
     @classmethod

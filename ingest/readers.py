@@ -7,6 +7,7 @@ cannot be read becomes a `Skipped(path, reason)`.
 """
 from __future__ import annotations
 
+import codecs
 import errno
 import json
 import os
@@ -103,9 +104,11 @@ def iter_files(root: Path, skipped: list[Skipped]) -> Iterator[Path]:
                 yield from walk(path)
             elif is_file:
                 yield path
-            elif entry.is_symlink():
+            elif entry.is_symlink() and not os.path.exists(path):
                 reason = "symlink loop" if _is_link_loop(path) else "broken symlink"
                 skipped.append(Skipped(_rel(path, root), reason))
+            else:  # never opened: reading a FIFO would block the run
+                skipped.append(Skipped(_rel(path, root), "not a regular file (FIFO, socket or device)"))
 
     yield from walk(root)
 
@@ -204,7 +207,18 @@ def read_file(path: Path, rel: str, max_file_mb: float, skipped: list[Skipped]) 
     return [doc]
 
 
+# UTF-32 first: its little-endian BOM starts with UTF-16's.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
 def decode_text(data: bytes) -> tuple[str | None, str]:
+    """UTF-8 (with or without BOM), or UTF-16/32 when a BOM says so (their text has NUL bytes)."""
+    for bom, codec in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data.decode(codec), ""
+            except UnicodeDecodeError as e:
+                return None, f"not valid {codec.upper()} despite its byte-order mark ({e.reason} at offset {e.start})"
     if b"\x00" in data[:8192]:
         return None, "binary file (NUL bytes)"
     try:

@@ -108,12 +108,23 @@ def render_prompt(tokenizer, request: GenRequest) -> str:
     """The text a model reads for a request: the prompt as is, or the messages through the
     tokenizer's chat template (a plain transcript for base models without one, or no tokenizer)."""
     if request.prompt is not None:
-        return request.prompt
+        return with_bos(tokenizer, request.prompt)
     if tokenizer is not None and tokenizer.chat_template:
         return tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
     # Base models without a template: a plain transcript that ends where the answer goes.
     lines = [f"{m['role'].capitalize()}: {m['content']}" for m in request.messages]
-    return "\n\n".join(lines) + "\n\nAssistant:"
+    return with_bos(tokenizer, "\n\n".join(lines) + "\n\nAssistant:")
+
+
+def with_bos(tokenizer, text: str) -> str:
+    """Prefix the BOS token for models trained to always see it (Gemma degrades badly without it).
+
+    Engines tokenize rendered text with add_special_tokens=False, so chat templates that already
+    write the BOS token are not doubled; raw prompts get it here."""
+    if tokenizer is None or not tokenizer.bos_token or text.startswith(tokenizer.bos_token):
+        return text
+    ids = tokenizer("x")["input_ids"]
+    return tokenizer.bos_token + text if ids and ids[0] == tokenizer.bos_token_id else text
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:

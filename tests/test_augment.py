@@ -218,15 +218,15 @@ def test_openai_engine_augments_through_the_kinject_service(ingested, tmp_path, 
     with uvicorn_serving(create_app(served, settings, engine)) as url:
         remote = load_settings({
             "kb_root": str(settings.kb_dir),
-            "augment": {**SMALL, "budget_tokens": 300},
+            "augment": {**SMALL, "budget_tokens": 64, "max_new_tokens": 32},
             "engine": {"backend": "openai", "openai_base_url": url, "openai_model": "kinject-base", "openai_max_concurrency": 4},
         })
         result = augment(kb, remote, progress=False)
         again = augment(kb, remote, progress=False)
     samples = read_jsonl(kb.dir("augment") / "samples.jsonl")
-    assert result.report["generated_tokens"] >= 300 and result.report["engine"] == "openai"
+    assert result.report["generated_tokens"] >= 64 and result.report["engine"] == "openai"
     assert {s["engine"] for s in samples} == {"openai"} and {s["generator"] for s in samples} == {"kinject-base"}
-    assert len({(s["doc_id"], s["type"]) for s in samples}) == len(samples) >= 6  # one per cell, first document first
+    assert len({(s["doc_id"], s["type"]) for s in samples}) == len(samples) >= 2  # one per cell, first document first
     assert all(s["text"].strip() for s in samples)
     assert again.new_samples == 0 and kb.stage("augment")["fingerprint"] == training_corpus_hash(load_training_texts(kb))
 

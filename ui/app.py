@@ -85,19 +85,26 @@ def conversation_from(history: list[dict], message: str) -> list[dict]:
     return turns + [{"role": "user", "content": message}]
 
 
-def sources_markdown(sources: list[dict]) -> str:
-    lines = []
-    for i, s in enumerate(sources, 1):
-        page = f" p. {s['page']}" if s.get("page") else ""
-        lines.append(f"{i}. **{s['title']}**{page} · `{s['doc_id']}` · score {s['score']:.3f}\n\n   > {s['snippet']}")
-    return "\n\n".join(lines)
+def sources_html(sources: list[dict]) -> str:
+    """One line per source (title, doc_id, score) that unfolds to its snippet."""
+    items = []
+    for s in sources:
+        page = f" · p. {s['page']}" if s.get("page") else ""
+        items.append(
+            '<details style="margin:.35em 0"><summary style="cursor:pointer">'
+            f"<b>{html.escape(s['title'])}</b>"
+            f'<div style="margin-left:1.1em;opacity:.7;font-size:.9em">{html.escape(str(s["doc_id"]))}{page} · score {s["score"]:.3f}</div>'
+            f'</summary><p style="margin:.3em 0 .6em 1.1em">{html.escape(s["snippet"])}</p></details>'
+        )
+    return "".join(items)
 
 
 def sources_message(sources: list[dict]) -> gr.ChatMessage:
+    # No "status": the note opens unfolded, listing the sources; each one unfolds to its snippet.
     top = max(s["score"] for s in sources)
     return gr.ChatMessage(
-        content=sources_markdown(sources),
-        metadata={"title": f"Sources ({len(sources)})", "log": f"top score {top:.3f}", "status": "done"},
+        content=sources_html(sources),
+        metadata={"title": f"Sources ({len(sources)})", "log": f"top score {top:.3f}"},
     )
 
 
@@ -154,21 +161,13 @@ class Column:
             line = "waiting for the engine…"
         return f'<div style="opacity:.75;font-size:.85em">{line}</div>'
 
-    def sources_html(self) -> str:
+    def sources_block(self) -> str:
         if not self.sources:
             return ""
-        items = "".join(
-            '<details style="margin:.35em 0"><summary style="cursor:pointer">'
-            f"<b>{html.escape(s['title'])}</b>"
-            f'<div style="margin-left:1.1em;opacity:.7;font-size:.9em">{html.escape(str(s["doc_id"]))} · score {s["score"]:.3f}</div>'
-            f'</summary><p style="margin:.3em 0 .6em 1.1em">{html.escape(s["snippet"])}</p></details>'
-            for s in self.sources
-        )
-        return f'<div style="margin-top:.5em;font-size:.9em"><b>Sources ({len(self.sources)})</b>{items}</div>'
-
+        return f'<div style="margin-top:.5em;font-size:.9em"><b>Sources ({len(self.sources)})</b>{sources_html(self.sources)}</div>'
 
     def meta_html(self) -> str:
-        return self.status_html() + self.sources_html()
+        return self.status_html() + self.sources_block()
 
 
 def _pump(mode: str, chunks, events: queue.Queue) -> None:
@@ -218,14 +217,15 @@ def make_compare(answerer: Answerer, settings: Settings):
             while running:
                 mode, chunk, error = events.get()
                 col = cols[mode]
-                if chunk is None:
+                if chunk is None:  # this mode's stream has ended: one last update for its column
                     if error is not None:
                         col.error = f"failed: {error}"
                     running -= 1
-                    col.total_s = col.total_s or time.perf_counter() - t0
-                elif chunk.finish_reason is not None:
                     col.total_s = time.perf_counter() - t0
+                    col.text = col.text.strip()
+                elif chunk.finish_reason is not None:
                     col.completion_tokens, col.finish_reason = chunk.completion_tokens, chunk.finish_reason
+                    continue
                 elif chunk.text:
                     if col.first_token_s is None:
                         col.first_token_s = time.perf_counter() - t0
@@ -238,9 +238,6 @@ def make_compare(answerer: Answerer, settings: Settings):
                 event.set()  # the reader left or pressed stop: end every generation
             for t in streams:
                 t.join(timeout=30)
-        for col in cols.values():
-            col.text = col.text.strip()
-        yield outputs()
 
     return compare
 

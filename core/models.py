@@ -114,9 +114,19 @@ def _hf_snapshot(repo_id: str, settings: Settings) -> Path:
         raise ModelUnavailable(f"{hint} ({type(e).__name__})") from None
 
 
+_CONVERSION_VERSION = 2  # bump when the converted folder's content changes
+
+
+def _gguf_flag(gguf: Path, key: str) -> bool:
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf).fields.get(key)
+    return bool(field is not None and field.parts[field.data[0]][0])
+
+
 def convert_gguf(gguf: Path, cache: Path, name: str | None = None) -> Path:
     """Dequantize a GGUF file once into `<cache>/models/<name>-<hash>` and return that folder."""
-    key = f"{name or gguf.stem}-{sha256_file(gguf)[:12]}"
+    key = f"{name or gguf.stem}-{sha256_file(gguf)[:12]}-v{_CONVERSION_VERSION}"
     target = cache / "models" / key
     if (target / "config.json").exists():
         return target
@@ -127,6 +137,9 @@ def convert_gguf(gguf: Path, cache: Path, name: str | None = None) -> Path:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # transformers drops the GGUF's add_bos_token flag; Gemma degrades badly without BOS.
+        if _gguf_flag(gguf, "tokenizer.ggml.add_bos_token"):
+            tokenizer.add_bos_token = True
         quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         config = quantized.config
         # A model loaded from GGUF refuses save_pretrained: rebuild a plain one from its config.

@@ -208,3 +208,26 @@ def test_upload_indexes_at_once_reports_bad_files_and_marks_the_adapter_stale(cl
     client.reset_session()
     _, notes = split_chat(client.predict("Who founded the Zorblat festival?", "rag", api_name="/chat"))
     assert "zorblat.md" in next(text for title, text in notes.items() if title.startswith("Sources ("))
+
+
+def test_kb_tab_shows_the_training_report_and_loss_curve(settings):
+    """The adapter's report.json and loss.png (written by the finetune stage's own writers) appear
+    in the KB tab; images go out as pictures, since Gradio serves no files from a KB folder."""
+    from PIL import Image
+
+    from core.kb import KB
+    from finetune.report import write_loss_png, write_report
+    from ui.app import kb_info
+
+    kb = KB.create(settings, "tab")
+    folder = kb.dir("train")
+    write_report(folder, {"steps": 3, "final_loss": 2.5, "loss_curve": [[1, 3.0], [2, 2.7], [3, 2.5]], "adapter_dir": str(folder)})
+    write_loss_png(folder, [[1, 3.0], [2, 2.7], [3, 2.5]], "tab")
+    kb.record_stage("train", fingerprint="f", inputs={})
+    summary, documents, adapter_md, loss, eval_md, chart = kb_info(kb)
+    assert "No index yet" in summary and documents == []
+    assert "| final_loss | 2.5 |" in adapter_md and "loss_curve" not in adapter_md and "adapter_dir" not in adapter_md
+    served = Path(loss.value["path"])  # a copy in Gradio's own cache, which it does serve
+    assert loss.visible and folder not in served.parents
+    assert Image.open(served).size == Image.open(folder / "loss.png").size
+    assert "No evaluation yet" in eval_md and chart.visible is False

@@ -294,12 +294,12 @@ def kb_summary(kb: KB) -> str:
     stages = m.get("stages", {})
     parts = [f"LLM `{m['models'].get('llm')}` · embedder `{m['models'].get('embedder')}`"]
     for stage, changed in kb.stale().items():
-        what = "The adapter" if stage == "train" else f"The {stage} stage"
-        verb = "augment" if stage == "augment" else stage
+        what = {"train": "The adapter", "augment": "The synthetic data", "eval": "The last evaluation"}.get(stage, f"The {stage} stage")
+        extra = " --questions FILE" if stage == "eval" else ""
         parts.append(
             '<div style="border-left:4px solid #f79009;background:#fffaeb;color:#7a2e0e;padding:.6em .9em;border-radius:4px">'
-            f"<b>{what} is stale</b>: the {', '.join(changed)} output changed since it ran. "
-            f"Run <code>kinject {verb} --kb {kb.name}</code> to bring it up to date.</div>"
+            f"<b>{what} is stale</b>: the {', '.join(changed)} output changed since it was made. "
+            f"Run <code>kinject {stage} --kb {kb.name}{extra}</code> to bring it up to date.</div>"
         )
     parts.append("### Index")
     ingest = stages.get("ingest")
@@ -325,7 +325,18 @@ def documents_table(kb: KB) -> list[list]:
     return [[d.doc_id, d.title, len(d.text.split())] for d in load_documents(kb)]
 
 
-def adapter_summary(kb: KB) -> tuple[str, str | None]:
+def _image(path: Path):
+    """A KB image as PIL: Gradio only serves files from its temp and working folders, and a KB
+    usually lives elsewhere (~/.kinject/kbs)."""
+    if not path.exists():
+        return None
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.copy()
+
+
+def adapter_summary(kb: KB) -> tuple[str, object]:
     folder = kb.root / STAGE_DIRS["train"]
     train = kb.stage("train")
     if not train:
@@ -334,16 +345,14 @@ def adapter_summary(kb: KB) -> tuple[str, str | None]:
     rows = _scalars(report) or _scalars(train.get("metrics"))
     for key in ("adapter_dir", "merged_dir", "skipped"):  # paths on the server, and a flag that is always False here
         rows.pop(key, None)
-    loss = folder / "loss.png"
-    return _table(rows) or "The adapter has no training report.", str(loss) if loss.exists() else None
+    return _table(rows) or "The adapter has no training report.", _image(folder / "loss.png")
 
 
-def eval_summary(kb: KB) -> tuple[str, str | None]:
+def eval_summary(kb: KB) -> tuple[str, object]:
     run = latest_eval(kb)
     if run is None:
-        return f"No evaluation yet: run `kinject eval --kb {kb.name}`.", None
-    chart = run / "chart.png"
-    return f"Run `{run.name}`\n\n" + (run / "table.md").read_text(), str(chart) if chart.exists() else None
+        return f"No evaluation yet: run `kinject eval --kb {kb.name} --questions FILE`.", None
+    return f"Run `{run.name}`\n\n" + (run / "table.md").read_text(), _image(run / "chart.png")
 
 
 def kb_info(kb: KB) -> tuple:
@@ -354,9 +363,9 @@ def kb_info(kb: KB) -> tuple:
         kb_summary(kb),
         documents_table(kb),
         adapter_md,
-        gr.Image(value=loss_png, visible=loss_png is not None),
+        gr.Image(value=loss_png, visible=loss_png is not None, format="png"),
         eval_md,
-        gr.Image(value=chart_png, visible=chart_png is not None),
+        gr.Image(value=chart_png, visible=chart_png is not None, format="png"),
     )
 
 
@@ -470,12 +479,12 @@ def build_ui(answerer: Answerer, settings: Settings) -> gr.Blocks:
                 gr.Markdown("### Adapter")
                 with gr.Row():
                     adapter_md = gr.Markdown()
-                    loss_png = gr.Image(label="Training loss", type="filepath", interactive=False, visible=False, height=360)
+                    loss_png = gr.Image(label="Training loss", type="pil", interactive=False, visible=False, height=360)
                 gr.Markdown("### Last evaluation")
                 with gr.Row():
                     eval_md = gr.Markdown()
                 with gr.Row():
-                    chart_png = gr.Image(label="Scores by mode", type="filepath", interactive=False, visible=False, height=420)
+                    chart_png = gr.Image(label="Scores by mode", type="pil", interactive=False, visible=False, height=420)
 
         kb_outputs = [summary, documents, adapter_md, loss_png, eval_md, chart_png]
         load_kb = lambda: kb_info(kb)  # noqa: E731

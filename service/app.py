@@ -53,7 +53,7 @@ def create_app(kb: KB, settings: Settings, engine: Engine | None = None) -> Fast
         return Health(
             kb=kb.name,
             engine=answerer.engine.name,
-            modes=state.answerer.available_modes(),
+            modes=await anyio.to_thread.run_sync(state.answerer.available_modes),
             active=state.slots.active,
             waiting=state.slots.waiting,
         )

@@ -57,13 +57,16 @@ def conversation_of(req: ChatCompletionRequest, max_messages: int) -> list[dict]
 
 
 async def prepare(state: ServiceState, req: ChatCompletionRequest) -> Prepared:
-    mode = state.mode_for(req.model)
     conv = conversation_of(req, state.settings.serve.max_messages)
     wanted = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     params = sampling_params(req, max_new_tokens(wanted, state.settings, param=param))
     limit = min(state.settings.serve.max_prompt_tokens, state.settings.engine.max_model_len - 1)
-    prepared = await anyio.to_thread.run_sync(lambda: state.answerer.prepare(mode, conv, params, max_prompt_tokens=limit))
+
+    def run() -> Prepared:  # reads the manifest, may load a new adapter, retrieves: off the event loop
+        return state.answerer.prepare(state.mode_for(req.model), conv, params, max_prompt_tokens=limit)
+
+    prepared = await anyio.to_thread.run_sync(run)
     fit_context(prepared.request.params, prepared.prompt_tokens, state.settings)
     return prepared
 

@@ -86,11 +86,11 @@ def logprobs_of(prompt: str, text: str, scored: list[TokenLogprob], echo: bool) 
 
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, state: ServiceState = Depends(get_state)):
-    mode = raw_mode(state, state.mode_for(req.model))
     check_options(req)
+    mode = await anyio.to_thread.run_sync(lambda: raw_mode(state, state.mode_for(req.model)))
     prompts = prompts_of(req)
     params = sampling_params(req, max_new_tokens(req.max_tokens, state.settings, allow_zero=req.echo))
-    adapter = state.answerer.adapter_name if mode == "ft" else None
+    adapter = await anyio.to_thread.run_sync(lambda: state.answerer.adapter_name) if mode == "ft" else None
     engine = state.answerer.engine
     limit = min(state.settings.serve.max_prompt_tokens, state.settings.engine.max_model_len - 1)
     counts = await anyio.to_thread.run_sync(lambda: [engine.count_tokens(p) for p in prompts])

@@ -2,6 +2,7 @@
 kinject-ft, kinject-ft-rag, kinject-auto); modes whose artifacts are missing are not listed."""
 from __future__ import annotations
 
+import anyio
 from fastapi import APIRouter, Depends
 
 from service.errors import APIError
@@ -17,13 +18,13 @@ def cards(state: ServiceState) -> list[ModelCard]:
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(state: ServiceState = Depends(get_state)) -> ModelList:
-    return ModelList(data=cards(state))
+    return ModelList(data=await anyio.to_thread.run_sync(cards, state))
 
 
 @router.get("/v1/models/{model_id}", response_model=ModelCard)
 async def get_model(model_id: str, state: ServiceState = Depends(get_state)) -> ModelCard:
-    for card in cards(state):
+    for card in await anyio.to_thread.run_sync(cards, state):
         if card.id == model_id:
             return card
-    state.mode_for(model_id)  # 404 naming what to build, or that the name is unknown
+    await anyio.to_thread.run_sync(state.mode_for, model_id)  # 404 naming what to build, or that the name is unknown
     raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")

@@ -77,6 +77,10 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Not implemented by the engines: accepted at their neutral values only (400 otherwise).
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
 
     @field_validator("stop")
     @classmethod

@@ -32,7 +32,17 @@ def fit_context(params: SamplingParams, prompt_tokens: int, settings: Settings) 
     params.max_new_tokens = max(1, min(params.max_new_tokens, room))
 
 
+def refuse_unsupported(req) -> None:
+    """Options that would change the answer and that the engines do not implement."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name):
+            raise bad_request(f"{name} is not supported by kinject; leave it at 0", param=name)
+    if req.logit_bias:
+        raise bad_request("logit_bias is not supported by kinject", param="logit_bias")
+
+
 def sampling_params(req, max_tokens: int, seed_default: int | None = None) -> SamplingParams:
+    refuse_unsupported(req)
     return SamplingParams(
         max_new_tokens=max_tokens,
         temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,

@@ -253,6 +253,7 @@ def error_of(response: httpx.Response) -> dict:
         ("/v1/chat/completions", {"model": "kinject-base", "messages": [{"role": "user", "content": "word " * 2000}]}, 400, "messages", "context_length_exceeded"),
         ("/v1/chat/completions", {"model": "kinject-base", "messages": ASK, "stream": True, "max_tokens": -1}, 400, "max_tokens", None),
         ("/v1/chat/completions", {"messages": ASK}, 400, "model", None),
+        ("/v1/chat/completions", {"model": "kinject-base", "messages": ASK, "presence_penalty": 1}, 400, "presence_penalty", None),
         ("/v1/completions", {"model": "kinject-base", "prompt": [1, 2, 3]}, 400, "prompt", None),
         ("/v1/completions", {"model": "kinject-base", "prompt": "x", "max_tokens": 0}, 400, "max_tokens", None),
         ("/v1/completions", {"model": "kinject-base", "prompt": "word " * 2000}, 400, "prompt", "context_length_exceeded"),

@@ -20,6 +20,7 @@ from core.engines import Engine
 from core.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from core.kb import KB, StageTimer
 from core.settings import Settings
+from ingest.augment import training_corpus_hash
 from ingest.augment.curate import curate
 from ingest.augment.generate import AugmentError, Generator
 from ingest.augment.plan import Planner, PlannedSample, sample_seed
@@ -125,6 +126,7 @@ def augment(kb: KB, settings: Settings, progress: bool = True, engine: Engine | 
     timer, t0 = StageTimer(), time.perf_counter()
     with kb.lock():
         docs = _documents(kb)
+        ingest_fingerprint = kb.stage("ingest")["fingerprint"]
         by_id = {d.doc_id: d for d in docs}
         folder = kb.dir("augment")
         gen = Generator.open(settings, engine)
@@ -171,12 +173,10 @@ def augment(kb: KB, settings: Settings, progress: bool = True, engine: Engine | 
         )
         _write_outputs(folder, curated)
         atomic_write_json(folder / REPORT, report)
-        from ingest.augment import training_corpus_hash
-
         kb.record_stage(
             "augment",
             fingerprint=training_corpus_hash([r["train_text"] for r in curated.kept]),
-            inputs={"ingest": kb.stage("ingest")["fingerprint"]},
+            inputs={"ingest": ingest_fingerprint},
             outputs={"samples": f"synthetic/{SAMPLES}", "curated": f"synthetic/{CURATED}", "dropped": f"synthetic/{DROPPED}", "report": f"synthetic/{REPORT}"},
             metrics={k: report[k] for k in ("generated_tokens", "kept_tokens", "samples", "kept", "expansion", "faithfulness", "near_dup_rate")},
             started_at=timer.started_at,

@@ -62,8 +62,12 @@ def from_kinject(e: KinjectError) -> APIError:
     return APIError(400, str(e))
 
 
+_SCALAR_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def _param(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
+    # A union's members add their type to the location ("stop.list[str].1"): name the field only.
+    parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and ("[" in p or p in _SCALAR_TAGS))]
     return ".".join(parts) or None
 
 

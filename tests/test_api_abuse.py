@@ -1,0 +1,305 @@
+"""Abuse of the real HTTP API: `kinject serve` in a child process on a free loopback port, with an
+API key, answering bad requests of every kind with the right 4xx in OpenAI's error shape, staying
+healthy afterwards, freeing a slot when a streaming client hangs up, keeping the UI and the files
+behind the key, and never writing a secret to its log, `kinject config` or the manifest.
+
+(tests/test_service.py covers the in-process app's errors one by one; this is the table of what
+a hostile or broken client sends to the process a user starts.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from conftest import REPO, attach_untrained_lora
+
+KEY = "kj-test-9f8e7d6c5b4a39281706"  # serve.api_key
+UPSTREAM_KEY = "sk-upstream-0a1b2c3d4e5f6a7b8c9d"  # engine.openai_api_key: unused by this engine, never shown
+AUTH = {"Authorization": f"Bearer {KEY}"}
+DOCS = ["brightwater-glassworks.md", "harbour-wardens.txt", "night-of-drifting-lanterns.html"]
+ASK = [{"role": "user", "content": "Who founded the Brightwater glassworks?"}]
+MAX_NEW = 48  # serve.max_new_tokens of the server under test
+
+
+def build_demo_kb(root: Path, name: str = "demo") -> Path:
+    """A KB root holding `name`: three demo documents indexed, plus an untrained LoRA adapter, so
+    all five modes are served. Secrets are in the settings it is created with."""
+    from core.kb import KB
+    from core.settings import load_settings
+    from ingest.pipeline import ingest
+
+    corpus = root.parent / f"{name}-corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    for doc in DOCS:
+        shutil.copy(REPO / "demo" / "corpus" / doc, corpus / doc)
+    settings = load_settings({"kb_root": str(root), "serve": {"api_key": KEY}, "engine": {"openai_api_key": UPSTREAM_KEY}})
+    kb = KB.create(settings, name)
+    ingest(kb, corpus, settings, progress=False)
+    attach_untrained_lora(kb, settings)
+    return root
+
+
+@contextmanager
+def kinject_serve(kb_root: Path, log: Path, *sets: str, env: dict | None = None, kb: str = "demo", start_timeout: float = 600):
+    """`kinject serve --kb KB --port 0` as a child process; yields (base URL, pid). Its stdout and
+    stderr (uvicorn's access log included) go to `log`."""
+    env = {**os.environ, "KINJECT_KB_ROOT": str(kb_root), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "core.cli", *[a for s in sets for a in ("--set", s)], "serve", "--kb", kb, "--port", "0"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + start_timeout
+        url = None
+        while url is None:
+            assert proc.poll() is None, "kinject serve exited:\n" + log.read_text()
+            assert time.monotonic() < deadline, "no URL printed:\n" + log.read_text()
+            m = re.search(r"API: (http://127\.0\.0\.1:\d+)/v1", log.read_text())
+            url = m.group(1) if m else time.sleep(0.5)
+        while True:  # the socket is bound before the app has started
+            try:
+                if httpx.get(url + "/health", timeout=10).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up:\n" + log.read_text()
+            time.sleep(0.5)
+        yield url, proc.pid
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def kb_root(tmp_path_factory) -> Path:
+    return build_demo_kb(tmp_path_factory.mktemp("abuse") / "kbs")
+
+
+@pytest.fixture(scope="module")
+def server(kb_root):
+    """(url, pid, log): one slot, no queue, so a busy slot shows as a 503 at once."""
+    log = kb_root.parent / "serve.log"
+    env = {"KINJECT_SERVE__API_KEY": KEY, "KINJECT_ENGINE__OPENAI_API_KEY": UPSTREAM_KEY}
+    sets = ("serve.max_concurrency=1", "serve.max_queue=0", f"serve.max_new_tokens={MAX_NEW}", "retrieval.top_k=2")
+    with kinject_serve(kb_root, log, *sets, env=env) as (url, pid):
+        yield url, pid, log
+
+
+def error_of(r: httpx.Response) -> dict:
+    """The error object of an OpenAI-shaped error response (and nothing else in the body)."""
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
+    return body["error"]
+
+
+CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
+OK_CHAT = {"model": "kinject-base", "messages": ASK, "max_tokens": 2}
+MB_PROMPT = "word " * 200_000  # 1 MB
+
+
+def chat_with(**changes) -> dict:
+    body = {**OK_CHAT, **changes}
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+# (name, method, path, body (dict/list -> JSON, str -> raw bytes, None -> no body), headers, status, param, code)
+CASES = [
+    ("malformed JSON", "POST", CHAT, '{"model": "kinject-base", "messages": [', AUTH, 400, None, "invalid_json"),
+    ("empty body", "POST", CHAT, "", AUTH, 400, None, None),
+    ("JSON array body", "POST", CHAT, [OK_CHAT], AUTH, 400, None, None),
+    ("JSON null body", "POST", CHAT, "null", AUTH, 400, None, None),
+    ("not JSON content type", "POST", CHAT, "model=kinject-base", {**AUTH, "content-type": "application/x-www-form-urlencoded"}, 400, None, None),
+    ("messages is a string", "POST", CHAT, chat_with(messages="hello"), AUTH, 400, "messages", None),
+    ("model is a number", "POST", CHAT, chat_with(model=7), AUTH, 400, "model", None),
+    ("max_tokens is a word", "POST", CHAT, chat_with(max_tokens="ten"), AUTH, 400, "max_tokens", None),
+    ("temperature is a word", "POST", CHAT, chat_with(temperature="hot"), AUTH, 400, "temperature", None),
+    ("stream is a word", "POST", CHAT, chat_with(stream="maybe"), AUTH, 400, "stream", None),
+    ("content is a number", "POST", CHAT, chat_with(messages=[{"role": "user", "content": 42}]), AUTH, 400, "messages.0.content", None),
+    ("message without role", "POST", CHAT, chat_with(messages=[{"content": "hi"}]), AUTH, 400, "messages.0.role", None),
+    ("user message without content", "POST", CHAT, chat_with(messages=[{"role": "user"}]), AUTH, 400, "messages", None),
+    ("missing model", "POST", CHAT, chat_with(model=...), AUTH, 400, "model", None),
+    ("missing messages", "POST", CHAT, chat_with(messages=...), AUTH, 400, "messages", None),
+    ("missing prompt", "POST", COMPLETIONS, {"model": "kinject-base"}, AUTH, 400, "prompt", None),
+    ("missing input", "POST", EMBEDDINGS, {"model": "minilm-l6"}, AUTH, 400, "input", None),
+    ("unknown model", "POST", CHAT, chat_with(model="gpt-4o"), AUTH, 404, "model", "model_not_found"),
+    ("model names a path", "POST", CHAT, chat_with(model="kinject-../../manifest.json"), AUTH, 404, "model", "model_not_found"),
+    ("unknown completions model", "POST", COMPLETIONS, {"model": "davinci", "prompt": "x"}, AUTH, 404, "model", "model_not_found"),
+    ("unknown embedding model", "POST", EMBEDDINGS, {"model": "text-embedding-3-large", "input": "x"}, AUTH, 404, "model", "model_not_found"),
+    ("max_tokens 0", "POST", CHAT, chat_with(max_tokens=0), AUTH, 400, "max_tokens", "invalid_value"),
+    ("max_tokens negative", "POST", CHAT, chat_with(max_tokens=-5), AUTH, 400, "max_tokens", "invalid_value"),
+    ("max_completion_tokens 0", "POST", CHAT, chat_with(max_completion_tokens=0), AUTH, 400, "max_completion_tokens", "invalid_value"),
+    ("completions max_tokens 0 without echo", "POST", COMPLETIONS, {"model": "kinject-base", "prompt": "x", "max_tokens": 0}, AUTH, 400, "max_tokens", "invalid_value"),
+    ("negative temperature", "POST", CHAT, chat_with(temperature=-0.5), AUTH, 400, "temperature", None),
+    ("temperature above 2", "POST", CHAT, chat_with(temperature=2.5), AUTH, 400, "temperature", None),
+    ("top_p 0", "POST", CHAT, chat_with(top_p=0), AUTH, 400, "top_p", None),
+    ("n 0", "POST", CHAT, chat_with(n=0), AUTH, 400, "n", None),
+    ("n 1000", "POST", CHAT, chat_with(n=1000), AUTH, 400, "n", None),
+    ("1 MB chat prompt", "POST", CHAT, chat_with(messages=[{"role": "user", "content": MB_PROMPT}]), AUTH, 400, "messages", "context_length_exceeded"),
+    ("1 MB rag prompt", "POST", CHAT, chat_with(model="kinject-rag", messages=[{"role": "user", "content": MB_PROMPT}]), AUTH, 400, "messages", "context_length_exceeded"),
+    ("1 MB completion prompt", "POST", COMPLETIONS, {"model": "kinject-base", "prompt": MB_PROMPT}, AUTH, 400, "prompt", "context_length_exceeded"),
+    ("too many messages", "POST", CHAT, chat_with(messages=ASK * 65), AUTH, 400, "messages", "too_many_messages"),
+    ("five stop sequences", "POST", CHAT, chat_with(stop=["a", "b", "c", "d", "e"]), AUTH, 400, "stop", None),
+    ("empty stop sequence", "POST", CHAT, chat_with(stop=""), AUTH, 400, "stop", None),
+    ("stop is a number", "POST", CHAT, chat_with(stop=7), AUTH, 400, "stop", None),
+    ("stop holds a null", "POST", CHAT, chat_with(stop=["ok", None]), AUTH, 400, "stop", None),
+    ("missing API key", "POST", CHAT, OK_CHAT, {}, 401, None, "invalid_api_key"),
+    ("wrong API key", "POST", CHAT, OK_CHAT, {"Authorization": "Bearer kj-wrong"}, 401, None, "invalid_api_key"),
+    ("API key with one more character", "POST", CHAT, OK_CHAT, {"Authorization": f"Bearer {KEY}x"}, 401, None, "invalid_api_key"),
+    ("API key prefix", "POST", CHAT, OK_CHAT, {"Authorization": f"Bearer {KEY[:-1]}"}, 401, None, "invalid_api_key"),
+    ("API key as basic auth", "POST", CHAT, OK_CHAT, {"Authorization": f"Basic {KEY}"}, 401, None, "invalid_api_key"),
+    ("bearer without key", "GET", "/v1/models", None, {"Authorization": "Bearer"}, 401, None, "invalid_api_key"),
+    ("unknown route without key", "GET", "/v1/secrets", None, {}, 401, None, "invalid_api_key"),
+    ("unknown route", "GET", "/v1/nothing", None, AUTH, 404, None, None),
+    ("unknown route below a real one", "POST", CHAT + "/extra", OK_CHAT, AUTH, 404, None, None),
+    ("path escaping the API", "GET", "/v1/../../etc/passwd", None, AUTH, 404, None, None),
+    ("encoded path escape in a model id", "GET", "/v1/models/..%2F..%2Fmanifest.json", None, AUTH, 404, None, None),
+    ("wrong method on chat", "GET", CHAT, None, AUTH, 405, None, None),
+    ("wrong method on models", "DELETE", "/v1/models", None, AUTH, 405, None, None),
+    ("wrong method on embeddings", "PUT", EMBEDDINGS, {"model": "minilm-l6", "input": "x"}, AUTH, 405, None, None),
+]
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error"}
+
+
+def raw_request(url: str, method: str, path: str, body, headers: dict) -> httpx.Response:
+    """Send exactly this path (no client-side normalisation of `..`) and body."""
+    if body is None:
+        content = None
+    elif isinstance(body, str):
+        content = body.encode()
+    else:
+        content = json.dumps(body).encode()
+    headers = {"content-type": "application/json", **{k.lower(): v for k, v in headers.items()}} if content is not None else headers
+    with httpx.Client(base_url=url, timeout=300) as c:
+        request = c.build_request(method, "/", content=content, headers=headers)
+        request.url = request.url.copy_with(raw_path=path.encode())
+        return c.send(request)
+
+
+@pytest.mark.parametrize("name,method,path,body,headers,status,param,code", CASES, ids=[c[0] for c in CASES])
+def test_bad_requests_get_the_right_4xx_in_openai_shape(server, name, method, path, body, headers, status, param, code):
+    url = server[0]
+    r = raw_request(url, method, path, body, headers)
+    assert r.status_code == status, f"{name}: {r.status_code} {r.text[:500]}"
+    err = error_of(r)
+    assert err["type"] == TYPES[status], err
+    assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+    assert KEY not in r.text and "root:x:0:0" not in r.text
+    if status == 401:
+        assert r.headers.get("www-authenticate") == "Bearer"
+
+
+def test_huge_max_tokens_is_clamped_to_the_service_limit(server):
+    """Not an error: OpenAI's max_tokens is an upper bound, clamped to serve.max_new_tokens (and
+    to the context left); the answer ends with finish_reason "length" when it ran out of room."""
+    r = raw_request(server[0], "POST", COMPLETIONS, {"model": "kinject-base", "prompt": "1, 2, 3, 4, 5,", "max_tokens": 10**18}, AUTH)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert 0 < body["usage"]["completion_tokens"] <= MAX_NEW
+    assert body["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_the_ui_and_its_files_need_the_key(server, kb_root):
+    url = server[0]
+    manifest = kb_root / "demo" / "manifest.json"
+    # Gradio's own routes are behind its login: the key is the password.
+    for path in ("/ui/config", "/ui/gradio_api/info", f"/ui/gradio_api/file={manifest}", "/ui/gradio_api/file=/etc/passwd"):
+        r = httpx.get(url + path, timeout=60)
+        assert r.status_code == 401, (path, r.status_code, r.text[:300])
+        assert "stages" not in r.text and "root:x:0:0" not in r.text
+    r = httpx.post(url + "/ui/gradio_api/upload", files={"files": ("x.md", b"# x")}, timeout=60)
+    assert r.status_code == 401, r.text[:300]
+    assert httpx.post(url + "/ui/login", data={"username": "me", "password": "wrong"}, timeout=60).status_code >= 400
+    with httpx.Client(base_url=url, timeout=60) as browser:
+        assert browser.post("/ui/login", data={"username": "me", "password": KEY}).status_code == 200
+        assert browser.get("/ui/config").status_code == 200
+        # Logged in, files outside what the UI itself produced still are not served.
+        for path in (f"/ui/gradio_api/file={manifest}", "/ui/gradio_api/file=/etc/passwd", f"/ui/gradio_api/file={kb_root}/../../../../etc/passwd"):
+            r = browser.get(path)
+            assert r.status_code in (403, 404), (path, r.status_code)
+            assert "stages" not in r.text and "root:x:0:0" not in r.text
+
+
+def test_disconnect_mid_stream_frees_the_only_slot(server):
+    url = server[0]
+    body = {"model": "kinject-base", "prompt": "1, 2, 3, 4, 5,", "max_tokens": MAX_NEW, "temperature": 0}
+    t0 = time.monotonic()
+    whole = raw_request(url, "POST", COMPLETIONS, body, AUTH)
+    full_s = time.monotonic() - t0
+    assert whole.status_code == 200 and whole.json()["usage"]["completion_tokens"] == MAX_NEW, whole.text
+
+    with httpx.stream("POST", url + COMPLETIONS, json={**body, "stream": True}, headers=AUTH, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"].strip():
+                break  # the first generated text: hang up
+    hung_up = time.monotonic()
+    deadline = hung_up + full_s
+    while httpx.get(url + "/health", timeout=60).json()["active"]:
+        assert time.monotonic() < deadline, "the slot stayed busy after the client left"
+        time.sleep(0.05)
+    freed_s = time.monotonic() - hung_up
+    print(f"\nwhole {MAX_NEW}-token answer {full_s:.1f} s; slot free {freed_s:.2f} s after the hang-up")
+    assert freed_s < full_s / 2
+    # One slot and no queue: this would be a 503 if the abandoned generation still held it.
+    again = raw_request(url, "POST", CHAT, OK_CHAT, AUTH)
+    assert again.status_code == 200, again.text
+
+
+def test_binds_loopback_only(server):
+    """The default host is 127.0.0.1: the listening socket is on loopback, not 0.0.0.0."""
+    port = int(server[0].rsplit(":", 1)[1])
+    listening = []
+    for line in Path(f"/proc/{server[1]}/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        addr, p = local.split(":")
+        if state == "0A" and int(p, 16) == port:
+            listening.append(socket.inet_ntoa(bytes.fromhex(addr)[::-1]))
+    assert listening == ["127.0.0.1"]
+
+
+def test_still_healthy_and_nothing_secret_in_logs_config_or_manifest(server, kb_root):
+    url, _, log = server
+    assert httpx.get(url + "/health", timeout=60).json()["status"] == "ok"
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+    for mode in ("kinject-rag", "kinject-ft-rag"):
+        r = client.chat.completions.create(model=mode, messages=ASK, max_tokens=4)
+        assert r.choices[0].message.content and r.model_extra["sources"], mode
+    streamed = list(client.chat.completions.create(model="kinject-ft", messages=ASK, max_tokens=4, stream=True))
+    assert streamed[-1].choices[0].finish_reason in ("stop", "length")
+
+    text = log.read_text(errors="replace")
+    assert "POST /v1/chat/completions" in text and "401" in text  # the access log was captured
+    assert KEY not in text and UPSTREAM_KEY not in text
+
+    env = {**os.environ, "KINJECT_KB_ROOT": str(kb_root), "KINJECT_SERVE__API_KEY": KEY, "KINJECT_ENGINE__OPENAI_API_KEY": UPSTREAM_KEY}
+    config = subprocess.run([sys.executable, "-m", "core.cli", "config"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert config.returncode == 0, config.stderr
+    shown = json.loads(config.stdout)
+    assert shown["serve"]["api_key"] == shown["engine"]["openai_api_key"] == "**********"
+    assert KEY not in config.stdout + config.stderr and UPSTREAM_KEY not in config.stdout + config.stderr
+
+    for path in (kb_root / "demo").rglob("*"):  # the manifest's recorded settings and every other file
+        if path.is_file():
+            data = path.read_bytes()
+            assert KEY.encode() not in data and UPSTREAM_KEY.encode() not in data, path
+    recorded = json.loads((kb_root / "demo" / "manifest.json").read_text())["settings"]
+    assert recorded["serve"]["api_key"] == "**********"

@@ -107,6 +107,7 @@ def measure_overhead(url: str, answerer, settings, qs: list[str], max_tokens: in
         "endpoint_mean_s": round(total_e / len(qs), 3),
         "engine_mean_s": round(total_g / len(qs), 3),
         "overhead_mean_ms": round(1000 * (total_e - total_g) / len(qs), 1),
+        "overhead_p50_ms": round(1000 * statistics.median(e - g for e, g in zip(endpoint_s, engine_s)), 1),
         "overhead_ratio": round(max(0.0, total_e - total_g) / total_e, 4),
         "overhead_ratio_target": "<=0.10",
         "answers_differing_in_length": mismatched,

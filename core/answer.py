@@ -310,9 +310,17 @@ class Answerer:
         return Answer(g.text.strip(), p.mode, [source_dict(h) for h in p.hits], g.prompt_tokens, g.completion_tokens, g.finish_reason, p.route_reason)
 
     def generate(self, prepared: Prepared, n: int = 1) -> list[Answer]:
-        """n answers to one prepared request in one engine call, each with its own seed."""
-        reqs = [dataclasses.replace(prepared.request, params=with_seed(prepared.request.params, i)) for i in range(n)]
-        return [self._answer(prepared, g) for g in self.engine.generate(reqs)]
+        """n answers to one prepared request. Greedy: one generation, n copies (they would be
+        equal). Sampled with a seed: answer i is generated alone with seed + i, so it is the same
+        answer whatever n is and whether it is streamed (an engine may sample a batch jointly).
+        Sampled without a seed: one batched call."""
+        params = prepared.request.params
+        if params.greedy:
+            g = self.engine.generate([prepared.request])[0]
+            return [self._answer(prepared, g) for _ in range(n)]
+        reqs = [dataclasses.replace(prepared.request, params=with_seed(params, i)) for i in range(n)]
+        gens = [self.engine.generate([r])[0] for r in reqs] if params.seed is not None else self.engine.generate(reqs)
+        return [self._answer(prepared, g) for g in gens]
 
     def answer(self, mode: str, conversation: list[dict], params: SamplingParams) -> Answer:
         return self.answer_many(mode, [conversation], params)[0]

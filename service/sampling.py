@@ -5,7 +5,8 @@
   scoring). Above `serve.max_new_tokens` it is clamped to that limit, as it is to the room left
   in the engine's context (`engine.max_model_len` minus the prompt); a clamped answer that runs
   out of room ends with finish_reason "length", which tells the client.
-- `n` answers come from one engine call with seeds seed, seed+1, ... (see core.answer.with_seed).
+- `n` answers use seeds seed, seed+1, ...; answer i is the same streamed or not and whatever n is
+  (see core.answer.Answerer.generate).
 """
 from __future__ import annotations
 

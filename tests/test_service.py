@@ -165,6 +165,11 @@ def test_sampling_options_n_seed_stop(client):
     assert [c.index for c in r.choices] == [0, 1] and texts == [c.message.content for c in again.choices]
     assert texts[0] != texts[1]
     assert r.usage.completion_tokens == 16 or any(c.finish_reason == "stop" for c in r.choices)
+    streamed = list(chat(client, "kinject-base", n=2, temperature=1.0, seed=3, max_tokens=8, stream=True))
+    for i, text in enumerate(texts):
+        mine = [c.choices[0] for c in streamed if c.choices[0].index == i]
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason
+        assert "".join(c.delta.content or "" for c in mine).strip() == text  # same seeds, same samples
     plain = chat(client, "kinject-base", max_tokens=16).choices[0].message.content
     word = plain.split()[1]
     stopped = chat(client, "kinject-base", max_tokens=16, stop=[word]).choices[0]

@@ -24,7 +24,7 @@ async def list_models(state: ServiceState = Depends(get_state)) -> ModelList:
 @router.get("/v1/models/{model_id}", response_model=ModelCard)
 async def get_model(model_id: str, state: ServiceState = Depends(get_state)) -> ModelCard:
     for card in await anyio.to_thread.run_sync(cards, state):
-        if card.id == model_id:
+        if model_id in (card.id, card.kinject_mode):
             return card
     await anyio.to_thread.run_sync(state.mode_for, model_id)  # 404 naming what to build, or that the name is unknown
     raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")

@@ -85,6 +85,8 @@ def install(app: FastAPI) -> None:
         errs = e.errors()
         if any(err.get("type") == "json_invalid" for err in errs):
             return error_response(APIError(400, "the request body is not valid JSON", code="invalid_json"))
+        if "json" not in request.headers.get("content-type", "") and any(tuple(err.get("loc", ())) == ("body",) for err in errs):
+            return error_response(APIError(400, "send the request body as a JSON object with the header Content-Type: application/json", code="invalid_json"))
         first = errs[0] if errs else {}
         param = _param(tuple(first.get("loc", ())))
         msgs = []

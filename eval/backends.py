@@ -56,6 +56,9 @@ class LocalBackend:
     def check(self, mode: str) -> None:
         self.answerer.check(mode)
 
+    def available(self) -> list[str]:
+        return self.answerer.available_modes()
+
     def describe(self) -> dict:
         return {"backend": self.name, "engine": self.answerer.engine.name}
 
@@ -135,6 +138,9 @@ class KinjectBackend(_HTTPBackend):
         super().__init__(endpoint, settings, api_key)
         self.models = models
 
+    def available(self) -> list[str]:
+        return [m.removeprefix("kinject-") for m in self.models if m.startswith("kinject-")]
+
     def check(self, mode: str) -> None:
         if f"kinject-{mode}" not in self.models:
             have = ", ".join(m.removeprefix("kinject-") for m in self.models)
@@ -163,6 +169,9 @@ class OpenAIBackend(_HTTPBackend):
         self.model = settings.engine.openai_model or (models[0] if models else "")
         if not self.model:
             raise EndpointError(f"{self.endpoint} lists no model; name one with --set engine.openai_model=NAME")
+
+    def available(self) -> list[str]:
+        return ["base"]
 
     def check(self, mode: str) -> None:
         if mode != "base":

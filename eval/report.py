@@ -56,13 +56,18 @@ def render_table(report: dict) -> str:
         c = cost[mode]
         cells += [f"{c['latency_p50_s']:.2f}", f"{c['latency_p95_s']:.2f}", f"{c['completion_tokens_mean']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    for mode in report["modes"]:
+        routes = cost[mode].get("answered_by", {})
+        if mode == "auto" and routes:
+            lines.append("")
+            lines.append("auto answered with: " + ", ".join(f"{m} {n}" for m, n in sorted(routes.items())) + ".")
     counts = sorted({(c, s[c]["n"]) for s in summary.values() for c in s})
     lines += ["", "Percent, with 95% bootstrap intervals; n per metric: " + ", ".join(f"{label(c, k)} {n}" for c, n in counts) + "."]
     if report.get("skipped"):
         skipped = ", ".join(f"{v['questions']} {kind} questions ({v['reason']})" for kind, v in report["skipped"].items())
         lines += [f"Skipped: {skipped}."]
     if report.get("paired"):
-        lines += ["", "Paired tests on the same questions (diff = A − B, points):", "", "| metric | A | B | diff | p | test |", "|---|---|---|---|---|---|"]
+        lines += ["", "Paired tests on the same questions (points):", "", "| metric | A | B | B − A | p | test |", "|---|---|---|---|---|---|"]
         for t in report["paired"]:
             lines.append(f"| {label(t['metric'], k)} | {t['a']} | {t['b']} | {100 * t['diff']:+.1f} | {t['p']:.3f} | {t['test']} |")
     r = report.get("router")

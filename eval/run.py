@@ -121,7 +121,11 @@ def summarize_modes(rows: dict[str, list[dict]], settings: Settings) -> dict:
 def cost_of(rows: list[dict]) -> dict:
     lat = [r["latency_s"] for r in rows]
     toks = [r["completion_tokens"] for r in rows]
+    answered_by: dict[str, int] = {}
+    for r in rows:
+        answered_by[r["answered_by"]] = answered_by.get(r["answered_by"], 0) + 1
     return {
+        "answered_by": answered_by,
         "latency_p50_s": round(M.percentile(lat, 50), 4),
         "latency_p95_s": round(M.percentile(lat, 95), 4),
         "completion_tokens_mean": round(sum(toks) / len(toks), 2) if toks else 0.0,
@@ -131,36 +135,39 @@ def cost_of(rows: list[dict]) -> dict:
 
 def paired_tests(rows: dict[str, list[dict]], settings: Settings) -> list[dict]:
     out = []
-    for b, a in combinations(list(rows), 2):  # later mode minus earlier one: rag − base
+    for a, b in combinations(list(rows), 2):
         by_q = {r["qid"]: r["scores"] for r in rows[b]}
         for metric in PAIRED_METRICS:
             pairs = [(r["scores"][metric], by_q[r["qid"]][metric]) for r in rows[a] if metric in r["scores"] and metric in by_q.get(r["qid"], {})]
             if pairs:
                 xs, ys = zip(*pairs)
-                out.append({"metric": metric, "a": a, "b": b, **M.paired_test(xs, ys, settings.eval.bootstrap_samples, settings.seed)})
+                # diff = B − A: the later mode against the earlier one (rag − base)
+                out.append({"metric": metric, "a": a, "b": b, **M.paired_test(ys, xs, settings.eval.bootstrap_samples, settings.seed)})
     return out
 
 
-def calibrate_router(rows: dict[str, list[dict]], questions: list[Question], settings: Settings) -> dict | None:
+def calibrate_router(rows: dict[str, list[dict]], questions: list[Question], settings: Settings, available: list[str]) -> dict | None:
     """The `auto` router from this run: `with_context` = the better of rag / ft-rag (ties go to
-    rag); `min_score` = the top-1 retrieval score below which the closed-book mode (ft, else base)
-    answered better, by a grid search over the observed top-1 scores (ties go to the lower
-    threshold, i.e. to retrieval). None when this run cannot say (no rag mode evaluated, or a
-    held-out split, which must not be tuned on)."""
-    context_modes = [m for m in ("rag", "ft-rag") if m in rows]
-    if not context_modes or any(q.split in HELDOUT_SPLITS for q in questions):
+    rag); `min_score` = the top-1 retrieval score below which the closed-book mode answered
+    better, by a grid search over the observed top-1 scores (ties go to the lower threshold, i.e.
+    to retrieval). The modes compared are those `auto` itself chooses from (`available`: ft-rag
+    and ft when the KB has an adapter). None when this run cannot say: one of those modes was not
+    evaluated, or the questions include a held-out split, which must not be tuned on."""
+    context_modes = [m for m in ("rag", "ft-rag") if m in available]
+    closed = "ft" if "ft" in available else "base"
+    if not context_modes or any(m not in rows for m in [*context_modes, closed]):
+        return None
+    if any(q.split in HELDOUT_SPLITS for q in questions):
         return None
 
     def mean_primary(mode: str) -> float:
         return sum(r["primary"] for r in rows[mode]) / len(rows[mode])
 
     with_context = max(context_modes, key=lambda m: (mean_primary(m), m == "rag"))
-    closed = "ft" if "ft" in rows else "base" if "base" in rows else None
     n = len(rows[with_context])
     router = {"with_context": with_context, "closed_book": closed, "n": n}
-    if closed is None or n < MIN_ROUTER_QUESTIONS:
-        why = "no closed-book mode evaluated" if closed is None else f"{n} < {MIN_ROUTER_QUESTIONS} questions"
-        return router | {"min_score": settings.serve.auto_rag_min_score, "basis": f"default serve.auto_rag_min_score ({why})"}
+    if n < MIN_ROUTER_QUESTIONS:
+        return router | {"min_score": settings.serve.auto_rag_min_score, "basis": f"default serve.auto_rag_min_score ({n} < {MIN_ROUTER_QUESTIONS} questions)"}
     ctx = {r["qid"]: r for r in rows[with_context]}
     cb = {r["qid"]: r["primary"] for r in rows[closed]}
     top1 = {qid: max((s["score"] for s in r["sources"] if s.get("score") is not None), default=0.0) for qid, r in ctx.items()}
@@ -169,10 +176,14 @@ def calibrate_router(rows: dict[str, list[dict]], questions: list[Question], set
     def routed(t: float) -> float:
         return sum(ctx[q]["primary"] if top1[q] >= t else cb[q] for q in qids) / len(qids)
 
-    candidates = sorted(set(top1.values())) + [max(top1.values()) + 1e-6]
+    # Thresholds halfway between neighbouring observed scores (sources carry 4 decimals), one
+    # below all (always retrieve) and one above all (never).
+    seen = sorted(set(top1.values()))
+    candidates = [seen[0] - 0.01] + [(a + b) / 2 for a, b in zip(seen, seen[1:])] + [seen[-1] + 0.01]
+    candidates = [round(t, 5) for t in candidates]
     best = max(candidates, key=lambda t: (round(routed(t), 12), -t))
     return router | {
-        "min_score": round(float(best), 6),
+        "min_score": best,
         "basis": f"grid search over {len(candidates)} thresholds on {len(qids)} questions",
         "routed_score": round(routed(best), 6),
         "all_context_score": round(routed(candidates[0]), 6),
@@ -250,8 +261,8 @@ def evaluate(
 
     timer = StageTimer()
     questions_path = Path(questions_path)
-    questions = load_questions(questions_path, split, limit)
     wanted = parse_modes(modes)
+    questions = load_questions(questions_path, split, limit)
     with kb.lock():
         if endpoint:
             backend = connect(endpoint, settings)
@@ -304,7 +315,7 @@ def evaluate(
         for mode in wanted:
             rows[mode] = _run_mode(mode, questions, backend, answerer, params, judge, k, partial, settings, progress, tqdm)
 
-        router = calibrate_router(rows, questions, settings)
+        router = calibrate_router(rows, questions, settings, backend.available())
         report = EvalReport(
             dataset=dataset_name(questions_path),
             split=split,
@@ -335,7 +346,8 @@ def _run_mode(mode, questions, backend, answerer, params, judge, k, partial: Pat
     path = partial / f"{mode}.jsonl"
     done = {r["qid"]: r for r in read_jsonl(path)}
     todo = [q for q in questions if q.qid not in done]
-    bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f"eval {mode}", unit="q", disable=not progress)
+    bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f"eval {mode}", unit="q") if progress else None
+    update = bar.update if bar else None
     step = settings.engine.max_batch_size
     try:
         for start in range(0, len(todo), step):
@@ -343,7 +355,7 @@ def _run_mode(mode, questions, backend, answerer, params, judge, k, partial: Pat
             new = []
             short = [q for q in chunk if q.kind == SHORT]
             if short:
-                replies = backend.answer(mode, short, params, progress=bar.update)
+                replies = backend.answer(mode, short, params, progress=update)
                 new += [short_row(mode, q, r, k) for q, r in zip(short, replies)]
                 if judge:
                     grades = judge.grade_many([(q.question, q.answer or "", r.text) for q, r in zip(short, replies)])
@@ -351,12 +363,13 @@ def _run_mode(mode, questions, backend, answerer, params, judge, k, partial: Pat
                         row["scores"]["judge"] = g
             mc = [q for q in chunk if q.kind == MC]
             if mc:
-                results = score_mc(answerer, mode, mc, chunk=step, max_prompt_tokens=prompt_limit(settings), progress=bar.update)
+                results = score_mc(answerer, mode, mc, chunk=step, max_prompt_tokens=prompt_limit(settings), progress=update)
                 new += [mc_row(mode, r, k) for r in results]
             append_jsonl(path, new)
             done.update((r["qid"], r) for r in new)
     finally:
-        bar.close()
+        if bar:
+            bar.close()
     return [done[q.qid] for q in questions]
 
 
@@ -399,8 +412,11 @@ def _record(kb: KB, report: EvalReport, timer: StageTimer) -> None:
     inputs = {s: rec["fingerprint"] for s in ("ingest", "train") if (rec := kb.stage(s))}
     metrics = headline(report)
     router = report.router
-    if router is None:  # keep the router an earlier (tunable) run calibrated
-        router = ((kb.stage("eval") or {}).get("metrics") or {}).get("router")
+    previous = ((kb.stage("eval") or {}).get("metrics") or {}).get("router")
+    # A run that cannot calibrate (missing modes, held-out split, too few questions) keeps the
+    # router an earlier run calibrated.
+    if previous and (router is None or router["basis"].startswith("default")):
+        router = previous
     if router is not None:
         metrics["router"] = router
     kb.record_stage(

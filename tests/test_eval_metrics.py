@@ -125,20 +125,27 @@ def test_router_calibration_finds_the_threshold_where_retrieval_stops_helping():
 
     s = load_settings()
     n = 24
-    top1 = [0.1 + 0.03 * i for i in range(n)]  # 0.10 .. 0.79
-    # With context right only when the top passage scores >= 0.40; closed book right below it.
-    rag = [1.0 if t >= 0.40 else 0.0 for t in top1]
-    ft = [0.0 if t >= 0.40 else 1.0 for t in top1]
+    top1 = [round(0.1 + 0.03 * i, 4) for i in range(n)]  # 0.10 .. 0.79
+    # With context right only when the top passage scores 0.40 or more; closed book right below.
+    rag = [1.0 if i >= 10 else 0.0 for i in range(n)]
+    ft = [0.0 if i >= 10 else 1.0 for i in range(n)]
     qs = [Question(f"q{i}", "?", "a", split="dev") for i in range(n)]
-    r = calibrate_router({"rag": _rows("rag", rag, top1), "ft": _rows("ft", ft), "ft-rag": _rows("ft-rag", [0.0] * n, top1)}, qs, s)
+    every = ["base", "rag", "ft", "ft-rag", "auto"]
+    rows = {"rag": _rows("rag", rag, top1), "ft": _rows("ft", ft), "ft-rag": _rows("ft-rag", [0.0] * n, top1)}
+    r = calibrate_router(rows, qs, s, every)
     assert r["with_context"] == "rag" and r["closed_book"] == "ft"
-    assert r["min_score"] == pytest.approx(min(t for t in top1 if t >= 0.40))
-    assert r["routed_score"] == 1.0 and r["all_context_score"] == pytest.approx(sum(rag) / n)
+    assert r["min_score"] == pytest.approx((top1[9] + top1[10]) / 2)  # halfway between 0.37 and 0.40
+    assert r["routed_score"] == 1.0 and r["all_context_score"] == pytest.approx(sum(rag) / n) and r["all_closed_score"] == pytest.approx(sum(ft) / n)
+    # Without an adapter the closed-book side is base; the adapter modes are not needed.
+    r = calibrate_router({"rag": _rows("rag", rag, top1), "base": _rows("base", ft)}, qs, s, ["base", "rag", "auto"])
+    assert r["closed_book"] == "base" and r["min_score"] == pytest.approx(0.385)
     # Too few questions: the default threshold, still the better context mode.
-    few = calibrate_router({"rag": _rows("rag", rag[:10], top1), "ft-rag": _rows("ft-rag", [1.0] * 10, top1), "base": _rows("base", ft[:10])}, qs[:10], s)
+    few = calibrate_router({"rag": _rows("rag", rag[:10], top1), "ft-rag": _rows("ft-rag", [1.0] * 10, top1), "ft": _rows("ft", ft[:10])}, qs[:10], s, every)
     assert few["min_score"] == s.serve.auto_rag_min_score and few["with_context"] == "ft-rag" and "10 < 20" in few["basis"]
-    # Ties go to rag; held-out questions are never tuned on.
-    tie = calibrate_router({"rag": _rows("rag", [0.5] * n, top1), "ft-rag": _rows("ft-rag", [0.5] * n, top1)}, qs, s)
+    # Ties go to rag.
+    tie = calibrate_router({"rag": _rows("rag", [0.5] * n, top1), "ft-rag": _rows("ft-rag", [0.5] * n, top1), "ft": _rows("ft", ft)}, qs, s, every)
     assert tie["with_context"] == "rag"
+    # No say: a mode auto chooses from was not evaluated, or the questions are held out.
+    assert calibrate_router({"rag": _rows("rag", rag, top1), "ft": _rows("ft", ft)}, qs, s, every) is None
     held = [Question(f"q{i}", "?", "a", split="heldout") for i in range(n)]
-    assert calibrate_router({"rag": _rows("rag", rag, top1), "ft": _rows("ft", ft)}, held, s) is None
+    assert calibrate_router(rows, held, s, every) is None

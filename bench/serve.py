@@ -112,6 +112,7 @@ def measure_overhead(url: str, answerer, settings, qs: list[str], max_tokens: in
         "overhead_ratio_target": "<=0.10",
         "answers_differing_in_length": mismatched,
         "single_client_rps": round(len(qs) / total_e, 3),
+        "endpoint_engine_pairs_s": [[round(e, 3), round(g, 3)] for e, g in zip(endpoint_s, engine_s)],
     }
 
 

@@ -255,82 +255,90 @@ def evaluate(
     and record the "eval" stage. `modes=None`: every one of base, rag, ft, ft-rag the KB can
     answer. `endpoint`: evaluate a running server instead of an in-process engine (`engine`,
     when given, is used in-process instead of a new one)."""
-    from tqdm import tqdm
-
-    from eval.report import write_report
-
     timer = StageTimer()
     questions_path = Path(questions_path)
     wanted = parse_modes(modes)
     questions = load_questions(questions_path, split, limit)
+    answerer = None
     with kb.lock():
-        if endpoint:
-            backend = connect(endpoint, settings)
-            answerer = None
-        else:
-            answerer = Answerer(kb, settings, engine=engine)
-            backend = LocalBackend(answerer, settings)
-        if wanted is None:
-            wanted = [m for m in DEFAULT_MODES if _can(backend, m)]
-            if not wanted:
-                raise EvalError(f"KB {kb.name!r} can answer in no mode")
-        for m in wanted:
-            backend.check(m)
+        try:
+            if endpoint:
+                backend = connect(endpoint, settings)
+            else:
+                answerer = Answerer(kb, settings, engine=engine)
+                backend = LocalBackend(answerer, settings)
+            return _evaluate(kb, questions_path, questions, wanted, settings, split, limit, endpoint, backend, answerer, progress, timer)
+        finally:
+            if answerer is not None and engine is None:  # an engine made here is closed here
+                answerer.engine.close()
 
-        skipped: dict = {}
-        mc_qs = [q for q in questions if q.kind == MC]
-        if mc_qs and answerer is None:
-            skipped["mc"] = {
-                "questions": len(mc_qs),
-                "reason": "multiple choice is scored by log-likelihood on the in-process engine; an endpoint returns text only",
-            }
-            questions = [q for q in questions if q.kind != MC]
-            if not questions:
-                raise EvalError("every question is multiple choice, which needs log-likelihoods: evaluate without --endpoint")
-        judge = make_judge(settings, endpoint)
-        k = settings.retrieval.top_k
-        params = SamplingParams(max_new_tokens=settings.eval.max_new_tokens, temperature=0.0, seed=settings.seed)
 
-        info = {
-            "created_at": now_iso(),
-            "kb": kb.name,
-            "questions_file": str(questions_path),
-            "questions_sha256": sha256_file(questions_path),
-            "limit": limit,
-            "n_questions": len(questions),
-            "kinds": {kind: sum(q.kind == kind for q in questions) for kind in (SHORT, MC) if any(q.kind == kind for q in questions)},
-            "top_k": k,
-            "sampling": {"max_new_tokens": params.max_new_tokens, "temperature": 0.0, "seed": params.seed},
-            "backend": backend.describe(),
-            "models": model_info(kb, settings, endpoint),
-            "settings": settings.public_dict(),
-            "judge": judge.describe() if judge else None,
+def _evaluate(kb, questions_path, questions, wanted, settings, split, limit, endpoint, backend, answerer, progress, timer) -> EvalReport:
+    from tqdm import tqdm
+
+    from eval.report import write_report
+
+    if wanted is None:
+        wanted = [m for m in DEFAULT_MODES if _can(backend, m)]
+        if not wanted:
+            raise EvalError(f"KB {kb.name!r} can answer in no mode")
+    for m in wanted:
+        backend.check(m)
+
+    skipped: dict = {}
+    mc_qs = [q for q in questions if q.kind == MC]
+    if mc_qs and answerer is None:
+        skipped["mc"] = {
+            "questions": len(mc_qs),
+            "reason": "multiple choice is scored by log-likelihood on the in-process engine; an endpoint returns text only",
         }
-        if answerer is not None and AUTO in wanted:
-            cfg = answerer.router_config()
-            info["auto_router_used"] = {"min_score": cfg.min_score, "with_context": cfg.with_context, "source": cfg.source}
+        questions = [q for q in questions if q.kind != MC]
+        if not questions:
+            raise EvalError("every question is multiple choice, which needs log-likelihoods: evaluate without --endpoint")
+    judge = make_judge(settings, endpoint)
+    k = settings.retrieval.top_k
+    params = SamplingParams(max_new_tokens=settings.eval.max_new_tokens, temperature=0.0, seed=settings.seed)
 
-        partial = _partial_dir(kb, info, questions)
-        rows: dict[str, list[dict]] = {}
-        for mode in wanted:
-            rows[mode] = _run_mode(mode, questions, backend, answerer, params, judge, k, partial, settings, progress, tqdm)
+    info = {
+        "created_at": now_iso(),
+        "kb": kb.name,
+        "questions_file": str(questions_path),
+        "questions_sha256": sha256_file(questions_path),
+        "limit": limit,
+        "n_questions": len(questions),
+        "kinds": {kind: sum(q.kind == kind for q in questions) for kind in (SHORT, MC) if any(q.kind == kind for q in questions)},
+        "top_k": k,
+        "sampling": {"max_new_tokens": params.max_new_tokens, "temperature": 0.0, "seed": params.seed},
+        "backend": backend.describe(),
+        "models": model_info(kb, settings, endpoint),
+        "settings": settings.public_dict(),
+        "judge": judge.describe() if judge else None,
+    }
+    if answerer is not None and AUTO in wanted:
+        cfg = answerer.router_config()
+        info["auto_router_used"] = {"min_score": cfg.min_score, "with_context": cfg.with_context, "source": cfg.source}
 
-        router = calibrate_router(rows, questions, settings, backend.available())
-        report = EvalReport(
-            dataset=dataset_name(questions_path),
-            split=split,
-            modes=wanted,
-            summary=summarize_modes(rows, settings),
-            cost={m: cost_of(r) for m, r in rows.items()},
-            paired=paired_tests(rows, settings),
-            router=router,
-            per_question=[r for m in wanted for r in rows[m]],
-            info=info,
-            skipped=skipped,
-        )
-        write_report(kb, report)
-        _record(kb, report, timer)
-        _clear_partial(partial)
+    partial = _partial_dir(kb, info, questions)
+    rows: dict[str, list[dict]] = {}
+    for mode in wanted:
+        rows[mode] = _run_mode(mode, questions, backend, answerer, params, judge, k, partial, settings, progress, tqdm)
+
+    router = calibrate_router(rows, questions, settings, backend.available())
+    report = EvalReport(
+        dataset=dataset_name(questions_path),
+        split=split,
+        modes=wanted,
+        summary=summarize_modes(rows, settings),
+        cost={m: cost_of(r) for m, r in rows.items()},
+        paired=paired_tests(rows, settings),
+        router=router,
+        per_question=[r for m in wanted for r in rows[m]],
+        info=info,
+        skipped=skipped,
+    )
+    write_report(kb, report)
+    _record(kb, report, timer)
+    _clear_partial(partial)
     return report
 
 

@@ -149,3 +149,12 @@ def test_report_metrics_on_known_text():
     assert distinct_n(["a b a b"], 1) == 0.5
     assert distinct_n(["a b a b"], 2) == round(2 / 3, 4)
     assert gzip_ratio(["abc " * 500]) > 20 > gzip_ratio(["The quick brown fox jumps over the lazy dog."]) > 0
+
+
+def test_a_small_budget_spreads_over_documents_and_types_first():
+    docs = [f"d{i}" for i in range(5)]
+    chunk = Planner(docs, dict.fromkeys(DEFAULT_TYPES, 1.0), budget=7 * 48, chunk_size=16, first_guess_tokens=48).next_chunk()
+    assert len(chunk) == 7
+    assert {p.type for p in chunk} == set(DEFAULT_TYPES) and {p.doc_id for p in chunk} == set(docs)
+    every_cell = Planner(docs, dict.fromkeys(DEFAULT_TYPES, 1.0), budget=35 * 48, chunk_size=64, first_guess_tokens=48).next_chunk()
+    assert len({(p.doc_id, p.type) for p in every_cell}) == 35  # each cell once before any twice

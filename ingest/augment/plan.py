@@ -36,6 +36,16 @@ def sample_seed(base_seed: int, doc_id: str, type_id: str, index: int) -> int:
     return int(sha256_text(f"{base_seed}:{doc_id}:{type_id}:{index}")[:8], 16) & 0x7FFFFFFF
 
 
+def spread_order(doc_ids: list[str], types: list[str]) -> dict[tuple[str, str], int]:
+    """Tie-break order of the cells: the i-th is (document i mod D, type (i + i // L) mod T), with
+    L = lcm(D, T). The first T cells use every type, the first D every document, and all D x T
+    cells come once; a budget too small for every cell still covers as many of both as it can."""
+    n_docs, n_types = len(doc_ids), len(types)
+    lcm = n_docs * n_types // math.gcd(n_docs, n_types)
+    cells = [(doc_ids[i % n_docs], types[(i + i // lcm) % n_types]) for i in range(n_docs * n_types)]
+    return {c: pos for pos, c in enumerate(cells)}
+
+
 class Planner:
     def __init__(
         self,
@@ -56,6 +66,7 @@ class Planner:
         self.budget, self.chunk_size, self.seed = budget, chunk_size, seed
         self.first_guess = first_guess_tokens
         self.cell_tokens = {(d, t): 0 for d in self.doc_ids for t in self.types}
+        self.position = spread_order(self.doc_ids, self.types)
         self.cell_count = dict.fromkeys(self.cell_tokens, 0)
         self.type_tokens = dict.fromkeys(self.types, 0)
         self.type_count = dict.fromkeys(self.types, 0)
@@ -78,19 +89,18 @@ class Planner:
         need = math.ceil((self.budget - self.total) / max(self.expected_tokens(), 1.0))
         size = max(1, min(self.chunk_size, need))
         expected = {t: self.expected_tokens(t) for t in self.types}
-        # A heap of (how full the cell is relative to its share, position): document-major order
-        # breaks ties, so the first chunks cover the first documents with every type.
-        heap = [(self.cell_tokens[c] / self.share[c[1]], i, c) for i, c in enumerate(self.cell_tokens)]
+        # A heap of (how full the cell is relative to its share, position in the spread order).
+        heap = [(self.cell_tokens[c] / self.share[c[1]], self.position[c], c) for c in self.cell_tokens]
         heapq.heapify(heap)
         pending: dict[tuple[str, str], int] = {}
         chunk = []
         for _ in range(size):
-            _, i, cell = heapq.heappop(heap)
+            _, pos, cell = heapq.heappop(heap)
             index = self.cell_count[cell] + pending.get(cell, 0)
             pending[cell] = pending.get(cell, 0) + 1
             chunk.append(PlannedSample(cell[0], cell[1], index, sample_seed(self.seed, cell[0], cell[1], index)))
             fill = (self.cell_tokens[cell] + pending[cell] * expected[cell[1]]) / self.share[cell[1]]
-            heapq.heappush(heap, (fill, i, cell))
+            heapq.heappush(heap, (fill, pos, cell))
         return chunk
 
     def record(self, sample: PlannedSample, tokens: int) -> None:

@@ -17,6 +17,7 @@ from core.engines import GenRequest, SamplingParams, make_engine
 from core.engines.openai_engine import OpenAIEngine, OpenAIEngineError
 from core.settings import load_settings
 from tests.conftest import attach_untrained_lora
+from tests.conftest import running
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 CONTEXT = "The capital of France is"
@@ -24,27 +25,6 @@ CONTEXT = "The capital of France is"
 
 def openai_settings(url: str, **engine):
     return load_settings({"engine": {"backend": "openai", "openai_base_url": url, **engine}})
-
-
-@contextmanager
-def uvicorn_serving(app):
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +38,8 @@ def kinject_url(tmp_path_factory, engine):
     settings = load_settings({"kb_root": str(tmp_path_factory.mktemp("openai-kbs"))})
     kb = KB.create(settings, "remote")
     attach_untrained_lora(kb, settings)
-    with uvicorn_serving(create_app(kb, settings, engine)) as url:
+    with running(create_app(kb, settings, engine)) as base_url:
+        url = f"{base_url}/v1"
         yield url
 
 

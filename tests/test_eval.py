@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 
 from tests.conftest import attach_untrained_lora, shared_dataset
+from tests.conftest import running
 
 pytestmark = pytest.mark.shared_data
 
@@ -121,28 +119,6 @@ def test_eval_stage_records_the_router(four_modes, eval_kb, engine):
     cfg = Answerer(kb, settings, engine=engine).router_config()
     assert (cfg.min_score, cfg.with_context, cfg.source) == (router["min_score"], best, "eval report")
     assert rec["metrics"]["best_mode"] in FOUR and rec["metrics"]["modes"]["rag"]["f1"] == round(four_modes.summary["rag"]["f1"]["mean"], 4)
-
-
-@contextmanager
-def running(app):
-    """uvicorn serving `app` in a thread on a free 127.0.0.1 port; yields the base URL."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 def test_endpoint_gives_the_same_numbers_as_in_process(four_modes, eval_kb, squad_questions, engine):

@@ -4,44 +4,20 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
 
 from tests.conftest import attach_untrained_lora, shared_dataset
+from tests.conftest import running
 
 pytestmark = pytest.mark.shared_data
 
 MODES = ["base", "rag", "ft", "ft-rag", "auto"]
 ASK = [{"role": "user", "content": "Why are ctenophores rare as fossils?"}]
 GOLD = "squad_dev_p0833"  # the Ctenophora passage
-
-
-@contextmanager
-def running(app):
-    """uvicorn serving `app` in a thread on a free 127.0.0.1 port; yields the base URL."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

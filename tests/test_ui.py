@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import attach_untrained_lora, shared_dataset
-from tests.test_service import running
+from tests.conftest import running
 
 pytestmark = pytest.mark.shared_data
 

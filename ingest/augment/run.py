@@ -171,6 +171,7 @@ def augment(kb: KB, settings: Settings, progress: bool = True, engine: Engine | 
                 },
             },
         )
+        kb.forget_stage("augment")  # a kill below must not leave the old record describing new files
         _write_outputs(folder, curated)
         atomic_write_json(folder / REPORT, report)
         kb.record_stage(

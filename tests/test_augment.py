@@ -211,15 +211,15 @@ def test_openai_engine_augments_through_the_kinject_service(ingested, tmp_path, 
     if importlib.util.find_spec("service.app") is None:
         pytest.skip("the kinject service (service.app) is not part of this build")
     from service.app import create_app
-    from tests.test_engine_openai import uvicorn_serving
+    from tests.conftest import running
 
     served, settings = _copy_kb(ingested, tmp_path, "served")
     kb, _ = _copy_kb(ingested, tmp_path, "client")
-    with uvicorn_serving(create_app(served, settings, engine)) as url:
+    with running(create_app(served, settings, engine)) as base:
         remote = load_settings({
             "kb_root": str(settings.kb_dir),
             "augment": {**SMALL, "budget_tokens": 64, "max_new_tokens": 32},
-            "engine": {"backend": "openai", "openai_base_url": url, "openai_model": "kinject-base", "openai_max_concurrency": 4},
+            "engine": {"backend": "openai", "openai_base_url": f"{base}/v1", "openai_model": "kinject-base", "openai_max_concurrency": 4},
         })
         result = augment(kb, remote, progress=False)
         again = augment(kb, remote, progress=False)

@@ -1,0 +1,141 @@
+"""Bounded load on loopback: 16 concurrent streaming clients over the four modes against
+`kinject serve` in a child process, in two equal rounds (60 s of load in all, a hard cap on the
+requests). Prints requests/s and latency percentiles; asserts no errors and that the server's resident memory
+after the second round stays within a bound of its memory after the first.
+
+The server runs with MALLOC_ARENA_MAX=2. With glibc's default (up to 8 malloc arenas per core,
+one per busy thread) its RSS swings by 100-200 MB from round to round with no leak at all; with
+two arenas it stays within about 15 MB over five rounds, so a small bound catches a real leak.
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from test_api_abuse import build_demo_kb, kinject_serve
+
+pytestmark = pytest.mark.slow
+
+CLIENTS = 16
+ROUND_S = 30.0  # two rounds: 60 s of load
+MAX_REQUESTS = 1000  # per round, whatever the speed
+MAX_TOKENS = 8
+MODES = ["kinject-base", "kinject-rag", "kinject-ft", "kinject-ft-rag"]
+QUESTIONS = [
+    "Who founded the Brightwater glassworks?",
+    "What do the harbour wardens do?",
+    "When is the Night of Drifting Lanterns held?",
+    "What colour is Brightwater glass?",
+]
+RSS_GROWTH_LIMIT_MB = 50
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def run_round(client: openai.OpenAI, pid: int, seconds: float, cap: int) -> dict:
+    """CLIENTS threads, each streaming one request after another, until time or the cap is up;
+    the server's RSS is sampled meanwhile."""
+    lock = threading.Lock()
+    started = [0]
+    latencies, first_tokens, errors, modes_done = [], [], [], {}
+    end = time.monotonic() + seconds
+
+    def client_loop(i: int) -> None:
+        n = 0
+        while time.monotonic() < end:
+            with lock:
+                if started[0] >= cap:
+                    return
+                started[0] += 1
+            mode = MODES[(i + n) % len(MODES)]
+            question = QUESTIONS[(i * 7 + n) % len(QUESTIONS)]
+            n += 1
+            t0 = time.monotonic()
+            first = None
+            try:
+                finish = None
+                for chunk in client.chat.completions.create(
+                    model=mode, messages=[{"role": "user", "content": question}], max_tokens=MAX_TOKENS, stream=True
+                ):
+                    if chunk.choices and chunk.choices[0].delta.content and first is None:
+                        first = time.monotonic() - t0
+                    if chunk.choices and chunk.choices[0].finish_reason:
+                        finish = chunk.choices[0].finish_reason
+                if finish not in ("stop", "length"):
+                    raise AssertionError(f"stream ended without a finish_reason ({finish!r})")
+            except Exception as e:  # counted, and shown below
+                with lock:
+                    errors.append(f"{mode}: {type(e).__name__}: {e}")
+                continue
+            with lock:
+                latencies.append(time.monotonic() - t0)
+                if first is not None:
+                    first_tokens.append(first)
+                modes_done[mode] = modes_done.get(mode, 0) + 1
+
+    rss, done = [rss_mb(pid)], threading.Event()
+
+    def sample_rss() -> None:
+        while not done.wait(0.25):
+            rss.append(rss_mb(pid))
+
+    sampler = threading.Thread(target=sample_rss)
+    sampler.start()
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(CLIENTS)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    wall = time.monotonic() - t0
+    done.set()
+    sampler.join()
+
+    def p(values: list[float], q: float) -> float:
+        return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else (values[0] if values else float("nan"))
+
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "wall_s": wall,
+        "rps": len(latencies) / wall,
+        "p50_s": p(latencies, 50),
+        "p95_s": p(latencies, 95),
+        "p95_first_token_s": p(first_tokens, 95),
+        "modes": modes_done,
+        "rss_peak_mb": max(rss),
+        "rss_end_mb": rss_mb(pid),
+    }
+
+
+def test_sixteen_streaming_clients_no_errors_and_flat_memory(tmp_path):
+    kb_root = build_demo_kb(tmp_path / "kbs")
+    env = {"MALLOC_ARENA_MAX": "2"}
+    with kinject_serve(kb_root, tmp_path / "serve.log", "retrieval.top_k=2", "serve.max_queue=64", env=env) as (url, pid):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        for mode in MODES:  # warm-up: adapter loaded, retriever loaded, first allocations made
+            client.chat.completions.create(model=mode, messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=2)
+        before = rss_mb(pid)
+        rounds = [run_round(client, pid, ROUND_S, MAX_REQUESTS) for _ in range(2)]
+        assert client.models.list().data  # still answering
+
+    print(f"\n{CLIENTS} streaming clients, max_tokens={MAX_TOKENS}, modes {', '.join(MODES)}; server RSS after warm-up {before:.0f} MB")
+    for i, r in enumerate(rounds, 1):
+        print(
+            f"round {i}: {r['requests']} requests in {r['wall_s']:.1f} s = {r['rps']:.2f} req/s; latency p50 {r['p50_s']:.2f} s, "
+            f"p95 {r['p95_s']:.2f} s, first token p95 {r['p95_first_token_s']:.2f} s; {len(r['errors'])} errors; RSS peak {r['rss_peak_mb']:.0f} MB, at the end {r['rss_end_mb']:.0f} MB; {r['modes']}"
+        )
+    growth = rounds[1]["rss_end_mb"] - rounds[0]["rss_end_mb"]
+    print(f"RSS growth from the end of round 1 to the end of round 2: {growth:+.1f} MB (limit {RSS_GROWTH_LIMIT_MB} MB)")
+    for r in rounds:
+        assert not r["errors"], r["errors"][:5]
+        assert r["requests"] >= CLIENTS and set(r["modes"]) == set(MODES)
+    assert growth < RSS_GROWTH_LIMIT_MB

@@ -260,17 +260,20 @@ def evaluate(
     wanted = parse_modes(modes)
     questions = load_questions(questions_path, split, limit)
     answerer = None
-    with kb.lock():
-        try:
-            if endpoint:
-                backend = connect(endpoint, settings)
-            else:
-                answerer = Answerer(kb, settings, engine=engine)
-                backend = LocalBackend(answerer, settings)
-            return _evaluate(kb, questions_path, questions, wanted, settings, split, limit, endpoint, backend, answerer, progress, timer)
-        finally:
-            if answerer is not None and engine is None:  # an engine made here is closed here
-                answerer.engine.close()
+    try:
+        if endpoint:
+            backend = connect(endpoint, settings)
+        else:
+            answerer = Answerer(kb, settings, engine=engine)
+            backend = LocalBackend(answerer, settings)
+        return _evaluate(kb, questions_path, questions, wanted, settings, split, limit, endpoint, backend, answerer, progress, timer)
+    finally:
+        if answerer is not None and engine is None:  # an engine made here is closed here
+            answerer.engine.close()
+
+
+def _upstream(kb: KB) -> dict:
+    return {s: (kb.stage(s) or {}).get("fingerprint") for s in ("ingest", "train")}
 
 
 def _evaluate(kb, questions_path, questions, wanted, settings, split, limit, endpoint, backend, answerer, progress, timer) -> EvalReport:
@@ -296,6 +299,9 @@ def _evaluate(kb, questions_path, questions, wanted, settings, split, limit, end
         if not questions:
             raise EvalError("every question is multiple choice, which needs log-likelihoods: evaluate without --endpoint")
     judge = make_judge(settings, endpoint)
+    # No KB lock for the whole run (the service and other evals keep working); instead a run
+    # during which ingest or train replaced the index or adapter is refused at the end.
+    upstream = _upstream(kb)
     k = settings.retrieval.top_k
     params = SamplingParams(max_new_tokens=settings.eval.max_new_tokens, temperature=0.0, seed=settings.seed)
 
@@ -323,6 +329,9 @@ def _evaluate(kb, questions_path, questions, wanted, settings, split, limit, end
     for mode in wanted:
         rows[mode] = _run_mode(mode, questions, backend, answerer, params, judge, k, partial, settings, progress, tqdm)
 
+    changed = [stage for stage, fp in _upstream(kb).items() if fp != upstream[stage]]
+    if changed:
+        raise EvalError(f"the KB's {' and '.join(changed)} stage changed while evaluating, so the answers mix old and new: run the eval again")
     router = calibrate_router(rows, questions, settings, backend.available())
     report = EvalReport(
         dataset=dataset_name(questions_path),

@@ -268,3 +268,29 @@ def test_compare_and_cli_errors(four_modes, eval_kb, tmp_path):
     assert "report.json line 1: not valid JSON" in str(r.exception)
     r = CliRunner().invoke(app, ["eval", "--kb", kb.name], env=env)
     assert "eval needs --kb NAME and --questions FILE" in str(r.exception)
+
+
+def test_a_kb_changed_during_the_run_is_refused(eval_kb, squad_questions, engine, monkeypatch):
+    """No KB lock is held while answering (the service keeps serving uploads); an ingest that
+    lands mid-run is caught at the end instead of mixing old and new answers into one report."""
+    from eval import backends
+    from eval.run import EvalError, evaluate
+
+    kb, settings = eval_kb
+    ingest = kb.stage("ingest")
+    real = backends.LocalBackend.answer
+
+    def ingest_lands(self, *a, **kw):
+        out = real(self, *a, **kw)
+        kb.record_stage("ingest", **{**ingest, "fingerprint": "a-new-index"})
+        return out
+
+    monkeypatch.setattr(backends.LocalBackend, "answer", ingest_lands)
+    reports = sorted((kb.root / "eval").glob("*/report.json"))
+    try:
+        with pytest.raises(EvalError, match="ingest stage changed while evaluating"):
+            evaluate(kb, squad_questions, ["base"], settings, split="dev", limit=1, progress=False, engine=engine)
+    finally:
+        kb.record_stage("ingest", **ingest)
+    assert kb.stage("ingest") == ingest
+    assert sorted((kb.root / "eval").glob("*/report.json")) == reports

@@ -124,6 +124,7 @@ def qa_pairs(text: str) -> list[tuple[str, str]]:
     out = []
     for m in _QA_RE.finditer(text):
         q, a = " ".join(m["q"].split()), " ".join(m["a"].split())
+        q = re.sub(r"^(?:Question\s*:\s*)+", "", q).strip(' "')
         if len(q) >= 8 and 0 < len(a) <= 400 and not re.match(_A, a):
             out.append((q, a))
     return out
@@ -143,6 +144,37 @@ def passages(document: str, words: int = 150) -> list[Passage]:
     return [Passage(title, " ".join(tokens[i : i + words])) for i in range(0, max(len(tokens), 1), words)]
 
 
+_MONTH = r"(?:January|February|March|April|May|June|July|August|September|October|November|December)"
+_SPAN_RE = re.compile(
+    rf"{_MONTH}\s+\d{{1,2}},?\s+\d{{3,4}}|\d{{1,2}}\s+{_MONTH}\s+\d{{3,4}}|{_MONTH}\s+\d{{3,4}}"
+    r"|\b\d[\d,.]*(?:\s?(?:%|percent|million|billion|thousand|hundred))?"
+    r"|(?<![.!?]\s)(?<!^)\b[A-Z][\w'’-]+(?:\s+(?:of|the|de|and|for)?\s*[A-Z][\w'’-]+)*"
+)
+CLOZE_PER_DOCUMENT = 2
+
+
+def cloze_pairs(document: str, rng: random.Random, limit: int = CLOZE_PER_DOCUMENT) -> list[tuple[str, str]]:
+    """Fill-in-the-blank questions cut from the document itself: a sentence with one name,
+    number or date blanked out, and that span as the answer. Grounded by construction, so they
+    teach the short, extractive answers the service wants without any generated text."""
+    title, _, body = document.partition("\n")
+    sentences = [x.strip() for x in re.split(r"(?<=[.!?])\s+(?=[A-Z\"“])", body) if 6 <= len(x.split()) <= 45]
+    rng.shuffle(sentences)
+    out = []
+    for sentence in sentences:
+        spans = [m for m in _SPAN_RE.finditer(sentence) if m.start() > 0 and len(m.group().strip(" ,.")) >= 2]
+        if not spans:
+            continue
+        m = rng.choice(spans)
+        answer = m.group().strip(" ,.")
+        start = sentence.index(answer, m.start())
+        blanked = sentence[:start] + "____" + sentence[start + len(answer) :]
+        out.append((f'What fills the blank in this sentence about {title}? "{blanked}"', answer))
+        if len(out) >= limit:
+            break
+    return out
+
+
 def qa_chat_samples(synthetic: list[str], documents: list[str], settings: Settings, tokenizer) -> list[Sample]:
     """Synthetic Q/A pairs rendered exactly as the service prompts the model: closed-book (the
     `ft` mode) and, for `train.open_book_fraction` of them, with the source passage quoted among
@@ -156,23 +188,30 @@ def qa_chat_samples(synthetic: list[str], documents: list[str], settings: Settin
     pool = [p for ps in by_title.values() for p in ps]
     rng = random.Random(f"{settings.seed}:qa")
     k = min(settings.retrieval.top_k, 2)
-    out = []
+    pairs: list[tuple[str, str, str]] = []  # (title, question, answer)
     for text in synthetic:
         title = text.partition("\n")[0].strip()
         own = by_title.get(title)
         source = " ".join(p.text for p in own) if own else text
         for question, answer in qa_pairs(text):
-            if not grounded(answer, source):
-                continue  # an answer the generator made up would teach the adapter to make things up
-            hits = None
-            if own and rng.random() < settings.train.open_book_fraction:
-                gold = next((p for p in own if answer.lower() in p.text.lower()), own[0])
-                others = [p for p in pool if p.title != title]
-                hits = [gold] + rng.sample(others, min(k - 1, len(others)))
-                rng.shuffle(hits)
-            messages = build_messages([{"role": "user", "content": question}], hits)
-            messages.append({"role": "assistant", "content": answer})
-            out.append(Sample(chat_text(tokenizer, messages), "chat"))
+            # An answer the generator made up would teach the adapter to make things up.
+            if grounded(answer, source):
+                pairs.append((title, question, answer))
+    for doc in documents:
+        title = doc.partition("\n")[0].strip()
+        pairs += [(title, q, a) for q, a in cloze_pairs(doc, rng)]
+    out = []
+    for title, question, answer in pairs:
+        own = by_title.get(title)
+        hits = None
+        if own and rng.random() < settings.train.open_book_fraction:
+            gold = next((p for p in own if answer.lower() in p.text.lower()), own[0])
+            others = [p for p in pool if p.title != title]
+            hits = [gold] + rng.sample(others, min(k - 1, len(others)))
+            rng.shuffle(hits)
+        messages = build_messages([{"role": "user", "content": question}], hits)
+        messages.append({"role": "assistant", "content": answer})
+        out.append(Sample(chat_text(tokenizer, messages), "chat"))
     return out
 
 

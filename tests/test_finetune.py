@@ -64,6 +64,64 @@ def test_block_order_is_seeded_and_differs_per_epoch():
     assert stream_indices(10, seed=3, start=7, count=9) == stream[7:16]
 
 
+DOC = (
+    "Gull Rock lighthouse\nThe Gull Rock lighthouse stands on the northern reef of Tessel Vaar. "
+    "It was first lit on 3 March 1412 by keeper Anna Vell. The lamp burned seal oil until 1890, "
+    "when the Harbour Wardens installed a kerosene burner. Its beam reaches 18 miles in clear weather."
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from core.models import load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model("smollm2-135m", load_settings()))
+
+
+def test_cloze_pairs_blank_a_span_taken_from_the_document():
+    import random
+
+    from finetune.data import cloze_pairs
+
+    pairs = cloze_pairs(DOC, random.Random(0), limit=10)
+    assert len(pairs) >= 3
+    body = DOC.partition("\n")[2]
+    for question, answer in pairs:
+        assert "about Gull Rock lighthouse" in question and "____" in question
+        sentence = question.split('"', 1)[1].rsplit('"', 1)[0]
+        assert sentence.replace("____", answer) in body
+
+
+def test_qa_pairs_parse_and_drop_made_up_answers(tokenizer, settings):
+    from core.answer import CONTEXT_OPEN, SYSTEM_PROMPT
+    from finetune.data import qa_chat_samples, qa_pairs
+
+    synthetic = "Gull Rock lighthouse\nQ: Who first lit the lamp?\nA: Keeper Anna Vell.\n\nQ: What did it burn?\nA: Whale fat from Norway."
+    assert qa_pairs(synthetic) == [("Who first lit the lamp?", "Keeper Anna Vell."), ("What did it burn?", "Whale fat from Norway.")]
+    other = "Saltfish Fair\nThe Saltfish Fair opens every October on the quay of Vaskarra with a parade of boats."
+    s = settings.model_copy(update={"train": settings.train.model_copy(update={"open_book_fraction": 1.0})})
+    samples = qa_chat_samples([synthetic], [DOC, other], s, tokenizer)
+    texts = [x.text for x in samples]
+    assert all(x.source == "chat" and SYSTEM_PROMPT in x.text for x in samples)
+    assert any("Who first lit the lamp?" in t and t.rstrip().endswith("Keeper Anna Vell.<|im_end|>") for t in texts)
+    assert not any("Whale fat" in t for t in texts)  # not in the document: dropped
+    assert any("____" in t for t in texts)  # cloze questions from the documents
+    # Open-book samples quote the source passage among others, as the rag modes do.
+    assert all(CONTEXT_OPEN in t and "first lit on 3 March 1412" in t for t in texts if "Gull Rock" in t.split("<|im_start|>assistant")[0])
+
+
+def test_replay_adds_offline_generic_text_in_the_asked_share(tokenizer, settings):
+    from finetune.data import Sample, build
+
+    samples = [Sample(DOC, "synthetic")] * 20
+    plain = build(samples, tokenizer, settings)
+    s = settings.model_copy(update={"train": settings.train.model_copy(update={"replay_fraction": 0.25})})
+    mixed = build(samples, tokenizer, s)
+    assert set(mixed.sources) == {"synthetic", "replay"}
+    assert mixed.n_tokens / plain.n_tokens == pytest.approx(4 / 3, rel=0.1)
+    assert build(samples, tokenizer, s).blocks == mixed.blocks  # seeded
+
+
 def test_rank_outside_vllms_set_is_rejected_with_the_allowed_list(tmp_path, capsys):
     from core.cli import main
     from finetune.lora import LoraSettingsError, check_rank
@@ -316,8 +374,8 @@ def test_adapter_loads_in_the_vllm_engine(trained):
         prompt = "Gull Rock lighthouse\nThe Gull Rock lighthouse was first lit"
         base, adapted = engine.generate(
             [
-                GenRequest(prompt=prompt, params=SamplingParams(max_new_tokens=8)),
-                GenRequest(prompt=prompt, params=SamplingParams(max_new_tokens=8), adapter="kb"),
+                GenRequest(prompt=prompt, params=SamplingParams(max_new_tokens=12)),
+                GenRequest(prompt=prompt, params=SamplingParams(max_new_tokens=12), adapter="kb"),
             ]
         )
         assert "1412" in adapted.text and adapted.text != base.text

@@ -26,8 +26,9 @@ from core.files import atomic_write_json, atomic_write_text
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO / "bench"
 BENCHES = ("ingest", "augment", "train", "serve")
-# Keys that hold a speed-up or ratio against a baseline, and where its target is written.
-RATIO_WORDS = ("ratio", "speedup", "overhead")
+# Keys that hold a speed-up or ratio against a baseline; any other number with a `<name>_target`
+# beside it is reported too.
+RATIO_WORDS = ("ratio", "speedup")
 
 
 class BenchError(KinjectError):
@@ -67,23 +68,34 @@ def _flatten(d: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def ratios(result: dict) -> list[tuple[str, float, Any]]:
-    """(key, value, target or None) for every ratio-like number in a bench result."""
+    """(key, value, target or None) for every ratio-like or targeted number in a bench result."""
     flat = dict(_flatten(result))
-    rows = []
-    for key, value in flat.items():
+    numeric = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    rows: dict[str, Any] = {}
+    for key in numeric:
         leaf = key.rsplit(".", 1)[-1].lower()
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if any(w in leaf for w in RATIO_WORDS) and "target" not in leaf:
+            rows[key] = _target_of(key, flat)
+    for key, target in flat.items():  # "<parent>.<name>_target" -> the number it targets
+        parent, _, leaf = key.rpartition(".")
+        if "_target" not in leaf:
             continue
-        if not any(w in leaf for w in RATIO_WORDS) or "target" in leaf:
-            continue
-        parent = key.rsplit(".", 1)[0] if "." in key else ""
-        target = None
-        for cand in (f"{key}_target", f"target_{leaf}", f"{parent}.target" if parent else "target", f"{parent}.target_ratio" if parent else "target_ratio"):
-            if cand in flat and not isinstance(flat[cand], dict):
-                target = flat[cand]
+        name = leaf.replace("_target", "")
+        prefix = f"{parent}." if parent else ""
+        for cand in (f"{prefix}{name}", f"{prefix}kinject_{name}"):
+            if cand in numeric:
+                rows[cand] = target
                 break
-        rows.append((key, float(value), target))
-    return rows
+    return [(k, float(numeric[k]), t) for k, t in rows.items()]
+
+
+def _target_of(key: str, flat: dict) -> Any:
+    parent, _, leaf = key.rpartition(".")
+    prefix = f"{parent}." if parent else ""
+    for cand in (f"{key}_target", f"{prefix}target_{leaf}", f"{prefix}target", f"{prefix}target_ratio"):
+        if cand in flat and not isinstance(flat[cand], (dict, list)):
+            return flat[cand]
+    return None
 
 
 def _meets(value: float, target: Any, key: str) -> str:
@@ -93,8 +105,12 @@ def _meets(value: float, target: Any, key: str) -> str:
         t = float(str(target).lstrip("<>= ").rstrip("x%×"))
     except ValueError:
         return ""
-    lower_is_better = "overhead" in key.lower() or str(target).strip().startswith("<")
-    return "yes" if (value <= t if lower_is_better else value >= t) else "no"
+    text = str(target).strip()
+    if text.startswith("<"):
+        return "yes" if value <= t else "no"
+    if text.startswith(">") or any(w in key.rsplit(".", 1)[-1] for w in RATIO_WORDS):
+        return "yes" if value >= t else "no"
+    return "yes" if value == t else "no"  # an exact target, e.g. 0 errors
 
 
 def summary_markdown(results: dict[str, dict], when: str, quick: bool, load: str) -> str:

@@ -7,6 +7,7 @@ a second run when its inputs are unchanged, including the evaluation.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from core.build import StageRun, build, door, reusable_eval, timing_table
+from core.build import StageRun, build, door, reusable_eval, timed, timing_table
 from core.errors import KinjectError
 from core.kb import KB
 from core.settings import Settings, _deep_merge, load_settings
@@ -29,8 +30,8 @@ HEADLINE_SPLIT = "test"  # settings were chosen on "dev"; the printed table is o
 # The demo's sizes, chosen by measurement to fit ten minutes on two CPU cores (see README).
 # Anything here can be changed with `kinject --set group.field=value demo`.
 DEMO_SETTINGS: dict[str, Any] = {
-    "augment": {"budget_tokens": 8000},
-    "train": {"max_steps": 40},
+    "augment": {"budget_tokens": 6000},
+    "train": {"max_steps": 12},
 }
 
 
@@ -41,12 +42,6 @@ class DemoError(KinjectError):
 def demo_settings(overrides: dict) -> Settings:
     """The demo's sizes under the user's own overrides (--preset, --set)."""
     return load_settings(_deep_merge(DEMO_SETTINGS, overrides))
-
-
-def timed(stage: str, fn: Callable[[], Any], status: str = "ran") -> tuple[Any, StageRun]:
-    t0 = time.perf_counter()
-    result = fn()
-    return result, StageRun(stage, status, round(time.perf_counter() - t0, 1), result)
 
 
 def prepare_models(settings: Settings) -> list[str]:
@@ -97,7 +92,7 @@ def run_demo(
     runs: list[StageRun] = []
 
     echo("== models")
-    _, run = timed("models", lambda: prepare_models(settings))
+    run = timed("models", lambda: prepare_models(settings))
     runs.append(run)
     echo(f"[models] ready in {run.seconds:.1f} s")
 
@@ -117,10 +112,8 @@ def run_demo(
         echo(f"[eval] skipped: inputs unchanged, reused {folder.relative_to(kb.root)}")
     else:
         engine = make_engine(settings)
-        evaluated, run = timed(
-            "eval", lambda: door("eval")(kb, questions, DEMO_MODES, settings, split=split, progress=True, engine=engine)
-        )
-        folder = evaluated.dir
+        run = timed("eval", lambda: door("eval")(kb, questions, DEMO_MODES, settings, split=split, progress=True, engine=engine))
+        folder = run.report.dir
         runs.append(run)
         echo(f"[eval] ran in {run.seconds:.1f} s")
 
@@ -134,7 +127,8 @@ def run_demo(
     echo("")
     echo(timing_table(runs, "demo stage times"))
     total = round(time.perf_counter() - t_start, 1)
-    echo(f"demo wall time: {total:.1f} s")
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    echo(f"demo wall time: {total:.1f} s (load average now {load} on {os.cpu_count()} cores)")
     result = {"kb": kb.name, "eval_dir": str(folder), "runs": runs, "seconds": total}
     if serve:
         serve_kb(kb, settings, engine, echo)

@@ -8,6 +8,7 @@ the run is from the target: ft − base ≥ ½ (rag − base), and ft-rag ≥ ra
 from __future__ import annotations
 
 import json
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -52,13 +53,15 @@ def run_set(name: str, overrides: dict, echo: Callable[[str], None] = typer.echo
     corpus, questions = folder / "corpus.jsonl", folder / "questions.jsonl"
     if not corpus.exists() or not questions.exists():
         raise PaperError(f"../shared/data/{name} is missing (need corpus.jsonl and questions.jsonl beside the clone)")
-    settings = load_settings(_deep_merge(_deep_merge({"preset": "local"}, PAPER_SETS[name]), overrides))
+    spec = dict(PAPER_SETS[name])
+    limit = spec.pop("eval_limit", None)
+    settings = load_settings(_deep_merge(_deep_merge({"preset": "local"}, spec), overrides))
     kb = KB.open(settings, f"paper-{name}", create=True)
     echo(f"\n######## {name}: KB {kb.name!r}")
     t0 = time.perf_counter()
     built = build(kb, corpus, settings, echo=echo)
     echo(f"== eval {', '.join(MODES)} on the {SPLIT} split")
-    report_dir = reusable_eval(kb, questions, SPLIT, MODES, settings)
+    report_dir = reusable_eval(kb, questions, SPLIT, MODES, settings, limit)
     if report_dir is not None:
         echo(f"[eval] skipped: inputs unchanged, reused {report_dir.name}")
         rec = kb.stage("eval") or {}
@@ -66,7 +69,7 @@ def run_set(name: str, overrides: dict, echo: Callable[[str], None] = typer.echo
         eval_seconds = rec["outputs"].get("seconds") if same else None
     else:
         t_eval = time.perf_counter()
-        report_dir = door("eval")(kb, questions, MODES, settings, split=SPLIT, progress=True).dir
+        report_dir = door("eval")(kb, questions, MODES, settings, split=SPLIT, limit=limit, progress=True).dir
         eval_seconds = round(time.perf_counter() - t_eval, 1)
         echo(f"[eval] ran in {eval_seconds:.1f} s")
     this_run = round(time.perf_counter() - t0, 1)
@@ -88,6 +91,8 @@ def run_set(name: str, overrides: dict, echo: Callable[[str], None] = typer.echo
         "table": (report_dir / "table.md").read_text(),
         "settings": {"augment": settings.augment.model_dump(mode="json"), "train": settings.train.model_dump(mode="json"), "llm": settings.models.llm, "embedder": settings.models.embedder},
         "budget_tokens": settings.augment.budget_tokens,
+        "eval_limit": limit,
+        "top_k": settings.retrieval.top_k,
         "synthetic_tokens": synthetic.get("kept_tokens"),
         "generated_tokens": synthetic.get("generated_tokens"),
         "synthetic_report": synthetic,
@@ -96,6 +101,7 @@ def run_set(name: str, overrides: dict, echo: Callable[[str], None] = typer.echo
         "train_epochs": train_report.get("epochs"),
         "stage_seconds": stage_seconds,
         "this_run_seconds": this_run,
+        "load_after": " ".join(f"{x:.1f}" for x in os.getloadavg()),
     }
 
 
@@ -174,7 +180,9 @@ def render(results: list[dict], load: str) -> str:
             "",
             f"## {r['name']}",
             "",
-            f"- Models: `{r['settings']['llm']}` answering, `{r['settings']['embedder']}` retrieving.",
+            f"- Models: `{r['settings']['llm']}` answering, `{r['settings']['embedder']}` retrieving the top {r['top_k']} chunks.",
+            f"- Questions: {r['report'].get('n_questions', '–')} of the dev split"
+            + (f" (the first {r['eval_limit']}, to keep the set near eight minutes)." if r["eval_limit"] else "."),
             f"- Synthetic-token budget: {r['budget_tokens'] or 'from budget_multiple'} "
             f"(generated {r['generated_tokens'] if r['generated_tokens'] is not None else '–'} tokens, "
             f"kept after curation {r['synthetic_tokens'] if r['synthetic_tokens'] is not None else '–'}).",
@@ -183,7 +191,7 @@ def render(results: list[dict], load: str) -> str:
             f"({r['train_epochs'] if r['train_epochs'] is not None else '–'} epochs; LoRA rank {tr['lora_rank']}, lr {tr['lr']}, "
             f"block {tr['block_size']}, batch {tr['batch_size']}).",
             f"- Wall time: ingest {_secs(secs.get('ingest'))}, augment {_secs(secs.get('augment'))}, train {_secs(secs.get('train'))}, "
-            f"eval {_secs(secs.get('eval'))}; total {_secs(sum(known))}.",
+            f"eval {_secs(secs.get('eval'))}; total {_secs(sum(known))} (load average {r['load_after']} when the set finished).",
         ]
         if "ft_gain" in t:
             lines += [
@@ -197,8 +205,6 @@ def render(results: list[dict], load: str) -> str:
 
 
 def run_paper(names: list[str], overrides: dict, out: Path = RESULTS, echo: Callable[[str], None] = typer.echo) -> list[dict]:
-    import os
-
     from core.files import atomic_write_text
 
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())

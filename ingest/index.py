@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,13 +37,21 @@ def _gpu_count() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
-def _one_thread_per_search() -> None:
+@contextmanager
+def _one_thread_per_search():
     """One OpenMP thread per FAISS search. The service searches from several threads at once,
     and a flat scan of one query is memory-bound: an OpenMP team per query only adds spinning
-    (on a busy 2-core machine it made single-query latency several times worse)."""
+    (on a busy 2-core machine it made single-query latency several times worse). The setting is
+    the calling thread's and torch shares it, so it is restored after the search: left at 1, it
+    made training and generation in the same thread run on one core."""
     import faiss
 
+    before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 class VectorIndex:
@@ -51,7 +60,6 @@ class VectorIndex:
     def __init__(self, store):
         self.store = store  # llama_index.vector_stores.faiss.FaissVectorStore
         self._gpu = None
-        _one_thread_per_search()
 
     @classmethod
     def empty(cls, dim: int) -> "VectorIndex":
@@ -100,7 +108,8 @@ class VectorIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each (n_queries, k); ids are -1 where the index has fewer than k vectors."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
-        return self._searcher().search(queries, min(k, max(len(self), 1)))
+        with _one_thread_per_search():
+            return self._searcher().search(queries, min(k, max(len(self), 1)))
 
     def _searcher(self):
         if self._gpu is None and _gpu_count() > 0 and len(self) > 0:

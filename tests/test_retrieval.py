@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import shared_dataset
+from conftest import REPO, shared_dataset
 
 # Measured with the bundled MiniLM (all-MiniLM-L6-v2), chunk_size 200: recall@5 = 1.000 and
 # recall@1 = 0.967 on the 90 dev questions. The floors sit a few points under.
@@ -73,6 +73,26 @@ def test_hits_are_ranked_scored_and_thread_safe(squad_kb):
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert not errors and all(got[i] == expected for i in range(4))
+
+
+def test_searching_leaves_torch_its_threads(squad_kb):
+    """FAISS searches with one OpenMP thread, a setting torch shares: it must not stay behind,
+    or training and generation after a search run on one core. A fresh interpreter, since this
+    one has searched already."""
+    import subprocess
+    import sys
+
+    kb, settings = squad_kb
+    code = (
+        "import torch; before = torch.get_num_threads(); from core.kb import KB; from core.settings import load_settings; "
+        "from core.retrieval import retrieve; "
+        f"s = load_settings({{'kb_root': {str(settings.kb_root)!r}}}); "
+        "assert retrieve(KB.open(s, 'squad'), 'oil', settings=s); print(before, torch.get_num_threads())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after = out.stdout.split()[-2:]
+    assert after == before
 
 
 @pytest.mark.shared_data

@@ -185,6 +185,18 @@ def test_mc_acc_and_acc_norm_on_a_crafted_quality_case(engine):
     assert got.pred_norm == per_char.index(max(per_char)) == 1  # per character: the repetition
 
 
+def test_choices_scored_on_one_shared_context_equal_each_scored_alone(engine):
+    """The engine runs a context once for all the choices that follow it (its cache copied per
+    choice); each choice scored in a batch of its own must get the same log-likelihood."""
+    context = "<|im_start|>user\nWhich city is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    choices = ["Paris", "Lyon is the capital.", "It is Marseille, on the coast of the Mediterranean Sea.", "P"]
+    shared = engine.loglikelihood([(context, c) for c in choices])
+    alone = [engine.loglikelihood([(context, c)])[0] for c in choices]
+    assert [s for _, s in shared] == [a for _, a in alone]  # greedy flags
+    assert [ll for ll, _ in shared] == pytest.approx([ll for ll, _ in alone], abs=2e-3)
+    assert max(shared)[0] == shared[0][0]  # "Paris" is the likeliest
+
+
 def test_mixed_file_resumes_after_a_crash(eval_kb, squad_questions, engine, tmp_path, monkeypatch):
     """A file mixing short-answer and multiple-choice questions (choices = the gold answer and
     other questions' answers), in base and auto; a crash in the second mode leaves the first

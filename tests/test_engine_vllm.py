@@ -5,6 +5,7 @@ guarded `__main__`, so nothing special is needed to run it here."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import pytest
@@ -109,9 +110,11 @@ def test_concurrent_streams_and_generate_are_batched_together(vllm_engine):
     for t in threads:
         t.join(120)
     # vLLM's CPU kernels are not batch-invariant: in another batch mix a near-tie between two
-    # tokens can flip late in a greedy continuation, so compare the opening words only.
+    # tokens can flip a few tokens into a greedy continuation ("Margherad," vs "Margherad?" seen
+    # in CI), so compare the first two words, punctuation aside. A stream fed another request's
+    # tokens would differ from the first word on.
     for i, g in enumerate(solo):
-        assert streamed[i].split()[:3] == g.text.split()[:3]
+        assert re.findall(r"\w+", streamed[i])[:2] == re.findall(r"\w+", g.text)[:2]
     assert len(together) == 3 and all(g.completion_tokens > 0 for g in together)
 
 

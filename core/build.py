@@ -141,7 +141,7 @@ def reusable_eval(
     with the same settings against the current index and adapter; None when there is none."""
     from core.files import sha256_file
 
-    current = {s: (kb.stage(s) or {}).get("fingerprint") for s in ("ingest", "train")}
+    current = kb.answer_inputs()
     questions_sha = sha256_file(questions)
     wanted = settings.public_dict()
     for folder in sorted(kb.dir("eval").glob("*/report.json"), key=lambda p: p.stat().st_mtime, reverse=True):

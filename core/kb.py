@@ -132,6 +132,11 @@ class KB:
     def stage(self, name: str) -> dict | None:
         return self.manifest()["stages"].get(name)
 
+    def answer_inputs(self) -> dict[str, str | None]:
+        """The fingerprints of what answers depend on: the index and the adapter (None if absent)."""
+        stages = self.manifest()["stages"]
+        return {s: (stages.get(s) or {}).get("fingerprint") for s in ("ingest", "train")}
+
     def record_stage(
         self,
         name: str,

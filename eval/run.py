@@ -272,10 +272,6 @@ def evaluate(
             answerer.engine.close()
 
 
-def _upstream(kb: KB) -> dict:
-    return {s: (kb.stage(s) or {}).get("fingerprint") for s in ("ingest", "train")}
-
-
 def _evaluate(kb, questions_path, questions, wanted, settings, split, limit, endpoint, backend, answerer, progress, timer) -> EvalReport:
     from tqdm import tqdm
 
@@ -301,7 +297,7 @@ def _evaluate(kb, questions_path, questions, wanted, settings, split, limit, end
     judge = make_judge(settings, endpoint)
     # No KB lock for the whole run (the service and other evals keep working); instead a run
     # during which ingest or train replaced the index or adapter is refused at the end.
-    upstream = _upstream(kb)
+    upstream = kb.answer_inputs()
     k = settings.retrieval.top_k
     params = SamplingParams(max_new_tokens=settings.eval.max_new_tokens, temperature=0.0, seed=settings.seed)
 
@@ -329,7 +325,7 @@ def _evaluate(kb, questions_path, questions, wanted, settings, split, limit, end
     for mode in wanted:
         rows[mode] = _run_mode(mode, questions, backend, answerer, params, judge, k, partial, settings, progress, tqdm)
 
-    changed = [stage for stage, fp in _upstream(kb).items() if fp != upstream[stage]]
+    changed = [stage for stage, fp in kb.answer_inputs().items() if fp != upstream[stage]]
     if changed:
         raise EvalError(f"the KB's {' and '.join(changed)} stage changed while evaluating, so the answers mix old and new: run the eval again")
     router = calibrate_router(rows, questions, settings, backend.available())

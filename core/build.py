@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import json
 import time
-from datetime import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -162,16 +161,6 @@ def reusable_eval(
         ):
             return folder.parent
     return None
-
-
-def recorded_seconds(kb: KB, stage: str) -> float | None:
-    """Wall time of the stage's last finished run, from its manifest record."""
-    rec = kb.stage(stage) or {}
-    try:
-        start, end = datetime.fromisoformat(rec["started_at"]), datetime.fromisoformat(rec["finished_at"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    return (end - start).total_seconds()
 
 
 def timing_table(runs: list[StageRun], title: str = "stage times") -> str:

@@ -37,7 +37,7 @@ class KBLockedError(KBError):
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def validate_name(name: str) -> str:
@@ -146,9 +146,13 @@ class KB:
         outputs: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
         started_at: str | None = None,
+        work_seconds: float | None = None,
         **extra: Any,
     ) -> dict:
-        """Record a finished stage. Call only when its outputs are complete on disk."""
+        """Record a finished stage. Call only when its outputs are complete on disk.
+
+        `work_seconds`: for a run that found nothing to do, the wall time of the run that produced
+        the outputs (`work_seconds(previous record)`), so re-recording does not lose it."""
         with self.lock():
             m = self.manifest()
             rec = {
@@ -159,6 +163,7 @@ class KB:
                 "metrics": metrics or {},
                 "started_at": started_at,
                 "finished_at": now_iso(),
+                **({"work_seconds": work_seconds} if work_seconds is not None else {}),
                 **extra,
             }
             m["stages"][name] = rec
@@ -239,6 +244,20 @@ class KB:
                     del _held[key]
                     fcntl.flock(fh, fcntl.LOCK_UN)
                     fh.close()
+
+
+def work_seconds(record: dict | None) -> float | None:
+    """Wall time of the run that produced a stage record's outputs: the `work_seconds` carried
+    over by later runs that found nothing to do, else the record's own start-to-finish time."""
+    if not record:
+        return None
+    if record.get("work_seconds") is not None:
+        return record["work_seconds"]
+    try:
+        start, end = datetime.fromisoformat(record["started_at"]), datetime.fromisoformat(record["finished_at"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return round((end - start).total_seconds(), 3)
 
 
 class StageTimer:

@@ -16,9 +16,9 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from core.build import build, door, recorded_seconds, reusable_eval
+from core.build import build, door, reusable_eval
 from core.errors import KinjectError
-from core.kb import KB
+from core.kb import KB, work_seconds
 from core.settings import _deep_merge, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,7 +77,7 @@ def run_set(name: str, overrides: dict, echo: Callable[[str], None] = typer.echo
     this_run = round(time.perf_counter() - t0, 1)
 
     # A reused stage counts with the wall time of the run that produced it.
-    stage_seconds = {s: recorded_seconds(kb, s) for s in ("ingest", "augment", "train")}
+    stage_seconds = {s: work_seconds(kb.stage(s)) for s in ("ingest", "augment", "train")}
     for r in built.runs:
         if r.status != "skipped":
             stage_seconds[r.stage] = r.seconds

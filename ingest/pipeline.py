@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from core.files import append_jsonl, read_jsonl, sha256_text
-from core.kb import KB, StageTimer
+from core.kb import KB, StageTimer, work_seconds
 from core.settings import Settings
 from ingest.chunking import CHUNKER_VERSION, Chunker
 from ingest.index import IndexState, VectorIndex, load_state, read_documents, read_meta, write_state
@@ -170,6 +170,7 @@ def _update(
     report = IngestReport(kb=kb.name, corpus=corpus, skipped=skipped)
     with kb.lock():
         folder = kb.dir("ingest")
+        previous = kb.stage("ingest")
         build = _build_settings(settings)
         state = load_state(folder)
         if state is not None:
@@ -227,7 +228,8 @@ def _update(
             state.documents = {**old, **incoming}
         fp = fingerprint(state.documents, build)
         state.meta.update(next_id=next_id + len(chunks), documents=len(state.documents), chunks=len(state.chunks), fingerprint=fp)
-        if chunks or drop or report.removed or state.generation is None or report.rebuilt or old != state.documents:
+        did_work = bool(chunks or drop or report.removed or state.generation is None or report.rebuilt or old != state.documents)
+        if did_work:
             write_state(folder, state)
         (folder / CHECKPOINT).unlink(missing_ok=True)  # its vectors are in the index now
         report.generation = state.generation
@@ -252,6 +254,7 @@ def _update(
                 "chunks_per_s": report.chunks_per_s,
             },
             started_at=timer.started_at,
+            work_seconds=None if did_work else work_seconds(previous),
             corpus=corpus,
             build=build,
             skipped=[{"path": s.path, "reason": s.reason} for s in report.skipped],

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from core.files import read_jsonl
-from core.kb import KB
+from core.kb import KB, work_seconds
 from core.settings import SettingsError, load_settings
 from ingest.augment import AugmentError, augment, load_training_texts, training_corpus_hash
 
@@ -95,17 +95,20 @@ def test_budget_is_met_across_all_seven_types_and_recorded(reference):
 def test_same_settings_generate_nothing_and_a_larger_budget_adds(reference, ingested, tmp_path, engine):
     kb, settings, first = reference
     path = kb.dir("augment") / "samples.jsonl"
-    before = path.read_bytes()
+    before, generated_in = path.read_bytes(), work_seconds(kb.stage("augment"))
     again = augment(kb, settings, progress=False)  # no engine: nothing to generate, none is started
     assert again.new_samples == 0 and path.read_bytes() == before
     assert again.report["kept"] == first.report["kept"]
+    assert work_seconds(kb.stage("augment")) == generated_in > again.seconds  # the record keeps the generating run's time
 
     bigger = load_settings({"kb_root": str(settings.kb_dir), "augment": {**SMALL, "budget_tokens": first.report["generated_tokens"] + 60}})
     more = augment(kb, bigger, progress=False, engine=engine)
     assert more.new_samples > 0 and more.report["generated_tokens"] >= first.report["generated_tokens"] + 60
     assert path.read_bytes().startswith(before)
     assert len(set(_keys(kb))) == len(_keys(kb))
+    assert work_seconds(kb.stage("augment")) == pytest.approx(more.seconds, abs=0.5)
     augment(kb, settings, progress=False)  # back to the smaller budget: the extra samples stay unused
+    assert work_seconds(kb.stage("augment")) == pytest.approx(more.seconds, abs=0.5)
     assert json.loads((kb.dir("augment") / "report.json").read_text())["unused_samples"] == more.new_samples
 
 

@@ -63,7 +63,7 @@ def top_hits(retriever, queries, k=8):
 
 # ---- incremental == from scratch ------------------------------------------------------------
 def test_incremental_updates_answer_like_a_fresh_build(tmp_path, settings):
-    from core.kb import KB
+    from core.kb import KB, work_seconds
     from core.retrieval import Retriever
     from ingest.index import load_state
     from ingest.pipeline import ingest
@@ -113,10 +113,13 @@ def test_incremental_updates_answer_like_a_fresh_build(tmp_path, settings):
     assert not any(c.startswith(removed) for hits in inc_hits for c, _ in hits)
     assert kb.stage("ingest")["fingerprint"] == fresh_kb.stage("ingest")["fingerprint"]
 
-    # the same corpus again: nothing to embed, the index is left as it is
+    # the same corpus again: nothing to embed, the index is left as it is, and its record keeps
+    # the time of the run that built it
+    built = kb.stage("ingest")
     third = ingest(kb, corpus, settings, progress=False)
     assert third.chunks_embedded == 0 and not (third.added or third.changed or third.removed)
     assert third.generation == second.generation
+    assert work_seconds(kb.stage("ingest")) == work_seconds(built) == pytest.approx(second.seconds, abs=0.1)
 
     # a setting that changes what is embedded rebuilds the whole index
     other = settings.model_copy(update={"ingest": settings.ingest.model_copy(update={"metadata_in_text": False})})

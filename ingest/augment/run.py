@@ -18,7 +18,7 @@ from pathlib import Path
 
 from core.engines import Engine
 from core.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
-from core.kb import KB, StageTimer
+from core.kb import KB, StageTimer, work_seconds
 from core.settings import Settings
 from ingest.augment import training_corpus_hash
 from ingest.augment.curate import curate
@@ -127,6 +127,7 @@ def augment(kb: KB, settings: Settings, progress: bool = True, engine: Engine | 
     with kb.lock():
         docs = _documents(kb)
         ingest_fingerprint = kb.stage("ingest")["fingerprint"]
+        previous = kb.stage("augment")
         by_id = {d.doc_id: d for d in docs}
         folder = kb.dir("augment")
         gen = Generator.open(settings, engine)
@@ -181,6 +182,8 @@ def augment(kb: KB, settings: Settings, progress: bool = True, engine: Engine | 
             outputs={"samples": f"synthetic/{SAMPLES}", "curated": f"synthetic/{CURATED}", "dropped": f"synthetic/{DROPPED}", "report": f"synthetic/{REPORT}"},
             metrics={k: report[k] for k in ("generated_tokens", "kept_tokens", "samples", "kept", "expansion", "faithfulness", "near_dup_rate")},
             started_at=timer.started_at,
+            # a run that only re-curated stored samples keeps the time of the run that generated them
+            work_seconds=None if new_samples else work_seconds(previous),
         )
     seconds = round(time.perf_counter() - t0, 2)
     return AugmentReport(report, new_samples, new_tokens, seconds, round(gen_s, 2), folder)

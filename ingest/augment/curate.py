@@ -157,6 +157,9 @@ def check_sample(sample: dict, source: SourceIndex, cfg: AugmentSettings) -> Ver
         return Verdict(text, tokens, "too_short", {"tokens": tokens})
     found, total, beyond_title = faithfulness(text, source)
     v = Verdict(text, tokens, found=found, mentioned=total)
+    if PROMPT_TYPES.get(sample["type"]) and PROMPT_TYPES[sample["type"]].rule:
+        # Cut from the source by rule: it copies the source on purpose and invents nothing.
+        return v
     if m := _REFUSAL.search(text[:_REFUSAL_WINDOW]):
         v.reason, v.detail = "refusal", {"match": m.group()}
         return v
@@ -180,8 +183,9 @@ def _shingles(text: str, n: int = 3) -> set[str]:
     return {" ".join(ws[i : i + n]) for i in range(max(1, len(ws) - n + 1))}
 
 
-def near_duplicates(texts: list[str], threshold: float, num_perm: int = 128) -> dict[int, tuple[str, int]]:
-    """index -> (reason, index of the earlier text it repeats): exact first, then MinHash LSH."""
+def near_duplicates(texts: list[str], threshold: float, num_perm: int = 128, skip: set[int] = frozenset()) -> dict[int, tuple[str, int]]:
+    """index -> (reason, index of the earlier text it repeats): exact first, then MinHash LSH.
+    Texts at `skip` are neither checked nor matched against."""
     from datasketch import MinHash, MinHashLSH
 
     out: dict[int, tuple[str, int]] = {}
@@ -189,6 +193,8 @@ def near_duplicates(texts: list[str], threshold: float, num_perm: int = 128) -> 
     lsh = MinHashLSH(threshold=min(max(threshold, 0.01), 0.99), num_perm=num_perm)
     hashes: dict[str, MinHash] = {}
     for i, text in enumerate(texts):
+        if i in skip:
+            continue
         norm = " ".join(words(text))
         digest = sha256_text(norm)
         if digest in seen:
@@ -230,7 +236,8 @@ def curate(samples: list[dict], docs: dict, cfg: AugmentSettings) -> Curated:
             dropped.append({**rec, "reason": v.reason, "detail": v.detail})
         else:
             survivors.append(rec)
-    dups = near_duplicates([r["text"] for r in survivors], cfg.near_dup_threshold)
+    # A rule type's samples of one document are variants of the same sentences by design.
+    dups = near_duplicates([r["text"] for r in survivors], cfg.near_dup_threshold, skip={i for i, r in enumerate(survivors) if PROMPT_TYPES[r["type"]].rule})
     kept = []
     for i, rec in enumerate(survivors):
         if i in dups:

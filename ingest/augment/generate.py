@@ -17,6 +17,7 @@ from ingest.augment.plan import PlannedSample
 from ingest.augment.prompts import COMPLETION_STOP, PROMPT_TYPES, PromptType
 
 _PROMPT_MARGIN = 8  # tokens kept free beside prompt + completion for special tokens
+RULE_GENERATOR = "rule"  # the `generator` of samples cut by rule
 
 
 class AugmentError(KinjectError):
@@ -130,6 +131,27 @@ class Generator:
         return self._fitted[key]
 
     # ---- records -------------------------------------------------------------------------
+    def rule_record(self, doc, planned: PlannedSample) -> dict:
+        """A sample of a rule type: cut from the document, no engine involved."""
+        from ingest.augment.extract import rule_sample
+
+        text = rule_sample(planned.type, doc.title, doc.text, planned.sample_index, planned.seed)
+        return {
+            "doc_id": planned.doc_id,
+            "type": planned.type,
+            "sample_index": planned.sample_index,
+            "seed": planned.seed,
+            "prompt_id": self.prompt_id(planned.type),
+            "generator": RULE_GENERATOR,
+            "engine": RULE_GENERATOR,
+            "content_hash": doc.content_hash,
+            "doc_cut": False,
+            "text": text,
+            "tokens": self.count_tokens(text) if text else 0,
+            "finish_reason": "stop",
+            "prompt_tokens": 0,
+        }
+
     def record(self, doc, planned: PlannedSample, gen: Generation) -> dict:
         cfg = self.settings.augment
         ptype = PROMPT_TYPES[planned.type]

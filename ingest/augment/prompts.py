@@ -25,6 +25,8 @@ class PromptType:
     heading: str  # the plain-completion version: the document, then this heading line
     lead: str = ""  # completion style: the first words of the answer, written for the model
     default: bool = True  # part of the default set (SPA's seven)
+    rule: bool = False  # cut from the document by rule (ingest.augment.extract), no generator
+    as_text: bool = True  # trained on as plain text; False: only its Q/A pairs, rendered as chat
 
     def chat(self, title: str, text: str) -> list[dict]:
         user = f"Title: {title}\n\n{text}\n\n{self.instruction.format(title=title)}"
@@ -34,7 +36,12 @@ class PromptType:
         return f"Title: {title}\n\n{text}\n\n{self.heading.format(title=title)}\n{self.lead}"
 
     def prompt_id(self, style: str) -> str:
-        """Names the exact prompt text: changes when the wording or the style changes."""
+        """Names the exact prompt text: changes when the wording or the style changes. A rule
+        type has no prompt; its id names the version of its rule instead."""
+        if self.rule:
+            from ingest.augment.extract import RULES_VERSION
+
+            return f"{self.id}/rule@{RULES_VERSION}"
         body = SYSTEM + self.instruction if style == "chat" else self.heading + "\n" + self.lead
         return f"{self.id}/{style}@{sha256_text(body)[:8]}"
 
@@ -109,7 +116,27 @@ PROMPT_TYPES: dict[str, PromptType] = {
             lead="Q:",
             default=False,
         ),
+        # Fact-level types cut from the text by rule: every output is checkable against its
+        # sentence, so they teach facts even where the generator would invent them.
+        PromptType(
+            "fact_qa",
+            "a question for every name, number and date of each sentence, answered by that span (rule)",
+            "",
+            "",
+            default=False,
+            rule=True,
+            as_text=False,
+        ),
+        PromptType(
+            "restate",
+            "each sentence standing alone with its subject named, in a new order (rule)",
+            "",
+            "",
+            default=False,
+            rule=True,
+        ),
     )
 }
 
 DEFAULT_TYPES = [t.id for t in PROMPT_TYPES.values() if t.default]
+RULE_TYPES = [t.id for t in PROMPT_TYPES.values() if t.rule]

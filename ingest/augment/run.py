@@ -137,11 +137,18 @@ def augment(kb: KB, settings: Settings, progress: bool = True, engine: Engine | 
             if budget <= 0:
                 raise AugmentError("the augmentation budget is 0 tokens: set augment.budget_tokens or augment.budget_multiple above 0")
             stored = _load_samples(folder, by_id, gen, settings)
-            planner = Planner([d.doc_id for d in docs], weights, budget, cfg.samples_per_call, cfg.max_new_tokens, settings.seed)
-            planned, new_samples, new_tokens, gen_s = _run_plan(planner, stored, by_id, gen, folder, progress)
+            shares = _budget_shares(weights, budget)
+            generated = {t: n for t, n in shares.items() if not PROMPT_TYPES[t].rule}
+            planned, new_samples, new_tokens, gen_s = [], 0, 0, 0.0
+            if generated:
+                planner = Planner([d.doc_id for d in docs], {t: weights[t] for t in generated}, sum(generated.values()), cfg.samples_per_call, cfg.max_new_tokens, settings.seed)
+                planned, new_samples, new_tokens, gen_s = _run_plan(planner, stored, by_id, gen, folder, progress)
+            samples = [stored[p.key] for p in planned]
+            for t, share in shares.items():
+                if PROMPT_TYPES[t].rule:
+                    samples += rule_samples(t, share, docs, gen, settings.seed)
         finally:
             gen.close()
-        samples = [stored[p.key] for p in planned]
         curated = curate(samples, by_id, cfg)
         report = build_report(
             samples=samples,
@@ -156,7 +163,7 @@ def augment(kb: KB, settings: Settings, progress: bool = True, engine: Engine | 
                 "prompt_style": gen.style,
                 "type_weights": weights,
                 "docs_cut_to_fit": len({s["doc_id"] for s in samples if s.get("doc_cut")}),
-                "unused_samples": len(stored) - len(samples),
+                "unused_samples": len(stored) - len(planned),
                 "thresholds": {
                     "copy_overlap_max": cfg.copy_overlap_max,
                     "near_dup_threshold": cfg.near_dup_threshold,
@@ -187,6 +194,25 @@ def augment(kb: KB, settings: Settings, progress: bool = True, engine: Engine | 
         )
     seconds = round(time.perf_counter() - t0, 2)
     return AugmentReport(report, new_samples, new_tokens, seconds, round(gen_s, 2), folder)
+
+
+def _budget_shares(weights: dict[str, float], budget: int) -> dict[str, int]:
+    """Each type's part of the token budget, by weight."""
+    total = sum(weights.values())
+    return {t: round(budget * w / total) for t, w in weights.items()}
+
+
+def rule_samples(type_id: str, budget: int, docs: list, gen: Generator, seed: int) -> list[dict]:
+    """Every document's samples of a rule type: one pass over the corpus, then as many further
+    variant passes as the type's budget holds. Cut in milliseconds and deterministic, so they
+    are made afresh on each run rather than stored and resumed."""
+    def one_pass(index: int) -> list[dict]:
+        return [gen.rule_record(d, PlannedSample(d.doc_id, type_id, index, sample_seed(seed, d.doc_id, type_id, index))) for d in docs]
+
+    first = one_pass(0)
+    per_pass = sum(r["tokens"] for r in first) or 1
+    passes = max(1, round(budget / per_pass))
+    return first + [r for i in range(1, passes) for r in one_pass(i)]
 
 
 def _run_plan(planner: Planner, stored: dict, docs: dict, gen: Generator, folder: Path, progress: bool) -> tuple[list[PlannedSample], int, int, float]:

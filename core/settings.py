@@ -71,6 +71,9 @@ class IngestSettings(_Group):
     embed_batch_size: int = Field(32, ge=1)
     metadata_in_text: bool = Field(True, description="Prefix JSONL metadata (date, publisher...) to the embedded text")
     max_file_mb: float = Field(20.0, gt=0, description="Files larger than this are skipped")
+    max_jsonl_line_bytes: int = Field(16 * 2**20, ge=1024, description="A JSONL line (one record) longer than this is skipped without being held in memory")
+    max_metadata_bytes: int = Field(4096, ge=0, description="JSON size of a record's metadata, which every chunk of it carries; beyond it the largest fields are dropped")
+    max_html_depth: int = Field(512, ge=8, description="HTML nested deeper than this is refused (Chromium's parser stops nesting at 512)")
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> "IngestSettings":

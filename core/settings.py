@@ -151,6 +151,8 @@ class ServeSettings(_Group):
     max_new_tokens: int = Field(256, ge=1)
     max_messages: int = Field(64, ge=1)
     auto_rag_min_score: float = Field(0.35, description="auto: retrieval score below which the KB likely lacks the answer")
+    max_upload_mb: float = Field(20.0, gt=0, description="Largest file the UI accepts")
+    ui_max_queue: int = Field(32, ge=1, description="UI events (page loads, chats, uploads) allowed to wait in Gradio's queue; beyond that the UI says it is full")
 
 
 class EvalSettings(_Group):

@@ -27,7 +27,7 @@ def plan_requests(settings, n: int):
     from ingest.augment.run import selected_types
     from ingest.readers import read_corpus
 
-    docs, _ = read_corpus(REPO / "demo" / "corpus", settings.ingest.max_file_mb)
+    docs, _ = read_corpus(REPO / "demo" / "corpus", settings.ingest)
     docs = sorted(docs, key=lambda d: d.doc_id)[: max(1, n // 7 + 1)]
     by_id = {d.doc_id: d for d in docs}
     planner = Planner(list(by_id), selected_types(settings), n * settings.augment.max_new_tokens, n, settings.augment.max_new_tokens, settings.seed)

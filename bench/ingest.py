@@ -32,9 +32,10 @@ def corpus_records(quick: bool) -> tuple[list[dict], str]:
     if all((SHARED / n / "corpus.jsonl").exists() for n in names):
         recs = [json.loads(line) for n in names for line in (SHARED / n / "corpus.jsonl").read_text().splitlines() if line.strip()]
         return recs, "+".join(names)
+    from core.settings import IngestSettings
     from ingest.readers import read_corpus
 
-    docs, _ = read_corpus(REPO / "demo" / "corpus", 20)
+    docs, _ = read_corpus(REPO / "demo" / "corpus", IngestSettings())
     return [{"doc_id": d.doc_id, "title": d.title, "text": d.text} for d in docs], "demo/corpus"
 
 

@@ -109,14 +109,16 @@ def kb_show(ctx: typer.Context, name: str, as_json: bool = typer.Option(False, "
 
 @kb_app.command("delete")
 def kb_delete(ctx: typer.Context, name: str, yes: bool = typer.Option(False, "--yes", help="Do not ask.")) -> None:
-    """Delete a knowledge base folder."""
+    """Delete a knowledge base: its manifest, index, synthetic data, adapter, evals and uploads."""
     from core.kb import KB
 
     kb = KB.open(settings_from(ctx), name)
     if not yes:
         typer.confirm(f"delete {kb.root}?", abort=True)
-    kb.delete()
+    kept = kb.delete()
     typer.echo(f"deleted KB {name!r}")
+    if kept:
+        typer.echo(f"kept {kb.root}: it also holds {', '.join(kept)}, which were not part of the KB")
 
 
 def _register_stages() -> None:

@@ -1,6 +1,8 @@
 """Atomic file writes and content hashes: every stage writes through these."""
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -8,7 +10,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -49,8 +51,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over the target.
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A temp file in the target's folder, fsync'd and renamed over the target on success.
 
     A crash at any point leaves either the old file or the new one, never a torn file.
     """
@@ -59,7 +62,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -67,6 +70,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with _atomic_file(path) as f:
+        f.write(data)
+
+
+def atomic_copy(src: Path, path: Path) -> None:
+    """Copy a file of any size into place as atomic_write_bytes would write it."""
+    with open(src, "rb") as source, _atomic_file(path) as f:
+        shutil.copyfileobj(source, f, 1 << 20)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -77,9 +91,42 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE). False where the kernel, the
+    C library or the filesystem cannot; the caller then falls back to two renames."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put folder `new` in place of folder `target`, which readers see whole at every instant:
+    the two are exchanged in one step, then the old one (now at `new`) is deleted. Without
+    RENAME_EXCHANGE, target is moved aside and new renamed in: a reader in between finds nothing."""
+    if not _exchange(new, target):
+        old = target.with_name(f".{target.name}.old.{os.getpid()}")
+        os.replace(target, old)
+        os.replace(new, target)
+        new = old
+    shutil.rmtree(new, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temp folder beside `target`; on success it replaces `target` in one rename.
+    """Yield a temp folder beside `target`; on success it takes the place of `target` at once.
 
     If another process already produced `target` meanwhile, ours is discarded (first one wins),
     so two racing writers of the same content are safe.
@@ -90,10 +137,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     try:
         yield tmp
         if target.exists():
-            old = target.with_name(f".{target.name}.old.{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            _replace_dir(tmp, target)
         else:
             try:
                 os.rename(tmp, target)

@@ -25,6 +25,9 @@ from core.settings import Settings
 
 SCHEMA_VERSION = 1
 STAGE_DIRS = {"ingest": "index", "augment": "synthetic", "train": "adapter", "eval": "eval"}
+UPLOADS_DIR = "uploads"  # originals of files added through the UI, ingested again with every corpus
+# Everything a KB folder holds; `kb delete` removes these and nothing else.
+KB_ENTRIES = ("manifest.json", ".lock", UPLOADS_DIR, *STAGE_DIRS.values())
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -49,8 +52,9 @@ def validate_name(name: str) -> str:
     return name
 
 
-# Locks held by this process, so nested stages (build -> ingest -> ...) can re-enter.
-_held: dict[str, tuple[int, Any]] = {}
+# Locks held in this process: KB folder -> (holding thread, depth, lock file). The holding thread
+# re-enters (build -> ingest -> record_stage); any other thread is refused like another process.
+_held: dict[str, tuple[int, int, Any]] = {}
 _held_guard = threading.Lock()
 
 
@@ -71,6 +75,9 @@ class KB:
             if exist_ok:
                 return cls(root)
             raise KBError(f"KB {name!r} already exists at {root}")
+        if root.is_dir() and any(p.name != ".lock" for p in root.iterdir()):
+            # Adopting it would let `kb delete` remove files that were never the KB's.
+            raise KBError(f"{root} already exists and is not a KB; choose another name or move that folder away")
         root.mkdir(parents=True, exist_ok=True)
         kb = cls(root)
         with kb.lock():
@@ -108,6 +115,10 @@ class KB:
     @property
     def manifest_path(self) -> Path:
         return self.root / "manifest.json"
+
+    @property
+    def uploads(self) -> Path:
+        return self.root / UPLOADS_DIR
 
     def dir(self, stage: str) -> Path:
         """The stage's own folder (index/, synthetic/, adapter/, eval/), created on demand."""
@@ -197,49 +208,66 @@ class KB:
                 out[name] = changed
         return out
 
-    def delete(self) -> None:
+    def delete(self) -> list[str]:
+        """Remove what makes the KB (its manifest, stage folders, uploads, lock) and, when nothing
+        else is left, the folder. Returns the names of other entries, which are kept."""
         with self.lock():
-            shutil.rmtree(self.root)
+            for name in KB_ENTRIES:
+                if name == "manifest.json":
+                    continue  # last: until it goes, an interrupted delete can be run again
+                path = self.root / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+            for leftover in self.root.glob(".manifest.json.*.tmp"):  # an interrupted atomic write
+                leftover.unlink(missing_ok=True)
+            self.manifest_path.unlink(missing_ok=True)
+            kept = sorted(p.name for p in self.root.iterdir())
+        if not kept:
+            self.root.rmdir()
+        return kept
 
     # ---- locking -------------------------------------------------------------------------
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """Exclusive lock on the KB, re-entrant within a process.
+        """Exclusive lock on the KB, re-entrant within the thread that holds it; another thread
+        or process is refused at once with KBLockedError.
 
         flock is released by the kernel when its holder dies (even by SIGKILL), so a stale lock
         file never blocks anyone; the pid inside it only names the holder in the error.
         """
         key = str(self.root.resolve())
+        me = threading.get_ident()
         with _held_guard:
-            if key in _held:
-                count, fh = _held[key]
-                _held[key] = (count + 1, fh)
-                reentered = True
-            else:
-                reentered = False
-        if not reentered:
+            holder = _held.get(key)
+            if holder is not None:
+                if holder[0] != me:
+                    raise KBLockedError(f"KB {self.name!r} is locked by another thread of this process (pid {os.getpid()})")
+                _held[key] = (me, holder[1] + 1, holder[2])
+        if holder is None:
             self.root.mkdir(parents=True, exist_ok=True)
             fh = open(self.root / ".lock", "a+")
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 fh.seek(0)
-                holder = fh.read().strip() or "unknown"
+                holder_pid = fh.read().strip() or "unknown"
                 fh.close()
-                raise KBLockedError(f"KB {self.name!r} is locked by pid {holder}") from None
+                raise KBLockedError(f"KB {self.name!r} is locked by pid {holder_pid}") from None
             fh.seek(0)
             fh.truncate()
             fh.write(str(os.getpid()))
             fh.flush()
             with _held_guard:
-                _held[key] = (1, fh)
+                _held[key] = (me, 1, fh)
         try:
             yield
         finally:
             with _held_guard:
-                count, fh = _held[key]
-                if count > 1:
-                    _held[key] = (count - 1, fh)
+                _, depth, fh = _held[key]
+                if depth > 1:
+                    _held[key] = (me, depth - 1, fh)
                 else:
                     del _held[key]
                     fcntl.flock(fh, fcntl.LOCK_UN)

@@ -71,6 +71,9 @@ class IngestSettings(_Group):
     embed_batch_size: int = Field(32, ge=1)
     metadata_in_text: bool = Field(True, description="Prefix JSONL metadata (date, publisher...) to the embedded text")
     max_file_mb: float = Field(20.0, gt=0, description="Files larger than this are skipped")
+    max_jsonl_line_bytes: int = Field(16 * 2**20, ge=1024, description="A JSONL line (one record) longer than this is skipped without being held in memory")
+    max_metadata_bytes: int = Field(4096, ge=0, description="JSON size of a record's metadata, which every chunk of it carries; beyond it the largest fields are dropped")
+    max_html_depth: int = Field(512, ge=8, description="HTML nested deeper than this is refused (Chromium's parser stops nesting at 512)")
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> "IngestSettings":
@@ -149,6 +152,8 @@ class ServeSettings(_Group):
     max_new_tokens: int = Field(256, ge=1)
     max_messages: int = Field(64, ge=1)
     auto_rag_min_score: float = Field(0.35, description="auto: retrieval score below which the KB likely lacks the answer")
+    max_upload_mb: float = Field(20.0, gt=0, description="Largest file the UI accepts")
+    ui_max_queue: int = Field(32, ge=1, description="UI events (page loads, chats, uploads) allowed to wait in Gradio's queue; beyond that the UI says it is full")
 
 
 class EvalSettings(_Group):

@@ -4,7 +4,9 @@ corpus -> Documents (readers) -> chunks (chunking) -> vectors (embedder) -> FAIS
 Incremental: only documents whose content hash is new or changed are chunked and embedded; a
 changed document's chunks are replaced and a removed document's chunks deleted, so the index
 answers as a from-scratch build of the same corpus would. `add_files` adds uploaded files
-without removing anything. The stage is recorded in the manifest once the new index is current.
+without removing anything, and keeps their originals in the KB's uploads/ folder, which every
+`ingest` reads after the corpus: an upload survives a re-ingest. The stage is recorded in the
+manifest once the new index is current.
 """
 from __future__ import annotations
 
@@ -16,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from core.files import append_jsonl, read_jsonl, sha256_text
+from core.files import append_jsonl, atomic_copy, read_jsonl, sha256_text
 from core.kb import KB, StageTimer, work_seconds
 from core.settings import Settings
 from ingest.chunking import CHUNKER_VERSION, Chunker
 from ingest.index import IndexState, VectorIndex, load_state, read_documents, read_meta, write_state
-from ingest.readers import CorpusError, Document, Skipped, read_corpus, read_files
+from ingest.readers import CorpusError, Document, Findings, Skipped, Trimmed, read_corpus, read_files
 
 __all__ = ["Document", "IngestReport", "ingest", "add_files", "load_documents", "CorpusError"]
 
@@ -35,6 +37,7 @@ class IngestReport:
     removed: list[str] = field(default_factory=list)
     unchanged: int = 0
     skipped: list[Skipped] = field(default_factory=list)
+    trimmed: list[Trimmed] = field(default_factory=list)
     documents: int = 0  # in the index after the run
     chunks: int = 0  # in the index after the run
     chunks_embedded: int = 0
@@ -64,48 +67,78 @@ class IngestReport:
         if self.skipped:
             lines.append("  skipped:")
             lines += [f"    {s}" for s in self.skipped]
+        if self.trimmed:
+            lines.append("  trimmed:")
+            lines += [f"    {t}" for t in self.trimmed]
         return "\n".join(lines)
 
 
 def ingest(kb: KB, corpus_path: str | Path, settings: Settings, progress: bool = True) -> IngestReport:
-    """Make the KB's index match the corpus: add new, replace changed, delete removed documents."""
+    """Make the KB's index match the corpus plus the KB's uploads: add new, replace changed,
+    delete removed documents. A corpus document wins over an upload with the same doc_id."""
     timer = StageTimer()
     corpus = Path(corpus_path).expanduser()
-    docs, skipped = read_corpus(corpus, settings.ingest.max_file_mb)
+    docs, found = read_corpus(corpus, settings.ingest)
+    if kb.uploads.is_dir() and any(kb.uploads.iterdir()):
+        uploaded, more = read_corpus(kb.uploads, settings.ingest)
+        first = {d.doc_id: d.source for d in docs}
+        for d in uploaded:
+            if d.doc_id in first:
+                more.skipped.append(Skipped(f"uploads/{d.source}", f"duplicate doc_id {d.doc_id!r} (first in the corpus: {first[d.doc_id]})"))
+            else:
+                docs.append(d)
+        found.skipped += [Skipped(f"uploads/{s.path}", s.reason) for s in more.skipped]
+        found.trimmed += [Trimmed(f"uploads/{t.path}", t.what) for t in more.trimmed]
     if not docs:
-        detail = f"{len(skipped)} file(s) or line(s) skipped, e.g. {skipped[0]}" if skipped else "it holds no files"
+        detail = f"{len(found.skipped)} file(s) or line(s) skipped, e.g. {found.skipped[0]}" if found.skipped else "it holds no files"
         raise CorpusError(f"no documents to index in {corpus}: {detail}")
-    return _update(kb, docs, skipped, settings, progress, timer, corpus=str(corpus), remove_missing=True)
+    return _update(kb, docs, found, settings, progress, timer, corpus=str(corpus), remove_missing=True)
 
 
 def add_files(kb: KB, paths: list[str | Path], settings: Settings, progress: bool = False) -> IngestReport:
-    """Index a few files (an upload) into the KB, keeping every other document.
+    """Index a few files (an upload) into the KB, keeping every other document, and keep each
+    file that gave a document in the KB's uploads/ folder.
 
-    A file's doc_id is its name; files inside a given folder are named relative to that folder.
-    A file with an existing doc_id replaces that document.
+    A file's doc_id is its name (a JSONL file's records keep their own). A file whose name, or
+    any of whose doc_ids, is already in the KB is refused, never replaced: an upload must not
+    silently overwrite a document.
     """
     timer = StageTimer()
-    docs: list[Document] = []
-    skipped: list[Skipped] = []
-    for p in map(lambda x: Path(x).expanduser(), paths):
-        if not p.exists():
-            raise CorpusError(f"file not found: {p}")
-        if p.is_dir():
-            found, more = read_corpus(p, settings.ingest.max_file_mb)
-            skipped += more
-        else:
-            found, _ = read_files([p], p.parent, settings.ingest.max_file_mb, skipped)
-        seen = {d.doc_id for d in docs}
-        for d in found:
-            if d.doc_id in seen:
-                skipped.append(Skipped(d.source, f"duplicate doc_id {d.doc_id!r} in this upload"))
-            else:
-                docs.append(d)
-    corpus = ", ".join(map(str, paths))
-    if not docs:  # nothing readable: leave the index and the manifest as they are
-        meta = read_meta(kb.root / "index") or {}
-        return IngestReport(kb=kb.name, corpus=corpus, skipped=skipped, documents=meta.get("documents", 0), chunks=meta.get("chunks", 0), seconds=timer.seconds)
-    return _update(kb, docs, skipped, settings, progress, timer, corpus=corpus, remove_missing=False)
+    paths = [Path(x).expanduser() for x in paths]
+    for p in paths:
+        if not p.is_file():
+            raise CorpusError(f"not a file: {p}")
+    with kb.lock():  # no other upload may take the same names in between
+        docs, found = [], Findings()
+        known = {d.doc_id for d in load_documents(kb)}
+        keep: dict[str, Path] = {}
+        for p in paths:
+            if p.name.startswith("."):
+                found.skipped.append(Skipped(p.name, "hidden file (a name starting with '.'), which ingest does not read"))
+                continue
+            if (kb.uploads / p.name).exists() or p.name in keep:
+                found.skipped.append(Skipped(p.name, "a file with this name was already uploaded to this KB; rename it to add it as a new document"))
+                continue
+            read, _ = read_files([p], p.parent, settings.ingest, found)
+            taken = sorted({d.doc_id for d in read} & (known | {d.doc_id for d in docs}))
+            if taken:
+                found.skipped.append(Skipped(p.name, f"the KB already has a document {taken[0]!r}; nothing from this file was added (rename the file or change its doc_ids)"))
+                continue
+            docs += read
+            if read:
+                keep[p.name] = p
+        corpus = ", ".join(map(str, paths))
+        if not docs:  # nothing readable: leave the index and the manifest as they are
+            meta = read_meta(kb.root / "index") or {}
+            return IngestReport(kb=kb.name, corpus=corpus, skipped=found.skipped, trimmed=found.trimmed, documents=meta.get("documents", 0), chunks=meta.get("chunks", 0), seconds=timer.seconds)
+        for name, p in keep.items():
+            atomic_copy(p, kb.uploads / name)
+        try:
+            return _update(kb, docs, found, settings, progress, timer, corpus=corpus, remove_missing=False)
+        except BaseException:
+            for name in keep:  # not indexed: the same upload may be tried again
+                (kb.uploads / name).unlink(missing_ok=True)
+            raise
 
 
 def load_documents(kb: KB) -> list[Document]:
@@ -158,7 +191,7 @@ def fingerprint(documents: dict[str, Document] | list[Document], build: dict) ->
 def _update(
     kb: KB,
     docs: list[Document],
-    skipped: list[Skipped],
+    found: Findings,
     settings: Settings,
     progress: bool,
     timer: StageTimer,
@@ -167,7 +200,7 @@ def _update(
 ) -> IngestReport:
     from core.retrieval import get_embedder
 
-    report = IngestReport(kb=kb.name, corpus=corpus, skipped=skipped)
+    report = IngestReport(kb=kb.name, corpus=corpus, skipped=found.skipped, trimmed=found.trimmed)
     with kb.lock():
         folder = kb.dir("ingest")
         previous = kb.stage("ingest")
@@ -258,5 +291,6 @@ def _update(
             corpus=corpus,
             build=build,
             skipped=[{"path": s.path, "reason": s.reason} for s in report.skipped],
+            trimmed=[{"path": t.path, "what": t.what} for t in report.trimmed],
         )
     return report

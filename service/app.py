@@ -61,19 +61,17 @@ def create_app(kb: KB, settings: Settings, engine: Engine | None = None) -> Fast
     key = settings.serve.api_key.get_secret_value()
     if key:
         app.add_middleware(APIKeyMiddleware, key=key)
-    mount_ui(app, answerer, settings, key)
+    mount_ui(app, app.state.kinject, key)
     return app
 
 
-def mount_ui(app: FastAPI, answerer: Answerer, settings: Settings, key: str) -> bool:
-    """Mount the Gradio UI at /ui when the ui package is present; with an API key, Gradio's
-    login (any user name, the key as password) guards it (see service.auth)."""
+def mount_ui(app: FastAPI, state: ServiceState, key: str) -> bool:
+    """Mount the Gradio UI at /ui when the ui package is present, generating in the API's slots;
+    with an API key, Gradio's login (any user name, the key as password) guards it (see
+    service.auth)."""
     if importlib.util.find_spec("ui.app") is None:
         return False
-    import gradio as gr
+    from ui.app import mount
 
-    from ui.app import build_ui
-
-    blocks = build_ui(answerer, settings)
-    gr.mount_gradio_app(app, blocks, path=UI_PATH, auth=ui_auth(key) if key else None)
+    mount(app, state.answerer, state.settings, state.slots, path=UI_PATH, auth=ui_auth(key) if key else None)
     return True

@@ -1,5 +1,6 @@
 import json
 import multiprocessing as mp
+import os
 
 import pytest
 
@@ -106,3 +107,101 @@ def test_inside_refuses_escape(settings):
     for bad in ("../other", "/etc/passwd", "eval/../../x"):
         with pytest.raises(KBError, match="escapes"):
             kb.inside(bad)
+
+
+def test_a_second_thread_is_refused_while_the_holder_re_enters(settings):
+    import threading
+
+    kb = KB.create(settings, "threads")
+    holding, release, outcome = threading.Event(), threading.Event(), []
+
+    def hold():
+        with kb.lock():
+            with kb.lock():  # the holding thread re-enters
+                holding.set()
+                release.wait(30)
+
+    def intrude():
+        try:
+            with kb.lock():
+                outcome.append("entered")
+        except KBLockedError as e:
+            outcome.append(str(e))
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(30)
+        intruder = threading.Thread(target=intrude)
+        intruder.start()
+        intruder.join(30)
+    finally:
+        release.set()
+        holder.join(30)
+    assert outcome == [f"KB 'threads' is locked by another thread of this process (pid {os.getpid()})"]
+    with kb.lock():  # free again once the holder left
+        pass
+
+
+def test_create_refuses_a_folder_that_is_not_a_kb_and_delete_removes_only_the_kb(settings):
+    (settings.kb_dir / "photos").mkdir(parents=True)
+    (settings.kb_dir / "photos" / "cat.jpg").write_bytes(b"meow")
+    with pytest.raises(KBError, match="already exists and is not a KB"):
+        KB.create(settings, "photos")
+    with pytest.raises(KBError, match="already exists and is not a KB"):
+        KB.open(settings, "photos", create=True)
+    assert not (settings.kb_dir / "photos" / "manifest.json").exists()
+
+    kb = KB.create(settings, "mixed")
+    kb.dir("ingest")
+    (kb.uploads).mkdir()
+    (kb.uploads / "notes.md").write_text("# n")
+    (kb.root / "mine.txt").write_text("not the KB's")  # put there by hand later
+    assert kb.delete() == ["mine.txt"]
+    assert sorted(p.name for p in kb.root.iterdir()) == ["mine.txt"]
+    assert [k.name for k in KB.list(settings)] == []
+
+    empty = KB.create(settings, "plain")
+    assert empty.delete() == [] and not empty.root.exists()
+
+
+def test_atomic_dir_replaces_a_folder_that_readers_always_find_whole(tmp_path):
+    """A reader opening files by path below the folder never finds it missing or without a file
+    while it is replaced (a reader that already holds the old folder open is not covered: it is
+    deleted at once)."""
+    import threading
+
+    from core.files import atomic_dir
+
+    target = tmp_path / "model"
+    files = {"config.json", "weights.bin"}
+
+    def write(version: int) -> None:
+        with atomic_dir(target) as tmp:
+            for name in files:
+                (tmp / name).write_text(str(version))
+
+    write(0)
+    stop, seen, problems = threading.Event(), [0], []
+
+    def read():  # as a model loader does: each file opened by its path below the folder
+        while not stop.is_set():
+            for name in sorted(files):
+                try:
+                    if not (target / name).read_text().isdigit():
+                        problems.append(f"torn {name}")
+                except FileNotFoundError as e:
+                    problems.append(f"missing: {e}")
+            seen[0] += 1
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for version in range(1, 300):
+            write(version)
+    finally:
+        stop.set()
+        reader.join(30)
+    assert seen[0] > 0 and problems == [], problems[:3]
+    assert (target / "config.json").read_text() == "299"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # the old folders are gone

@@ -1,26 +1,36 @@
 """The Gradio app: chat in one mode, compare the four modes side by side, see and grow the KB.
 
-`build_ui(answerer, settings)` only builds the Blocks; it answers through the `Answerer` it is
-given, so the service mounts it at /ui on the engine it already loaded, and `kinject ui` runs it
-alone. Every event has an explicit api_name so `gradio_client` can call it.
+`build_ui(answerer, settings, slots)` only builds the Blocks; it answers through the `Answerer`
+it is given, so the service mounts it at /ui on the engine it already loaded (`mount`), and
+`kinject ui` runs it alone. Every generation takes one of the service's slots (service.state), so
+the UI and the API share `serve.max_concurrency` and `serve.max_queue`; Gradio's own queue holds
+at most `serve.ui_max_queue` events. Every event has an explicit api_name so `gradio_client` can
+call it.
 """
 from __future__ import annotations
 
+import asyncio
 import html
 import json
-import queue
+import stat
 import threading
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio
 import gradio as gr
 
-from core.answer import ALL_MODES, AUTO, MODES, Answerer, source_dict
+from core.answer import ALL_MODES, AUTO, MODES, Answerer, Prepared, source_dict
 from core.engines import SamplingParams
 from core.errors import KinjectError
 from core.kb import KB, STAGE_DIRS
 from core.settings import Settings
+from ingest.readers import Skipped
+from service.errors import APIError
+from service.state import Slots
+from service.streaming import in_thread
 
 COMPARE_MODES = list(MODES)  # base | rag | ft | ft-rag
 COMPARE_LABELS = {  # short enough for one line in a quarter of the page
@@ -36,11 +46,21 @@ def sampling(settings: Settings) -> SamplingParams:
     return SamplingParams(max_new_tokens=settings.serve.max_new_tokens, temperature=0.0, seed=settings.seed)
 
 
-def start_answer(answerer: Answerer, settings: Settings, mode: str, conversation: list[dict], cancel: threading.Event):
-    """Retrieve and build the request now (so sources are known before the first token), and
-    return it with the stream of its answer; passages that do not fit the prompt are dropped."""
-    prepared = answerer.prepare(mode, conversation, sampling(settings), max_prompt_tokens=settings.serve.max_prompt_tokens)
-    return prepared, answerer.stream_prepared(prepared, cancel)
+async def prepare(answerer: Answerer, settings: Settings, mode: str, conversation: list[dict]) -> Prepared:
+    """Retrieve and build the request (so sources are known before the first token), in a worker
+    thread; passages that do not fit the prompt are dropped."""
+    run = lambda: answerer.prepare(mode, conversation, sampling(settings), max_prompt_tokens=settings.serve.max_prompt_tokens)  # noqa: E731
+    return await anyio.to_thread.run_sync(run)
+
+
+async def generate(answerer: Answerer, slots: Slots, prepared: Prepared):
+    """The answer's chunks, generated in one of the service's slots (APIError 503 when the queue
+    is full). Leaving early (stop pressed, page closed) cancels the generation and frees the slot."""
+    cancel = threading.Event()
+    async with slots.slot():
+        async with aclosing(in_thread(answerer.stream_prepared(prepared, cancel), cancel)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
 
 # ---- modes ----------------------------------------------------------------------------------
@@ -108,13 +128,12 @@ def sources_message(sources: list[dict]) -> gr.ChatMessage:
     )
 
 
-def make_chat(answerer: Answerer, settings: Settings):
-    def chat(message: str, history: list[dict], mode: str):
+def make_chat(answerer: Answerer, settings: Settings, slots: Slots):
+    async def chat(message: str, history: list[dict], mode: str):
         if not (message or "").strip():
             raise gr.Error("Type a question first.")
-        cancel = threading.Event()
         try:
-            prepared, chunks = start_answer(answerer, settings, mode or default_mode(answerer), conversation_from(history, message), cancel)
+            prepared = await prepare(answerer, settings, mode or default_mode(answerer), conversation_from(history, message))
         except KinjectError as e:
             raise gr.Error(str(e)) from None
         before, after = [], []
@@ -124,12 +143,13 @@ def make_chat(answerer: Answerer, settings: Settings):
             after.append(sources_message([source_dict(h) for h in prepared.hits]))
         text = ""
         try:
-            for chunk in chunks:
-                text += chunk.text
-                if chunk.text:
-                    yield [*before, gr.ChatMessage(content=text), *after]
-        finally:
-            cancel.set()  # the reader pressed stop or left: end the generation
+            async with aclosing(generate(answerer, slots, prepared)) as chunks:
+                async for chunk in chunks:
+                    text += chunk.text
+                    if chunk.text:
+                        yield [*before, gr.ChatMessage(content=text), *after]
+        except APIError as e:  # no slot free and the queue full
+            raise gr.Error(e.message) from None
         yield [*before, gr.ChatMessage(content=text.strip() or "(the model returned an empty answer)"), *after]
 
     return chat
@@ -170,56 +190,57 @@ class Column:
         return self.status_html() + self.sources_block()
 
 
-def _pump(mode: str, chunks, events: queue.Queue) -> None:
-    """Feed one mode's stream into the shared queue, ending with (mode, None, error or None)."""
-    error = None
-    try:
-        for chunk in chunks:
-            events.put((mode, chunk, None))
-    except Exception as e:  # shown in the mode's column
-        error = e
-    events.put((mode, None, error))
-
-
-def make_compare(answerer: Answerer, settings: Settings):
-    def compare(question: str):
-        """Stream the four answers at once: each mode's stream runs in its own thread, so an
-        engine that batches streams answers them together and one that serializes fills them in turn."""
+def make_compare(answerer: Answerer, settings: Settings, slots: Slots):
+    async def compare(question: str):
+        """Stream the four answers at once, each in its own slot: an engine that batches answers
+        them together, one that serializes fills them in turn, and with fewer free slots the
+        others wait in the service's queue (or show that it is full)."""
         if not (question or "").strip():
             raise gr.Error("Type a question first.")
         conversation = [{"role": "user", "content": question.strip()}]
         cols = {m: Column(m) for m in COMPARE_MODES}
-        # One cancel event per stream: an engine may set a stream's own event when it ends.
-        cancels, events = {m: threading.Event() for m in COMPARE_MODES}, queue.Queue()
-        t0 = time.perf_counter()
-        streams = []
-        blocked = answerer.unavailable()
+        blocked = await anyio.to_thread.run_sync(answerer.unavailable)
+        prepared: dict[str, Prepared] = {}
         for m, col in cols.items():
             if m in blocked:
                 col.error = f"unavailable: {blocked[m]}"
                 continue
             try:
-                prepared, chunks = start_answer(answerer, settings, m, conversation, cancels[m])
+                prepared[m] = await prepare(answerer, settings, m, conversation)
             except KinjectError as e:
                 col.error = str(e)
                 continue
-            col.sources = [source_dict(h) for h in prepared.hits]
-            streams.append(threading.Thread(target=_pump, args=(m, chunks, events), daemon=True))
+            col.sources = [source_dict(h) for h in prepared[m].hits]
 
         def outputs():
             return [c.text for c in cols.values()] + [c.meta_html() for c in cols.values()]
 
         yield outputs()
-        for t in streams:
-            t.start()
-        running = len(streams)
+        events: asyncio.Queue = asyncio.Queue()
+        t0 = time.perf_counter()
+
+        async def run(mode: str) -> None:
+            """Feed one mode's stream into the shared queue, ending with (mode, None, error or None)."""
+            error = None
+            try:
+                async with aclosing(generate(answerer, slots, prepared[mode])) as chunks:
+                    async for chunk in chunks:
+                        await events.put((mode, chunk, None))
+            except APIError as e:
+                error = e.message
+            except Exception as e:  # shown in the mode's column
+                error = f"failed: {e}"
+            await events.put((mode, None, error))
+
+        tasks = [asyncio.create_task(run(m)) for m in prepared]
+        running = len(tasks)
         try:
             while running:
-                mode, chunk, error = events.get()
+                mode, chunk, error = await events.get()
                 col = cols[mode]
                 if chunk is None:  # this mode's stream has ended: one last update for its column
                     if error is not None:
-                        col.error = f"failed: {error}"
+                        col.error = error
                     running -= 1
                     col.total_s = time.perf_counter() - t0
                     col.text = col.text.strip()
@@ -234,10 +255,9 @@ def make_compare(answerer: Answerer, settings: Settings):
                     continue
                 yield outputs()
         finally:
-            for event in cancels.values():
-                event.set()  # the reader left or pressed stop: end every generation
-            for t in streams:
-                t.join(timeout=30)
+            for task in tasks:  # the reader left or pressed stop: end every generation, free its slot
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     return compare
 
@@ -386,37 +406,93 @@ def upload_report(report) -> str:
     if report.skipped:
         lines.append("\n**Not added:**")
         lines += [f"- `{Path(s.path).name}`: {s.reason}" for s in report.skipped]
+    if report.trimmed:
+        lines.append("\n**Left out of the added documents:**")
+        lines += [f"- `{Path(t.path).name}`: {t.what}" for t in report.trimmed]
     return "\n".join(lines)
 
 
-def make_upload(answerer: Answerer, settings: Settings):
+def upload_limit(settings: Settings) -> int:
+    return int(settings.serve.max_upload_mb * 2**20)
+
+
+def accepted_upload(path: str | Path, upload_dir: str | Path, max_bytes: int) -> tuple[Path | None, str]:
+    """(the file, "") for a regular file, at most max_bytes, that lies inside Gradio's upload
+    folder once symlinks are resolved; else (None, why). An event names its files by server
+    path, so without this any file the server can read could be pulled into the KB."""
+    try:
+        real = Path(path).resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None, "not found"
+    if Path(upload_dir).resolve() not in real.parents:
+        return None, "not a file uploaded through this page"
+    info = real.stat()
+    if not stat.S_ISREG(info.st_mode):
+        return None, "not a regular file"
+    if info.st_size > max_bytes:
+        return None, f"too large ({info.st_size / 2**20:.1f} MB > serve.max_upload_mb={max_bytes / 2**20:g})"
+    return real, ""
+
+
+def discard_upload(path: str | Path, upload_dir: str | Path) -> None:
+    """Delete an uploaded temp file and the per-upload folder Gradio made for it; a path outside
+    the upload folder is left alone."""
+    real, root = Path(path).resolve(), Path(upload_dir).resolve()
+    if root not in real.parents or not real.is_file():
+        return
+    real.unlink(missing_ok=True)
+    if root in real.parent.parents:
+        try:
+            real.parent.rmdir()
+        except OSError:  # another file is still in it
+            pass
+
+
+def make_upload(answerer: Answerer, settings: Settings, upload_dir: str):
     def upload(files: list[str] | None, progress=gr.Progress(track_tqdm=True)) -> str:
         if not files:
             raise gr.Error("Choose one or more files first.")
         from ingest.pipeline import add_files
 
-        progress(0, desc=f"indexing {len(files)} file(s)")
+        accepted, refused = [], []
+        for f in files:
+            real, why = accepted_upload(f, upload_dir, upload_limit(settings))
+            if real is None:
+                refused.append(Skipped(Path(f).name, why))
+            else:
+                accepted.append(real)
         try:
-            report = add_files(answerer.kb, [Path(f) for f in files], settings, progress=True)
-        except KinjectError as e:
-            raise gr.Error(str(e)) from None
+            if not accepted:
+                raise gr.Error("Nothing was added: " + "; ".join(map(str, refused)))
+            progress(0, desc=f"indexing {len(accepted)} file(s)")
+            try:
+                report = add_files(answerer.kb, accepted, settings, progress=True)
+            except KinjectError as e:
+                raise gr.Error(str(e)) from None
+        finally:
+            for f in files:  # the KB keeps its own copy (uploads/) of what it added
+                discard_upload(f, upload_dir)
+        report.skipped = refused + report.skipped
         return upload_report(report)
 
     return upload
 
 
 # ---- the app --------------------------------------------------------------------------------
-def build_ui(answerer: Answerer, settings: Settings) -> gr.Blocks:
-    """The Blocks for one KB, answering through `answerer` (no model is loaded here)."""
+def build_ui(answerer: Answerer, settings: Settings, slots: Slots | None = None) -> gr.Blocks:
+    """The Blocks for one KB, answering through `answerer` (no model is loaded here) in `slots`
+    (the service's; `kinject ui` alone makes its own)."""
     kb = answerer.kb
     blocked = answerer.unavailable()
+    slots = slots or Slots(settings.serve.max_concurrency, settings.serve.max_queue)
 
     def refresh_modes():
         # Choices only: the reader's pick stays as it is.
         now = answerer.unavailable()
         return gr.Dropdown(choices=mode_choices(now)), modes_note(now)
 
-    with gr.Blocks(title=f"kinject · {kb.name}", fill_height=True) as demo:
+    # Gradio deletes, hourly, its temp files older than an hour: uploads never sent to "Add to KB".
+    with gr.Blocks(title=f"kinject · {kb.name}", fill_height=True, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"## kinject · {kb.name}")
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
@@ -431,7 +507,7 @@ def build_ui(answerer: Answerer, settings: Settings) -> gr.Blocks:
                     )
                     note = gr.Markdown(modes_note(blocked))
                 gr.ChatInterface(
-                    make_chat(answerer, settings),
+                    make_chat(answerer, settings, slots),
                     additional_inputs=[mode],
                     chatbot=gr.Chatbot(height=480, placeholder=f"Ask about the documents in `{kb.name}`."),
                     textbox=gr.Textbox(placeholder="Ask a question…", submit_btn=True, stop_btn=True),
@@ -458,7 +534,7 @@ def build_ui(answerer: Answerer, settings: Settings) -> gr.Blocks:
                             metas.append(gr.HTML(elem_id=f"meta-{m}"))
                 gr.on(
                     [ask.click, question.submit],
-                    make_compare(answerer, settings),
+                    make_compare(answerer, settings, slots),
                     inputs=question,
                     outputs=answers + metas,
                     api_name="compare",
@@ -491,7 +567,18 @@ def build_ui(answerer: Answerer, settings: Settings) -> gr.Blocks:
         demo.load(load_kb, outputs=kb_outputs, api_name="kb_info")
         demo.load(refresh_modes, outputs=[mode, note], api_name="modes", show_progress="hidden")
         refresh.click(load_kb, outputs=kb_outputs, api_visibility="private")
-        add.click(make_upload(answerer, settings), inputs=files, outputs=upload_result, api_name="upload").then(
+        add.click(make_upload(answerer, settings, demo.GRADIO_CACHE), inputs=files, outputs=upload_result, api_name="upload").then(
             load_kb, outputs=kb_outputs, api_visibility="private"
         ).then(refresh_modes, outputs=[mode, note], api_visibility="private")
-    return demo
+    return demo.queue(max_size=settings.serve.ui_max_queue)
+
+
+def mount(app, answerer: Answerer, settings: Settings, slots: Slots, path: str, auth=None) -> gr.Blocks:
+    """Mount the UI on the service's FastAPI app at `path`, sharing its slots."""
+    blocks = build_ui(answerer, settings, slots)
+    gr.mount_gradio_app(app, blocks, path=path, auth=auth, max_file_size=upload_limit(settings))
+    # Only launch() sets has_launched, and Gradio checks that the files an event names were
+    # uploaded (are inside its upload folder) only for launched apps; a mounted one would copy
+    # any path the server can read into its cache, /dev/zero forever on the event loop.
+    blocks.has_launched = True
+    return blocks

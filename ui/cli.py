@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         from core.cli import settings_from
         from core.kb import KB
         from service.auth import ui_auth
-        from ui.app import build_ui
+        from ui.app import build_ui, upload_limit
 
         settings = settings_from(ctx, **{"serve.host": host, "serve.port": port})
         answerer = Answerer(KB.open(settings, kb), settings)
@@ -29,9 +29,10 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"  not available: {mode} ({why})")
         if key:
             typer.echo("  login: any user name, serve.api_key as the password")
-        build_ui(answerer, settings).queue().launch(
+        build_ui(answerer, settings).launch(
             server_name=settings.serve.host,
             server_port=settings.serve.port,
             auth=ui_auth(key) if key else None,
             show_error=True,
+            max_file_size=upload_limit(settings),
         )

@@ -19,6 +19,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+class LookCountingEvent(threading.Event):
+    """A cancel event that counts how often it is looked at. The transformers engine looks once per
+    generated token (a stopping criterion), so the count is the tokens it has made so far.
+    `also`: another event whose setting this one reports too (a caller's own cancel event)."""
+
+    def __init__(self, also: threading.Event | None = None) -> None:
+        super().__init__()
+        self.also = also
+        self.looks = 0
+        self.looks_when_set: int | None = None
+
+    def is_set(self) -> bool:
+        self.looks += 1
+        return super().is_set() or (self.also is not None and self.also.is_set())
+
+    def set(self) -> None:
+        super().set()  # first, so every look counted below saw it unset or was this one's last
+        if self.looks_when_set is None:
+            self.looks_when_set = self.looks
+
+
 @pytest.fixture
 def settings(tmp_path, monkeypatch):
     """Default (local preset) settings with KBs in a temp folder."""

@@ -49,7 +49,7 @@ import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from core.engines.base import (
     Engine,
@@ -107,21 +107,36 @@ class _BatchGate:
         return key == self._running_key and not others_waiting
 
     @contextlib.asynccontextmanager
-    async def shared(self, adapter: str | None = None):
+    async def shared(self, adapter: str | None = None, stop: Callable[[], bool] | None = None):
+        """Yields True once the request may run, or False when `stop()` turned true first (a
+        stream cancelled while it waited; `wake()` makes waiters look at `stop` again)."""
+        stopped = stop or (lambda: False)
         async with self._cond:
             self._waiting[adapter] = self._waiting.get(adapter, 0) + 1
             try:
-                await self._cond.wait_for(lambda: self._may_join(adapter))
+                await self._cond.wait_for(lambda: stopped() or self._may_join(adapter))
             finally:
                 self._waiting[adapter] -= 1
-            self._running += 1
-            self._running_key = adapter
+            if stopped():
+                self._cond.notify_all()  # one waiter fewer may let others join
+                admitted = False
+            else:
+                self._running += 1
+                self._running_key = adapter
+                admitted = True
+        if not admitted:
+            yield False
+            return
         try:
-            yield
+            yield True
         finally:
             async with self._cond:
                 self._running -= 1
                 self._cond.notify_all()
+
+    async def wake(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()
 
     @contextlib.asynccontextmanager
     async def exclusive(self):
@@ -133,7 +148,7 @@ class _BatchGate:
                 self._scorers_waiting -= 1
             self._scoring = True
         try:
-            yield
+            yield True
         finally:
             async with self._cond:
                 self._scoring = False
@@ -314,16 +329,27 @@ class VLLMEngine(Engine):
             kw.update(temperature=p.temperature, top_p=p.top_p, seed=p.seed)
         return VSamplingParams(**kw)
 
-    async def _outputs(self, ids: list[int], params, lora):
-        """Async iterator of vLLM RequestOutputs for one tokenized prompt."""
+    async def _outputs(self, ids: list[int], params, lora, stop: Callable[[], bool] | None = None):
+        """Async iterator of vLLM RequestOutputs for one tokenized prompt.
+
+        `stop()` is looked at on every output: once it is true the request is aborted in vLLM,
+        whose engine core drops it before its next step, and the outputs end with vLLM's abort
+        output. A request stopped while it waits at the gate never reaches the engine."""
         from vllm.inputs import TokensPrompt
 
         (engine_input,) = await self._llm.renderer.render_cmpl_async([TokensPrompt(prompt_token_ids=ids)])
         request_id = f"kinject-{next(self._request_ids)}"
-        gate = self._gate.exclusive() if params.prompt_logprobs is not None else self._gate.shared(lora.lora_name if lora else None)
-        async with gate:
+        if params.prompt_logprobs is not None:
+            gate = self._gate.exclusive()
+        else:
+            gate = self._gate.shared(lora.lora_name if lora else None, stop)
+        async with gate as admitted:
+            if not admitted:
+                return
             async for out in self._llm.generate(engine_input, params, request_id, lora_request=lora):
                 yield out
+                if stop is not None and not out.finished and stop():
+                    await self._llm.abort(request_id)
 
     async def _final(self, ids: list[int], params, lora):
         last = None
@@ -364,13 +390,21 @@ class VLLMEngine(Engine):
         return gens
 
     def stream(self, request: GenRequest, cancel: threading.Event | None = None) -> Iterator[StreamChunk]:
+        """Setting `cancel` (or closing the iterator) aborts the request in vLLM at its next
+        output: the engine core runs at most the step it is in, plus the steps it ran ahead of
+        this process. The iterator ends only once the request has left the engine; the last
+        chunk counts every token vLLM returned, also those after the cancel."""
         ids, params, lora = self._prepare(request, stream=True)
         chunks: queue.Queue = queue.Queue()
         done = object()
+        closed = threading.Event()  # the consumer stopped reading
+
+        def stopped() -> bool:
+            return closed.is_set() or (cancel is not None and cancel.is_set())
 
         async def pump() -> None:
             try:
-                async for out in self._outputs(ids, params, lora):
+                async for out in self._outputs(ids, params, lora, stopped):
                     o = out.outputs[0]
                     chunks.put((o.text, len(o.token_ids), o.finish_reason))
             except asyncio.CancelledError:
@@ -380,29 +414,37 @@ class VLLMEngine(Engine):
             finally:
                 chunks.put(done)
 
-        fut = self._submit(pump())
+        self._submit(pump())
+        loop = self._loop
         n_completion = 0
         finish = None
-        try:
+        woken = False
+
+        def next_item():
+            nonlocal woken
             while True:
+                if not woken and stopped():
+                    # A request waiting at the gate sends no output that would show it the stop.
+                    woken = True
+                    asyncio.run_coroutine_threadsafe(self._gate.wake(), loop)
                 try:
-                    item = chunks.get(timeout=0.05)
+                    return chunks.get(timeout=0.05)
                 except queue.Empty:
-                    if cancel is not None and cancel.is_set():
-                        fut.cancel()  # vLLM aborts the request
-                        break
                     continue
-                if item is done:
-                    break
+
+        try:
+            while (item := next_item()) is not done:
                 if isinstance(item, BaseException):
                     _reraise(item)
                 text, n_new, finish = item
                 n_completion += n_new
-                if text:
+                if text and not stopped():
                     yield StreamChunk(text)
-        finally:
-            if not fut.done():
-                fut.cancel()
+        except GeneratorExit:
+            closed.set()
+            while next_item() is not done:
+                pass
+            raise
         yield StreamChunk("", "length" if finish == "length" else "stop", len(ids), n_completion)
 
     # ---- scoring -------------------------------------------------------------------------

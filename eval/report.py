@@ -37,11 +37,15 @@ def metric_columns(summary: dict) -> list[str]:
     return [m for m in ORDER if m in present] + sorted(present - set(ORDER))
 
 
+def _qps(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
 def render_table(report: dict) -> str:
     """Rows = modes, columns = metrics as "mean [95% CI]" in percent, then cost."""
     summary, cost, k = report["summary"], report["cost"], report.get("top_k", 0)
     cols = metric_columns(summary)
-    head = ["mode", *(label(c, k) for c in cols), "p50 s", "p95 s", "tokens/q"]
+    head = ["mode", *(label(c, k) for c in cols), "batch p50 s", "batch p95 s", "q/s", "tokens/q"]
     lines = [
         f"### {report['dataset']} ({report.get('split') or 'all'}): {report['n_questions']} questions, {report['backend']['backend']}",
         "",
@@ -54,7 +58,7 @@ def render_table(report: dict) -> str:
             s = summary[mode].get(c)
             cells.append(f"{_pct(s['mean'])} [{_pct(s['lo'])}, {_pct(s['hi'])}]" if s else "")
         c = cost[mode]
-        cells += [f"{c['latency_p50_s']:.2f}", f"{c['latency_p95_s']:.2f}", f"{c['completion_tokens_mean']:.1f}"]
+        cells += [f"{c['batch_p50_s']:.2f}", f"{c['batch_p95_s']:.2f}", _qps(c["questions_per_s"]), f"{c['completion_tokens_mean']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     for mode in report["modes"]:
         routes = cost[mode].get("answered_by", {})
@@ -62,7 +66,13 @@ def render_table(report: dict) -> str:
             lines.append("")
             lines.append("auto answered with: " + ", ".join(f"{m} {n}" for m, n in sorted(routes.items())) + ".")
     counts = sorted({(c, s[c]["n"]) for s in summary.values() for c in s})
-    lines += ["", "Percent, with 95% bootstrap intervals; n per metric: " + ", ".join(f"{label(c, k)} {n}" for c, n in counts) + "."]
+    lines += [
+        "",
+        "Percent, with 95% bootstrap intervals; n per metric: " + ", ".join(f"{label(c, k)} {n}" for c, n in counts) + ".",
+        "batch p50 / p95 s: wall time of the batch each question was answered in (in-process: up to engine.max_batch_size "
+        "questions at once; an endpoint: its own request), not one question's latency; q/s: questions per second of the "
+        "mode's answering wall time (grading excluded).",
+    ]
     if report.get("skipped"):
         skipped = ", ".join(f"{v['questions']} {kind} questions ({v['reason']})" for kind, v in report["skipped"].items())
         lines += [f"Skipped: {skipped}."]

@@ -119,15 +119,20 @@ def summarize_modes(rows: dict[str, list[dict]], settings: Settings) -> dict:
 
 
 def cost_of(rows: list[dict]) -> dict:
+    """A row's `latency_s` is the wall time of the batch it was answered in (in-process: up to
+    engine.max_batch_size questions together; an endpoint: its own request), so the percentiles
+    are of batch times, not of one question's latency; `questions_per_s` is the throughput."""
     lat = [r["latency_s"] for r in rows]
     toks = [r["completion_tokens"] for r in rows]
     answered_by: dict[str, int] = {}
     for r in rows:
         answered_by[r["answered_by"]] = answered_by.get(r["answered_by"], 0) + 1
+    wall = sum(r["wall_share_s"] for r in rows) if all("wall_share_s" in r for r in rows) else 0.0
     return {
         "answered_by": answered_by,
-        "latency_p50_s": round(M.percentile(lat, 50), 4),
-        "latency_p95_s": round(M.percentile(lat, 95), 4),
+        "batch_p50_s": round(M.percentile(lat, 50), 4),
+        "batch_p95_s": round(M.percentile(lat, 95), 4),
+        "questions_per_s": round(len(rows) / wall, 4) if wall > 0 else None,
         "completion_tokens_mean": round(sum(toks) / len(toks), 2) if toks else 0.0,
         "completion_tokens_total": sum(toks),
     }
@@ -366,9 +371,12 @@ def _run_mode(mode, questions, backend, answerer, params, judge, k, partial: Pat
         for start in range(0, len(todo), step):
             chunk = todo[start : start + step]
             new = []
+            answering = 0.0  # wall seconds spent answering this chunk (the judge's grading excluded)
             short = [q for q in chunk if q.kind == SHORT]
             if short:
+                t0 = time.perf_counter()
                 replies = backend.answer(mode, short, params, progress=update)
+                answering += time.perf_counter() - t0
                 new += [short_row(mode, q, r, k) for q, r in zip(short, replies)]
                 if judge:
                     grades = judge.grade_many([(q.question, q.answer or "", r.text) for q, r in zip(short, replies)])
@@ -376,8 +384,12 @@ def _run_mode(mode, questions, backend, answerer, params, judge, k, partial: Pat
                         row["scores"]["judge"] = g
             mc = [q for q in chunk if q.kind == MC]
             if mc:
+                t0 = time.perf_counter()
                 results = score_mc(answerer, mode, mc, chunk=step, max_prompt_tokens=prompt_limit(settings), progress=update)
+                answering += time.perf_counter() - t0
                 new += [mc_row(mode, r, k) for r in results]
+            for row in new:  # summed over a mode's rows: its answering wall time, across resumed runs too
+                row["wall_share_s"] = round(answering / len(new), 6)
             append_jsonl(path, new)
             done.update((r["qid"], r) for r in new)
     finally:

@@ -90,6 +90,12 @@ def test_report_files_parse_and_chart_is_a_png(four_modes, eval_kb):
     for mode in FOUR:
         assert f"| {mode} |" in table
     assert "[" in table and "Paired tests" in table
+    # Cost: each question's batch wall time (not its own latency) and the throughput.
+    assert "| batch p50 s | batch p95 s | q/s | tokens/q |" in table
+    for mode in FOUR:
+        c = report["cost"][mode]
+        assert 0 < c["batch_p50_s"] <= c["batch_p95_s"] and c["questions_per_s"] > 0
+    assert sum(r["wall_share_s"] for r in rows if r["mode"] == "rag") == pytest.approx(N_DEV / report["cost"]["rag"]["questions_per_s"], rel=1e-3)
     png = (d / "chart.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     img = matplotlib.image.imread(d / "chart.png")

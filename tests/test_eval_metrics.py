@@ -149,3 +149,24 @@ def test_router_calibration_finds_the_threshold_where_retrieval_stops_helping():
     assert calibrate_router({"rag": _rows("rag", rag, top1), "ft": _rows("ft", ft)}, qs, s, every) is None
     held = [Question(f"q{i}", "?", "a", split="heldout") for i in range(n)]
     assert calibrate_router(rows, held, s, every) is None
+
+
+def test_cost_is_batch_time_and_throughput():
+    """latency_s is the wall time of the batch a question was answered in; q/s is the questions
+    over the summed answering wall time (each row carries its share of its chunk's)."""
+    from eval.report import render_table
+    from eval.run import cost_of
+
+    # Two batches: 3 questions in 6 s, then 1 in 2 s -> 4 questions in 8 s.
+    rows = [{"latency_s": 6.0, "wall_share_s": 2.0, "completion_tokens": 3, "answered_by": "rag"} for _ in range(3)]
+    rows.append({"latency_s": 2.0, "wall_share_s": 2.0, "completion_tokens": 5, "answered_by": "rag"})
+    c = cost_of(rows)
+    assert (c["batch_p50_s"], c["questions_per_s"], c["completion_tokens_mean"]) == (6.0, 0.5, 3.5)
+    assert "latency_p50_s" not in c
+    assert cost_of([{k: v for k, v in r.items() if k != "wall_share_s"} for r in rows])["questions_per_s"] is None
+    report = {
+        "dataset": "set", "split": "dev", "n_questions": 4, "backend": {"backend": "in-process"}, "top_k": 2, "modes": ["rag"],
+        "summary": {"rag": {"f1": {"mean": 0.5, "lo": 0.4, "hi": 0.6, "n": 4}}}, "cost": {"rag": c},
+    }
+    table = render_table(report)
+    assert "| mode | F1 | batch p50 s | batch p95 s | q/s | tokens/q |" in table and "| 0.50 | 3.5 |" in table

@@ -121,10 +121,32 @@ def test_eval_stage_records_the_router(four_modes, eval_kb, engine):
     top1 = [max(s["score"] for s in r["sources"]) for r in four_modes.per_question if r["mode"] == best]
     assert min(top1) - 0.01 <= router["min_score"] <= max(top1) + 0.01
     assert router["routed_score"] >= max(router["all_context_score"], router["all_closed_score"])
+    assert router["fitted_on"]["splits"] == ["dev"] and len(router["fitted_on"]["questions"]) == N_DEV
     # The service's auto mode now routes with it.
     cfg = Answerer(kb, settings, engine=engine).router_config()
     assert (cfg.min_score, cfg.with_context, cfg.source) == (router["min_score"], best, "eval report")
     assert rec["metrics"]["best_mode"] in FOUR and rec["metrics"]["modes"]["rag"]["f1"] == round(four_modes.summary["rag"]["f1"]["mean"], 4)
+
+
+def test_auto_on_heldout_uses_the_dev_router_and_on_dev_is_flagged(four_modes, eval_kb, squad_questions, engine):
+    """The router the four-mode run fitted on 20 dev questions routes auto on heldout questions
+    (none of them fitted on: a measurement) and is never refitted there; auto on those same dev
+    questions is flagged as fitted on them and is not the best mode."""
+    from eval.run import evaluate
+
+    kb, settings = eval_kb
+    router = kb.stage("eval")["metrics"]["router"]
+    held = evaluate(kb, squad_questions, ["rag", "ft", "ft-rag", "auto"], settings, split="heldout", limit=2, progress=False, engine=engine)
+    used = held.info["auto_router_used"]
+    assert (used["min_score"], used["with_context"], used["source"]) == (router["min_score"], router["with_context"], "eval report")
+    assert (used["fitted_on_these"], used["fitted_n"], used["fitted_splits"]) == (0, N_DEV, ["dev"])
+    assert held.router is None and kb.stage("eval")["metrics"]["router"] == router
+    assert "| auto |" in held.table and "none of these" in held.table and "†" not in held.table
+
+    dev = evaluate(kb, squad_questions, ["auto"], settings, split="dev", limit=2, progress=False, engine=engine)
+    assert dev.info["auto_router_used"]["fitted_on_these"] == 2
+    assert "| auto † |" in dev.table and "router fitted on these questions" in dev.table
+    assert kb.stage("eval")["metrics"]["best_mode"] is None and kb.stage("eval")["metrics"]["router"] == router
 
 
 def test_endpoint_gives_the_same_numbers_as_in_process(four_modes, eval_kb, squad_questions, engine):

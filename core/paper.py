@@ -1,9 +1,10 @@
 """`kinject paper`: the knowledge-injection report on the third-party sets in ../shared/data.
 
-For each set: build a KB from its corpus.jsonl (ingest → augment → train, local preset), evaluate
-base / rag / ft / ft-rag on its dev split, and write one table per set into docs/results.md with
-the 95% intervals, the synthetic-token budget, the training tokens and the wall time, and how far
-the run is from the target: ft − base ≥ ½ (rag − base), and ft-rag ≥ rag.
+For each set: build a KB from its corpus.jsonl (ingest → augment → train; the local preset unless
+`--preset` names another), evaluate base / rag / ft / ft-rag on its dev split, and write one table
+per set into docs/results.md with the preset, the 95% intervals, the synthetic-token budget, the
+training tokens and the wall time, and how far the run is from the target: ft − base ≥ ½ (rag −
+base), and ft-rag ≥ rag.
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def run_set(name: str, overrides: dict, echo: Callable[[str], None] = typer.echo
         "report_dir": str(report_dir),
         "report": report,
         "table": (report_dir / "table.md").read_text(),
-        "settings": {"augment": settings.augment.model_dump(mode="json"), "train": settings.train.model_dump(mode="json"), "llm": settings.models.llm, "embedder": settings.models.embedder},
+        "settings": {"preset": settings.preset, "augment": settings.augment.model_dump(mode="json"), "train": settings.train.model_dump(mode="json"), "llm": settings.models.llm, "embedder": settings.models.embedder},
         "budget_tokens": settings.augment.budget_tokens,
         "eval_limit": limit,
         "top_k": settings.retrieval.top_k,
@@ -148,12 +149,13 @@ def _p(x: Optional[float]) -> str:
 
 
 def render(results: list[dict], load: str) -> str:
+    presets = " / ".join(f"`{p}`" for p in dict.fromkeys(r["settings"]["preset"] for r in results))
     lines = [
         "# Knowledge injection: base vs rag vs ft vs ft-rag",
         "",
         f"Written by `kinject paper` (`make paper`) on {datetime.now().strftime('%Y-%m-%d %H:%M')}; "
         f"load average at start {load} (two CPU cores, shared). Each set: a KB built from its `corpus.jsonl` "
-        "(ingest → augment → train) with the `local` preset, then the four modes on its `dev` split. "
+        f"(ingest → augment → train) with the {presets} preset, then the four modes on its `dev` split. "
         "Percent with 95% bootstrap intervals; paired tests compare modes on the same questions.",
         "",
         "Target: **ft − base ≥ ½ (rag − base)** (the adapter recovers at least half of what retrieval adds) "

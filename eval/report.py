@@ -18,6 +18,7 @@ LABELS = {
     "acc": "acc", "acc_norm": "acc_norm", "recall": "R@{k}", "mrr": "MRR",
 }
 ORDER = list(LABELS)
+IN_SAMPLE_MARK = "†"  # auto scored on the questions its router was fitted on
 
 
 class ReportError(KinjectError):
@@ -37,11 +38,42 @@ def metric_columns(summary: dict) -> list[str]:
     return [m for m in ORDER if m in present] + sorted(present - set(ORDER))
 
 
+def in_sample(report: dict) -> bool:
+    """Whether `auto` was scored on questions its router was fitted on."""
+    return bool((report.get("auto_router_used") or {}).get("fitted_on_these"))
+
+
+def _qps(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
+def router_note(used: dict, n_questions: int) -> str:
+    """Which router `auto` answered with, and whether it was fitted on these questions."""
+    how = f"min_score={used['min_score']}, with_context={used['with_context']}"
+    if used["source"] == "defaults":
+        return f"auto routed with the configured default, serve.auto_rag_min_score ({how}), fitted on no questions."
+    n, splits = used["fitted_n"], "/".join(used["fitted_splits"] or [])
+    if used["fitted_on_these"] is None:
+        return f"auto routed with the router an earlier eval fitted ({how}); which questions it was fitted on was not recorded."
+    if used["fitted_on_these"]:
+        return (
+            f"{IN_SAMPLE_MARK} auto routed with a router fitted on these questions ({used['fitted_on_these']} of these "
+            f"{n_questions} were among the {n} {splits} questions it was fitted on; {how}): its scores are in-sample, "
+            "not a measurement of auto."
+        )
+    return f"auto routed with the router an earlier eval fitted on {n} other {splits} questions ({how}), none of these."
+
+
 def render_table(report: dict) -> str:
     """Rows = modes, columns = metrics as "mean [95% CI]" in percent, then cost."""
     summary, cost, k = report["summary"], report["cost"], report.get("top_k", 0)
     cols = metric_columns(summary)
-    head = ["mode", *(label(c, k) for c in cols), "p50 s", "p95 s", "tokens/q"]
+    flagged = in_sample(report)
+
+    def name(mode: str) -> str:
+        return f"{mode} {IN_SAMPLE_MARK}" if flagged and mode == "auto" else mode
+
+    head = ["mode", *(label(c, k) for c in cols), "batch p50 s", "batch p95 s", "q/s", "tokens/q"]
     lines = [
         f"### {report['dataset']} ({report.get('split') or 'all'}): {report['n_questions']} questions, {report['backend']['backend']}",
         "",
@@ -49,30 +81,41 @@ def render_table(report: dict) -> str:
         "|" + "|".join("---" for _ in head) + "|",
     ]
     for mode in report["modes"]:
-        cells = [mode]
+        cells = [name(mode)]
         for c in cols:
             s = summary[mode].get(c)
             cells.append(f"{_pct(s['mean'])} [{_pct(s['lo'])}, {_pct(s['hi'])}]" if s else "")
         c = cost[mode]
-        cells += [f"{c['latency_p50_s']:.2f}", f"{c['latency_p95_s']:.2f}", f"{c['completion_tokens_mean']:.1f}"]
+        cells += [f"{c['batch_p50_s']:.2f}", f"{c['batch_p95_s']:.2f}", _qps(c["questions_per_s"]), f"{c['completion_tokens_mean']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     for mode in report["modes"]:
         routes = cost[mode].get("answered_by", {})
         if mode == "auto" and routes:
             lines.append("")
             lines.append("auto answered with: " + ", ".join(f"{m} {n}" for m, n in sorted(routes.items())) + ".")
+    if report.get("auto_router_used"):
+        lines.append(router_note(report["auto_router_used"], report["n_questions"]))
     counts = sorted({(c, s[c]["n"]) for s in summary.values() for c in s})
-    lines += ["", "Percent, with 95% bootstrap intervals; n per metric: " + ", ".join(f"{label(c, k)} {n}" for c, n in counts) + "."]
+    lines += [
+        "",
+        "Percent, with 95% bootstrap intervals; n per metric: " + ", ".join(f"{label(c, k)} {n}" for c, n in counts) + ".",
+        "batch p50 / p95 s: wall time of the batch each question was answered in (in-process: up to engine.max_batch_size "
+        "questions at once; an endpoint: its own request), not one question's latency; q/s: questions per second of the "
+        "mode's answering wall time (grading excluded).",
+    ]
     if report.get("skipped"):
         skipped = ", ".join(f"{v['questions']} {kind} questions ({v['reason']})" for kind, v in report["skipped"].items())
         lines += [f"Skipped: {skipped}."]
     if report.get("paired"):
         lines += ["", "Paired tests on the same questions (points):", "", "| metric | A | B | B − A | p | test |", "|---|---|---|---|---|---|"]
         for t in report["paired"]:
-            lines.append(f"| {label(t['metric'], k)} | {t['a']} | {t['b']} | {100 * t['diff']:+.1f} | {t['p']:.3f} | {t['test']} |")
+            lines.append(f"| {label(t['metric'], k)} | {name(t['a'])} | {name(t['b'])} | {100 * t['diff']:+.1f} | {t['p']:.3f} | {t['test']} |")
     r = report.get("router")
     if r:
-        lines += ["", f"auto router: with_context={r['with_context']}, min_score={r['min_score']} ({r['basis']})."]
+        lines += [
+            "",
+            f"Router fitted on these questions, for later runs of auto: with_context={r['with_context']}, min_score={r['min_score']} ({r['basis']}).",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,10 @@ scored by log-likelihood (eval.mc); rag modes also get recall@k and MRR of the g
 Each mode's rows are appended to a partial file as they finish, so a crashed run resumes where
 it stopped. The report goes to the KB's eval folder and the manifest's "eval" stage, whose
 `router` entry calibrates the service's `auto` mode.
+
+The router is fitted on a run's non-held-out questions and used by later runs: `auto` answers
+with the router the KB held when the run started (or the configured default), never one fitted
+on the run itself, and a run whose questions that router was fitted on says so in its report.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
-from core.answer import ALL_MODES, AUTO, MODES, Answerer
+from core.answer import ALL_MODES, AUTO, MODES, Answerer, RouterConfig
 from core.engines import Engine, SamplingParams
 from core.errors import KinjectError
 from core.files import append_jsonl, read_jsonl, sha256_file, sha256_text, sha256_tree
@@ -26,6 +30,7 @@ from eval.backends import LocalBackend, Reply, connect, prompt_limit
 from eval.judge import make_judge
 from eval.mc import score_mc
 from eval.questions import MC, SHORT, Question, dataset_name, load_questions
+from eval.report import in_sample
 
 DEFAULT_MODES = ["base", "rag", "ft", "ft-rag"]
 HELDOUT_SPLITS = {"heldout", "test"}  # never tune the router on these
@@ -119,15 +124,20 @@ def summarize_modes(rows: dict[str, list[dict]], settings: Settings) -> dict:
 
 
 def cost_of(rows: list[dict]) -> dict:
+    """A row's `latency_s` is the wall time of the batch it was answered in (in-process: up to
+    engine.max_batch_size questions together; an endpoint: its own request), so the percentiles
+    are of batch times, not of one question's latency; `questions_per_s` is the throughput."""
     lat = [r["latency_s"] for r in rows]
     toks = [r["completion_tokens"] for r in rows]
     answered_by: dict[str, int] = {}
     for r in rows:
         answered_by[r["answered_by"]] = answered_by.get(r["answered_by"], 0) + 1
+    wall = sum(r["wall_share_s"] for r in rows) if all("wall_share_s" in r for r in rows) else 0.0
     return {
         "answered_by": answered_by,
-        "latency_p50_s": round(M.percentile(lat, 50), 4),
-        "latency_p95_s": round(M.percentile(lat, 95), 4),
+        "batch_p50_s": round(M.percentile(lat, 50), 4),
+        "batch_p95_s": round(M.percentile(lat, 95), 4),
+        "questions_per_s": round(len(rows) / wall, 4) if wall > 0 else None,
         "completion_tokens_mean": round(sum(toks) / len(toks), 2) if toks else 0.0,
         "completion_tokens_total": sum(toks),
     }
@@ -152,7 +162,8 @@ def calibrate_router(rows: dict[str, list[dict]], questions: list[Question], set
     better, by a grid search over the observed top-1 scores (ties go to the lower threshold, i.e.
     to retrieval). The modes compared are those `auto` itself chooses from (`available`: ft-rag
     and ft when the KB has an adapter). None when this run cannot say: one of those modes was not
-    evaluated, or the questions include a held-out split, which must not be tuned on."""
+    evaluated, or the questions include a held-out split, which must not be tuned on. `fitted_on`
+    keeps a key per question so a later eval of `auto` knows whether it scores these questions."""
     context_modes = [m for m in ("rag", "ft-rag") if m in available]
     closed = "ft" if "ft" in available else "base"
     if not context_modes or any(m not in rows for m in [*context_modes, closed]):
@@ -165,7 +176,8 @@ def calibrate_router(rows: dict[str, list[dict]], questions: list[Question], set
 
     with_context = max(context_modes, key=lambda m: (mean_primary(m), m == "rag"))
     n = len(rows[with_context])
-    router = {"with_context": with_context, "closed_book": closed, "n": n}
+    fitted_on = {"splits": sorted({q.split or "(none)" for q in questions}), "questions": question_keys(questions)}
+    router = {"with_context": with_context, "closed_book": closed, "n": n, "fitted_on": fitted_on}
     if n < MIN_ROUTER_QUESTIONS:
         return router | {"min_score": settings.serve.auto_rag_min_score, "basis": f"default serve.auto_rag_min_score ({n} < {MIN_ROUTER_QUESTIONS} questions)"}
     ctx = {r["qid"]: r for r in rows[with_context]}
@@ -188,6 +200,36 @@ def calibrate_router(rows: dict[str, list[dict]], questions: list[Question], set
         "routed_score": round(routed(best), 6),
         "all_context_score": round(routed(candidates[0]), 6),
         "all_closed_score": round(routed(candidates[-1]), 6),
+    }
+
+
+def question_keys(questions: list[Question]) -> list[str]:
+    """A short key per question (its qid and text), enough to recognise it in another run."""
+    return [sha256_text(f"{q.qid}\n{q.question}")[:12] for q in questions]
+
+
+def router_in_use(kb: KB, settings: Settings, answerer: Answerer | None, available: list[str], questions: list[Question]) -> dict:
+    """The router `auto` answers this run with: the one an earlier run fitted and the KB's eval
+    stage holds, else the configured default. `fitted_on_these`: how many of these questions it
+    was fitted on (None: not recorded); more than 0 makes auto's scores in-sample."""
+    rec = ((kb.stage("eval") or {}).get("metrics") or {}).get("router")
+    if answerer is not None:
+        cfg = answerer.router_config()
+    elif rec:  # an endpoint: a kinject server serving this KB routes with this record
+        cfg = RouterConfig(rec["min_score"], rec["with_context"], "eval report")
+    else:
+        cfg = RouterConfig(settings.serve.auto_rag_min_score, "ft-rag" if "ft-rag" in available else "rag", "defaults")
+    used = {"min_score": cfg.min_score, "with_context": cfg.with_context, "source": cfg.source}
+    if cfg.source == "defaults":
+        return used | {"fitted_splits": [], "fitted_n": 0, "fitted_on_these": 0}
+    fitted = rec.get("fitted_on")
+    if fitted is None:  # recorded before routers kept their questions
+        return used | {"fitted_splits": None, "fitted_n": rec.get("n"), "fitted_on_these": None}
+    keys = set(fitted["questions"])
+    return used | {
+        "fitted_splits": fitted["splits"],
+        "fitted_n": len(fitted["questions"]),
+        "fitted_on_these": sum(k in keys for k in question_keys(questions)),
     }
 
 
@@ -316,9 +358,8 @@ def _evaluate(kb, questions_path, questions, wanted, settings, split, limit, end
         "settings": settings.public_dict(),
         "judge": judge.describe() if judge else None,
     }
-    if answerer is not None and AUTO in wanted:
-        cfg = answerer.router_config()
-        info["auto_router_used"] = {"min_score": cfg.min_score, "with_context": cfg.with_context, "source": cfg.source}
+    if AUTO in wanted:
+        info["auto_router_used"] = router_in_use(kb, settings, answerer, backend.available(), questions)
 
     partial = _partial_dir(kb, info, questions)
     rows: dict[str, list[dict]] = {}
@@ -366,9 +407,12 @@ def _run_mode(mode, questions, backend, answerer, params, judge, k, partial: Pat
         for start in range(0, len(todo), step):
             chunk = todo[start : start + step]
             new = []
+            answering = 0.0  # wall seconds spent answering this chunk (the judge's grading excluded)
             short = [q for q in chunk if q.kind == SHORT]
             if short:
+                t0 = time.perf_counter()
                 replies = backend.answer(mode, short, params, progress=update)
+                answering += time.perf_counter() - t0
                 new += [short_row(mode, q, r, k) for q, r in zip(short, replies)]
                 if judge:
                     grades = judge.grade_many([(q.question, q.answer or "", r.text) for q, r in zip(short, replies)])
@@ -376,8 +420,12 @@ def _run_mode(mode, questions, backend, answerer, params, judge, k, partial: Pat
                         row["scores"]["judge"] = g
             mc = [q for q in chunk if q.kind == MC]
             if mc:
+                t0 = time.perf_counter()
                 results = score_mc(answerer, mode, mc, chunk=step, max_prompt_tokens=prompt_limit(settings), progress=update)
+                answering += time.perf_counter() - t0
                 new += [mc_row(mode, r, k) for r in results]
+            for row in new:  # summed over a mode's rows: its answering wall time, across resumed runs too
+                row["wall_share_s"] = round(answering / len(new), 6)
             append_jsonl(path, new)
             done.update((r["qid"], r) for r in new)
     finally:
@@ -405,8 +453,10 @@ def _clear_partial(partial: Path) -> None:
 
 
 def headline(report: EvalReport) -> dict:
-    """The numbers the manifest keeps: per mode its means, the best mode by the primary score."""
+    """The numbers the manifest keeps: per mode its means, the best mode by the primary score
+    (an in-sample auto is no candidate)."""
     per_mode = {m: {k: round(v["mean"], 4) for k, v in s.items()} for m, s in report.summary.items()}
+    candidates = [m for m in report.modes if not (m == AUTO and in_sample(report.info))]
 
     def primary(m: str) -> float:
         rows = [r["primary"] for r in report.per_question if r["mode"] == m]
@@ -416,7 +466,7 @@ def headline(report: EvalReport) -> dict:
         "dataset": report.dataset,
         "split": report.split or "all",
         "questions": report.info["n_questions"],
-        "best_mode": max(report.modes, key=primary),
+        "best_mode": max(candidates, key=primary) if candidates else None,
         "modes": per_mode,
     }
 

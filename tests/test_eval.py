@@ -90,6 +90,12 @@ def test_report_files_parse_and_chart_is_a_png(four_modes, eval_kb):
     for mode in FOUR:
         assert f"| {mode} |" in table
     assert "[" in table and "Paired tests" in table
+    # Cost: each question's batch wall time (not its own latency) and the throughput.
+    assert "| batch p50 s | batch p95 s | q/s | tokens/q |" in table
+    for mode in FOUR:
+        c = report["cost"][mode]
+        assert 0 < c["batch_p50_s"] <= c["batch_p95_s"] and c["questions_per_s"] > 0
+    assert sum(r["wall_share_s"] for r in rows if r["mode"] == "rag") == pytest.approx(N_DEV / report["cost"]["rag"]["questions_per_s"], rel=1e-3)
     png = (d / "chart.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     img = matplotlib.image.imread(d / "chart.png")
@@ -115,10 +121,32 @@ def test_eval_stage_records_the_router(four_modes, eval_kb, engine):
     top1 = [max(s["score"] for s in r["sources"]) for r in four_modes.per_question if r["mode"] == best]
     assert min(top1) - 0.01 <= router["min_score"] <= max(top1) + 0.01
     assert router["routed_score"] >= max(router["all_context_score"], router["all_closed_score"])
+    assert router["fitted_on"]["splits"] == ["dev"] and len(router["fitted_on"]["questions"]) == N_DEV
     # The service's auto mode now routes with it.
     cfg = Answerer(kb, settings, engine=engine).router_config()
     assert (cfg.min_score, cfg.with_context, cfg.source) == (router["min_score"], best, "eval report")
     assert rec["metrics"]["best_mode"] in FOUR and rec["metrics"]["modes"]["rag"]["f1"] == round(four_modes.summary["rag"]["f1"]["mean"], 4)
+
+
+def test_auto_on_heldout_uses_the_dev_router_and_on_dev_is_flagged(four_modes, eval_kb, squad_questions, engine):
+    """The router the four-mode run fitted on 20 dev questions routes auto on heldout questions
+    (none of them fitted on: a measurement) and is never refitted there; auto on those same dev
+    questions is flagged as fitted on them and is not the best mode."""
+    from eval.run import evaluate
+
+    kb, settings = eval_kb
+    router = kb.stage("eval")["metrics"]["router"]
+    held = evaluate(kb, squad_questions, ["rag", "ft", "ft-rag", "auto"], settings, split="heldout", limit=2, progress=False, engine=engine)
+    used = held.info["auto_router_used"]
+    assert (used["min_score"], used["with_context"], used["source"]) == (router["min_score"], router["with_context"], "eval report")
+    assert (used["fitted_on_these"], used["fitted_n"], used["fitted_splits"]) == (0, N_DEV, ["dev"])
+    assert held.router is None and kb.stage("eval")["metrics"]["router"] == router
+    assert "| auto |" in held.table and "none of these" in held.table and "†" not in held.table
+
+    dev = evaluate(kb, squad_questions, ["auto"], settings, split="dev", limit=2, progress=False, engine=engine)
+    assert dev.info["auto_router_used"]["fitted_on_these"] == 2
+    assert "| auto † |" in dev.table and "router fitted on these questions" in dev.table
+    assert kb.stage("eval")["metrics"]["best_mode"] is None and kb.stage("eval")["metrics"]["router"] == router
 
 
 def test_endpoint_gives_the_same_numbers_as_in_process(four_modes, eval_kb, squad_questions, engine):

@@ -121,7 +121,7 @@ def _rows(mode: str, primaries: list[float], top1: list[float] | None = None) ->
 def test_router_calibration_finds_the_threshold_where_retrieval_stops_helping():
     from core.settings import load_settings
     from eval.questions import Question
-    from eval.run import calibrate_router
+    from eval.run import calibrate_router, question_keys
 
     s = load_settings()
     n = 24
@@ -136,6 +136,8 @@ def test_router_calibration_finds_the_threshold_where_retrieval_stops_helping():
     assert r["with_context"] == "rag" and r["closed_book"] == "ft"
     assert r["min_score"] == pytest.approx((top1[9] + top1[10]) / 2)  # halfway between 0.37 and 0.40
     assert r["routed_score"] == 1.0 and r["all_context_score"] == pytest.approx(sum(rag) / n) and r["all_closed_score"] == pytest.approx(sum(ft) / n)
+    # It keeps which questions it was fitted on, so a later eval of auto can tell.
+    assert r["fitted_on"] == {"splits": ["dev"], "questions": question_keys(qs)} and len(set(r["fitted_on"]["questions"])) == n
     # Without an adapter the closed-book side is base; the adapter modes are not needed.
     r = calibrate_router({"rag": _rows("rag", rag, top1), "base": _rows("base", ft)}, qs, s, ["base", "rag", "auto"])
     assert r["closed_book"] == "base" and r["min_score"] == pytest.approx(0.385)
@@ -149,3 +151,81 @@ def test_router_calibration_finds_the_threshold_where_retrieval_stops_helping():
     assert calibrate_router({"rag": _rows("rag", rag, top1), "ft": _rows("ft", ft)}, qs, s, every) is None
     held = [Question(f"q{i}", "?", "a", split="heldout") for i in range(n)]
     assert calibrate_router(rows, held, s, every) is None
+
+
+class _KB:
+    """Just enough of a KB for router_in_use: its eval stage."""
+
+    def __init__(self, router: dict | None):
+        self.router = router
+
+    def stage(self, name: str) -> dict | None:
+        return {"metrics": {"router": self.router}} if name == "eval" and self.router else None
+
+
+def test_auto_knows_whether_its_router_was_fitted_on_the_questions_it_scores():
+    """A router fitted on dev: auto scored on dev is in-sample (flagged, and never the best mode),
+    on heldout it is not; without a fitted router auto uses the configured default."""
+    from core.settings import load_settings
+    from eval.questions import Question
+    from eval.report import render_table
+    from eval.run import EvalReport, calibrate_router, headline, router_in_use
+
+    s = load_settings()
+    n = 24
+    every = ["base", "rag", "ft", "ft-rag", "auto"]
+    dev = [Question(f"d{i}", f"dev question {i}?", "a", split="dev") for i in range(n)]
+    heldout = [Question(f"h{i}", f"heldout question {i}?", "a", split="heldout") for i in range(n)]
+    top1 = [round(0.1 + 0.03 * i, 4) for i in range(n)]
+    rows = {m: _rows(m, [float(i % 2) for i in range(n)], top1 if "rag" in m else None) for m in ("rag", "ft", "ft-rag")}
+    router = calibrate_router(rows, dev, s, every)
+    assert calibrate_router(rows, heldout, s, every) is None  # never fitted on held-out questions
+
+    on_dev = router_in_use(_KB(router), s, None, every, dev[:5])
+    assert on_dev["source"] == "eval report" and on_dev["min_score"] == router["min_score"]
+    assert (on_dev["fitted_on_these"], on_dev["fitted_n"], on_dev["fitted_splits"]) == (5, n, ["dev"])
+    on_heldout = router_in_use(_KB(router), s, None, every, heldout)
+    assert on_heldout["fitted_on_these"] == 0 and on_heldout["min_score"] == router["min_score"]
+    default = router_in_use(_KB(None), s, None, every, dev)
+    assert default == {"min_score": s.serve.auto_rag_min_score, "with_context": "ft-rag", "source": "defaults", "fitted_splits": [], "fitted_n": 0, "fitted_on_these": 0}
+    unrecorded = {k: v for k, v in router.items() if k != "fitted_on"}
+    assert router_in_use(_KB(unrecorded), s, None, every, dev)["fitted_on_these"] is None
+
+    def report(used: dict, auto_score: float) -> EvalReport:
+        scores = {"base": 0.2, "rag": 0.5, "auto": auto_score}
+        per_question = [{"mode": m, "qid": "d0", "primary": v, "scores": {"f1": v}} for m, v in scores.items()]
+        stat = {m: {"f1": {"mean": v, "lo": v, "hi": v, "n": 1}} for m, v in scores.items()}
+        cost = {m: {"answered_by": {"rag": 1} if m == "auto" else {m: 1}, "batch_p50_s": 2.0, "batch_p95_s": 3.0, "questions_per_s": 0.5, "completion_tokens_mean": 4.0} for m in scores}
+        info = {"n_questions": 5, "backend": {"backend": "in-process"}, "top_k": 2, "auto_router_used": used}
+        return EvalReport("set", "dev", list(scores), stat, cost, [], None, per_question, info)
+
+    flagged = report(on_dev, 0.9)
+    table = render_table(flagged.to_json())
+    assert "| auto † |" in table and "fitted on these questions (5 of these 5 were among the 24 dev" in table and "in-sample" in table
+    assert headline(flagged)["best_mode"] == "rag"  # an in-sample auto is no candidate
+    clean = report(on_heldout, 0.9)
+    table = render_table(clean.to_json())
+    assert "| auto |" in table and "†" not in table and f"fitted on {n} other dev questions" in table and "none of these" in table
+    assert headline(clean)["best_mode"] == "auto"
+    assert "configured default, serve.auto_rag_min_score" in render_table(report(default, 0.9).to_json())
+
+
+def test_cost_is_batch_time_and_throughput():
+    """latency_s is the wall time of the batch a question was answered in; q/s is the questions
+    over the summed answering wall time (each row carries its share of its chunk's)."""
+    from eval.report import render_table
+    from eval.run import cost_of
+
+    # Two batches: 3 questions in 6 s, then 1 in 2 s -> 4 questions in 8 s.
+    rows = [{"latency_s": 6.0, "wall_share_s": 2.0, "completion_tokens": 3, "answered_by": "rag"} for _ in range(3)]
+    rows.append({"latency_s": 2.0, "wall_share_s": 2.0, "completion_tokens": 5, "answered_by": "rag"})
+    c = cost_of(rows)
+    assert (c["batch_p50_s"], c["questions_per_s"], c["completion_tokens_mean"]) == (6.0, 0.5, 3.5)
+    assert "latency_p50_s" not in c
+    assert cost_of([{k: v for k, v in r.items() if k != "wall_share_s"} for r in rows])["questions_per_s"] is None
+    report = {
+        "dataset": "set", "split": "dev", "n_questions": 4, "backend": {"backend": "in-process"}, "top_k": 2, "modes": ["rag"],
+        "summary": {"rag": {"f1": {"mean": 0.5, "lo": 0.4, "hi": 0.6, "n": 4}}}, "cost": {"rag": c},
+    }
+    table = render_table(report)
+    assert "| mode | F1 | batch p50 s | batch p95 s | q/s | tokens/q |" in table and "| 0.50 | 3.5 |" in table

@@ -1,0 +1,38 @@
+"""core/paper.py: rendering docs/results.md from per-set results (no model needed)."""
+from __future__ import annotations
+
+from core.settings import load_settings
+
+
+def _result(preset: str) -> dict:
+    s = load_settings({"preset": preset})
+    means = {"base": 0.10, "rag": 0.30, "ft": 0.22, "ft-rag": 0.31}
+    return {
+        "name": "squad_short",
+        "report": {
+            "kinds": {"short": 4},
+            "n_questions": 4,
+            "summary": {m: {"f1": {"mean": v, "lo": v, "hi": v, "n": 4}} for m, v in means.items()},
+            "paired": [],
+        },
+        "table": "### squad_short (dev): 4 questions, in-process\n",
+        "settings": {"preset": s.preset, "train": s.train.model_dump(mode="json"), "llm": s.models.llm, "embedder": s.models.embedder},
+        "budget_tokens": 100,
+        "eval_limit": None,
+        "top_k": s.retrieval.top_k,
+        "synthetic_tokens": 90,
+        "generated_tokens": 120,
+        "training_tokens": 1000,
+        "train_steps": 10,
+        "train_epochs": 1.0,
+        "stage_seconds": {"ingest": 1.0, "augment": 2.0, "train": 3.0, "eval": 4.0},
+        "load_after": "0.1 0.2 0.3",
+    }
+
+
+def test_results_name_the_preset_that_ran():
+    from core.paper import render
+
+    text = render([_result("paper")], "0.1 0.2 0.3")
+    assert "with the `paper` preset" in text and "`local`" not in text
+    assert "with the `local` preset" in render([_result("local")], "0.1 0.2 0.3")

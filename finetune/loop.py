@@ -1,5 +1,5 @@
 """The training loop: AdamW, warmup + cosine/linear decay, gradient accumulation, bf16 autocast
-on CUDA, checkpoints every `train.save_every` steps, and resume from the newest checkpoint.
+(on CUDA, and on CPUs that multiply bf16 natively), checkpoints every `train.save_every` steps, and resume from the newest checkpoint.
 
 A checkpoint is one folder written through `atomic_dir`, so a kill or a full disk at any moment
 leaves the previous checkpoint whole. Step s always trains on the same blocks (see
@@ -133,6 +133,25 @@ def find_resumable(root: Path, run_key: str) -> Path | None:
     return None
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere torch emulates
+    it, which is slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(setting: str, device: str) -> bool:
+    """bf16 autocast: always on CUDA; on CPU where it is native (about twice float32's speed
+    for the matrix products here), unless `train.bf16` says otherwise."""
+    if setting != "auto":
+        return setting == "on"
+    return device.startswith("cuda") or cpu_has_bf16()
+
+
 # ---- the loss ------------------------------------------------------------------------------
 def causal_lm_loss(model, ids, mask=None):
     """Mean next-token loss over the tokens `mask` marks (all when None). With a mask, only the
@@ -184,9 +203,7 @@ def run(
         state = load_checkpoint(found, model, optimizer, scheduler, settings)
         start, curve, tokens_seen, resumed = state["step"], state["curve"], state["tokens_seen"], state["step"]
 
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
-    )
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16(settings.train.bf16, device))
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
     t0, run_tokens = time.perf_counter(), 0
     for step in range(start, steps):

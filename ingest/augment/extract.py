@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 
 # Bump when a rule's output changes, so stored samples of the old rule are regenerated.
-RULES_VERSION = "1"
+RULES_VERSION = "2"
 
 _MONTH = r"(?:January|February|March|April|May|June|July|August|September|October|November|December)"
 _NUMBER_WORDS = (
@@ -175,13 +175,23 @@ def question(sentence: str, span: Span) -> str:
     return q.rstrip(",;: ") + "?"
 
 
+MAX_ANSWER_CHARS = 360  # finetune.data.qa_pairs reads answers up to 400 characters
+
+
+def with_evidence(answer: str, sentence: str) -> str:
+    """"1836. X was founded in 1836 by Y." -- the short answer first, then its sentence."""
+    full = f"{answer}. {sentence}" if not answer.endswith(".") else f"{answer} {sentence}"
+    return full if len(full) <= MAX_ANSWER_CHARS else answer
+
+
 def blanked(sentence: str, span: Span) -> str:
     return sentence[: span.start] + "____" + sentence[span.end :]
 
 
 def fact_qa(document: str, rng: random.Random, limit: int | None = None) -> list[tuple[str, str]]:
-    """(question, answer) for every fact span of every sentence, shuffled; the answer is the
-    span as the document writes it, so it is grounded by construction."""
+    """(question, answer) for every fact span of every sentence, shuffled. The answer is the
+    span as the document writes it, then the sentence it comes from: grounded by construction,
+    and each answer states its fact once more in full."""
     title, sentences = resolved_sentences(document)
     out = []
     for s in sentences:
@@ -190,7 +200,7 @@ def fact_qa(document: str, rng: random.Random, limit: int | None = None) -> list
                 continue  # part of a longer word ("10-pip"): no question reads well around it
             q = question(s, span)
             if span.text.lower() not in q.lower() and len(q.split()) >= 5:
-                out.append((q, span.text))
+                out.append((q, with_evidence(span.text, s)))
     rng.shuffle(out)
     return out[:limit] if limit is not None else out
 
@@ -229,17 +239,22 @@ def qa_text(pairs: list[tuple[str, str]]) -> str:
     return "\n".join(f"Q: {q}\nA: {a}" for q, a in pairs)
 
 
-def rule_sample(type_id: str, title: str, text: str, sample_index: int, seed: int) -> str:
+def rule_sample(type_id: str, title: str, text: str, sample_index: int, seed: int, share: float = 1.0) -> str:
     """One sample of a rule type for a document. Successive samples of a document vary: other
     orders and leads, and for `fact_qa` questions (even indices) and fill-in-the-blank
-    prompts (odd indices) in turn, so a larger budget adds phrasings, not copies."""
+    prompts (odd indices) in turn, so a larger budget adds phrasings, not copies. `share` < 1
+    keeps that share of its items (a budget smaller than one pass over the corpus)."""
     document = f"{title}\n{text}"
     rng = random.Random(seed)
     if type_id == "fact_qa":
-        pairs = fact_qa(document, rng) if sample_index % 2 == 0 else cloze_qa(document, rng)
-        return qa_text(pairs)
+        items = fact_qa(document, rng) if sample_index % 2 == 0 else cloze_qa(document, rng)
+        return qa_text(items[: _kept(len(items), share)])
     if type_id == "restate":
         lines = restatements(document, rng)
         rng.shuffle(lines)
-        return "\n".join(lines)
+        return "\n".join(lines[: _kept(len(lines), share)])
     raise ValueError(f"no rule for augmentation type {type_id!r}")
+
+
+def _kept(n: int, share: float) -> int:
+    return n if share >= 1 else max(1, round(n * share)) if n else 0

@@ -131,11 +131,11 @@ class Generator:
         return self._fitted[key]
 
     # ---- records -------------------------------------------------------------------------
-    def rule_record(self, doc, planned: PlannedSample) -> dict:
+    def rule_record(self, doc, planned: PlannedSample, share: float = 1.0) -> dict:
         """A sample of a rule type: cut from the document, no engine involved."""
         from ingest.augment.extract import rule_sample
 
-        text = rule_sample(planned.type, doc.title, doc.text, planned.sample_index, planned.seed)
+        text = rule_sample(planned.type, doc.title, doc.text, planned.sample_index, planned.seed, share)
         return {
             "doc_id": planned.doc_id,
             "type": planned.type,

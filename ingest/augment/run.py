@@ -203,15 +203,17 @@ def _budget_shares(weights: dict[str, float], budget: int) -> dict[str, int]:
 
 
 def rule_samples(type_id: str, budget: int, docs: list, gen: Generator, seed: int) -> list[dict]:
-    """Every document's samples of a rule type: one pass over the corpus, then as many further
-    variant passes as the type's budget holds. Cut in milliseconds and deterministic, so they
+    """Every document's samples of a rule type: as many variant passes over the corpus as the
+    type's budget holds (part of one when it holds less). Cut in milliseconds and deterministic, so they
     are made afresh on each run rather than stored and resumed."""
-    def one_pass(index: int) -> list[dict]:
-        return [gen.rule_record(d, PlannedSample(d.doc_id, type_id, index, sample_seed(seed, d.doc_id, type_id, index))) for d in docs]
+    def one_pass(index: int, share: float = 1.0) -> list[dict]:
+        return [gen.rule_record(d, PlannedSample(d.doc_id, type_id, index, sample_seed(seed, d.doc_id, type_id, index)), share) for d in docs]
 
     first = one_pass(0)
     per_pass = sum(r["tokens"] for r in first) or 1
-    passes = max(1, round(budget / per_pass))
+    if budget < per_pass:
+        return one_pass(0, budget / per_pass)  # every document, each with part of its items
+    passes = round(budget / per_pass)
     return first + [r for i in range(1, passes) for r in one_pass(i)]
 
 

@@ -1,0 +1,143 @@
+"""The synthetic-token scaling curve: closed-book (`ft`) and open-book (`ft-rag`) accuracy on the
+dev split against the number of synthetic tokens the adapter was trained on.
+
+For each set and each budget (a multiple of the corpus' tokens), a copy of one ingested KB is
+augmented at that budget with the settings in force, trained, and evaluated on dev; base and rag
+are evaluated once per set as the reference lines. Results go to bench/results/scaling.json (one
+row per point, rewritten after each, so a rerun skips the points already measured) and
+docs/scaling.png. Run:
+
+    python -m bench.scaling --sets demo,squad_short --budgets 0.5,2,8 [--set group.field=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results" / "scaling.json"
+PNG = REPO / "docs" / "scaling.png"
+METRIC = "contains"  # the short-answer metric the targets are stated in
+
+
+def sources(name: str) -> tuple[Path, Path]:
+    """(corpus, questions) of a set: the shipped demo or one of ../shared/data."""
+    if name == "demo":
+        return REPO / "demo" / "corpus", REPO / "demo" / "questions.jsonl"
+    folder = REPO.parent / "shared" / "data" / name
+    if not (folder / "corpus.jsonl").exists():
+        raise SystemExit(f"{folder} is missing: the scaling curve on {name} needs ../shared/data beside the clone")
+    return folder / "corpus.jsonl", folder / "questions.jsonl"
+
+
+def point(settings, base_kb, name: str, questions: Path, modes: list[str]) -> dict:
+    """Copy the ingested KB to `name`, then augment, train and evaluate it."""
+    from core.kb import KB
+    from eval.run import evaluate
+    from finetune.train import train
+    from ingest.augment import augment
+
+    target = settings.kb_dir / name
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(base_kb.root, target, ignore=shutil.ignore_patterns(".lock", "synthetic", "adapter", "eval"))
+    kb = KB.open(settings, name)
+    for stage in ("augment", "train", "eval"):
+        kb.forget_stage(stage)
+    t0 = time.perf_counter()
+    report = augment(kb, settings, progress=False).report
+    t1 = time.perf_counter()
+    trained = train(kb, settings, progress=False) if any(m.startswith("ft") for m in modes) else None
+    t2 = time.perf_counter()
+    ev = evaluate(kb, questions, modes, settings, split="dev", progress=False)
+    t3 = time.perf_counter()
+    summary = json.loads((ev.dir / "report.json").read_text())["summary"]
+    return {
+        "synthetic_tokens": report["kept_tokens"],
+        "corpus_tokens": report["corpus_tokens"],
+        "train_tokens": trained.tokens_seen if trained else 0,
+        "seconds": {"augment": round(t1 - t0, 1), "train": round(t2 - t1, 1), "eval": round(t3 - t2, 1)},
+        "train_tokens_per_s": trained.tokens_per_second if trained else None,
+        "scores": {m: {k: v for k, v in s.items()} for m, s in summary.items()},
+    }
+
+
+def run(sets: list[str], budgets: list[float], overrides: dict) -> list[dict]:
+    from core.kb import KB
+    from core.settings import _deep_merge, load_settings
+    from ingest.pipeline import ingest
+
+    rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    done = {(r["set"], r["budget_multiple"], json.dumps(r["overrides"], sort_keys=True)) for r in rows}
+    for name in sets:
+        corpus, questions = sources(name)
+        settings = load_settings(_deep_merge({"retrieval": {"top_k": 2}}, overrides))
+        base_kb = KB.open(settings, f"scaling-{name}", create=True)
+        ingest(base_kb, corpus, settings, progress=False)
+        plan = [(None, ["base", "rag"])] + [(b, ["ft", "ft-rag"]) for b in budgets]
+        for budget, modes in plan:
+            key = (name, budget, json.dumps(overrides, sort_keys=True))
+            if key in done:
+                continue
+            over = _deep_merge(overrides, {"augment": {"budget_tokens": 0, "budget_multiple": budget or 0.5}})
+            s = load_settings(_deep_merge({"retrieval": {"top_k": 2}}, over))
+            print(f"[scaling] {name} budget {budget or 'reference'}x ...", flush=True)
+            row = {"set": name, "budget_multiple": budget, "overrides": overrides, **point(s, base_kb, f"scaling-{name}-{budget}", questions, modes)}
+            rows.append(row)
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            tmp = RESULTS.with_suffix(".tmp")
+            tmp.write_text(json.dumps(rows, indent=1))
+            os.replace(tmp, RESULTS)
+            print(f"[scaling] {name} {budget}x: {json.dumps(row['scores'])}", flush=True)
+    draw(rows)
+    return rows
+
+
+def draw(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = sorted({r["set"] for r in rows})
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 4), squeeze=False)
+    for ax, name in zip(axes[0], sets):
+        mine = [r for r in rows if r["set"] == name]
+        ref = next((r for r in mine if r["budget_multiple"] is None), None)
+        curve = sorted((r for r in mine if r["budget_multiple"] is not None), key=lambda r: r["synthetic_tokens"])
+        for mode, style in (("ft", "o-"), ("ft-rag", "s--")):
+            pts = [(r["synthetic_tokens"], r["scores"][mode][METRIC]["mean"]) for r in curve if METRIC in r["scores"].get(mode, {})]
+            if pts:
+                ax.plot(*zip(*pts), style, label=mode)
+        if ref:
+            for mode, color in (("base", "grey"), ("rag", "black")):
+                if METRIC in ref["scores"].get(mode, {}):
+                    ax.axhline(ref["scores"][mode][METRIC]["mean"], color=color, linestyle=":", label=mode)
+        ax.set_xscale("log")
+        ax.set_xlabel("synthetic training tokens")
+        ax.set_ylabel(f"{METRIC} (dev)")
+        ax.set_title(name)
+        ax.legend()
+    fig.tight_layout()
+    PNG.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(PNG, dpi=110)
+
+
+def main() -> None:
+    from core.settings import parse_overrides
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sets", default="demo,squad_short")
+    ap.add_argument("--budgets", default="0.5,2,8", help="multiples of the corpus' tokens")
+    ap.add_argument("--set", dest="sets_", action="append", default=[], help="group.field=value")
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run([s.strip() for s in args.sets.split(",")], [float(b) for b in args.budgets.split(",")], parse_overrides(args.sets_))
+
+
+if __name__ == "__main__":
+    main()

@@ -79,10 +79,10 @@ def engine_run(settings, requests, backend: str) -> tuple[int, float]:
 def run(quick: bool = False) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from core.settings import load_settings
+    from core.settings import SPA_TYPES, load_settings
 
     n, max_new = (8, 32) if quick else (32, 64)
-    settings = load_settings({"augment": {"max_new_tokens": max_new}, "engine": {"max_batch_size": n, "vllm_cpu_kvcache_gb": 1}})
+    settings = load_settings({"augment": {"types": SPA_TYPES, "max_new_tokens": max_new}, "engine": {"max_batch_size": n, "vllm_cpu_kvcache_gb": 1}})
     requests = plan_requests(settings, n)
     result: dict = {"quick": quick, "requests": len(requests), "max_new_tokens": max_new, "model": settings.models.llm, "target": ">=4"}
 

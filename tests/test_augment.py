@@ -14,13 +14,14 @@ import pytest
 
 from core.files import read_jsonl
 from core.kb import KB, work_seconds
-from core.settings import SettingsError, load_settings
+from core.settings import SPA_TYPES, SettingsError, load_settings
 from ingest.augment import AugmentError, augment, load_training_texts, training_corpus_hash
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DOCS = ["brightwater-glassworks.md", "university-of-vaskarra.md"]
 # Tiny but real: ~13 samples of <= 48 tokens over 2 documents x 7 types, appended 7 at a time.
-SMALL = {"budget_tokens": 600, "max_new_tokens": 48, "samples_per_call": 7}
+# The local preset's default types are cut by rule; these tests exercise the generator with SPA's.
+SMALL = {"types": SPA_TYPES, "budget_tokens": 600, "max_new_tokens": 48, "samples_per_call": 7}
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def test_stale_and_torn_samples_are_regenerated_exactly(reference, ingested, tmp
 def test_cli_resumes_after_kill_9_without_loss_or_duplicates(reference, ingested, tmp_path):
     kb, settings = _copy_kb(ingested, tmp_path, "killed")
     env = {**os.environ, "KINJECT_KB_ROOT": str(settings.kb_dir), "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "core.cli", "--set", "augment.samples_per_call=7", "augment", "--kb", "killed",
+    cmd = [sys.executable, "-m", "core.cli", "--set", "augment.samples_per_call=7", "--set", f"augment.types={json.dumps(SPA_TYPES)}", "augment", "--kb", "killed",
            "--budget", "600", "--max-new-tokens", "48", "--no-progress"]
     path = kb.dir("augment") / "samples.jsonl"
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -244,7 +245,7 @@ def test_vllm_engine_augments_two_docs_by_seven_types_reproducibly(ingested, tmp
     twin, _ = _copy_kb(ingested, tmp_path, "vllm_twin")
     settings = load_settings({
         "kb_root": str(tmp_path / "kbs"),
-        "augment": {"budget_tokens": 14 * 48, "max_new_tokens": 48, "samples_per_call": 14},
+        "augment": {"types": SPA_TYPES, "budget_tokens": 14 * 48, "max_new_tokens": 48, "samples_per_call": 14},
         "engine": {"backend": "vllm", "vllm_cpu_kvcache_gb": 1},
     })
     eng = make_engine(settings)

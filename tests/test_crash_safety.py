@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.settings import SPA_TYPES
+
 from conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -35,7 +37,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 DOCS = ["brightwater-glassworks.md", "harbour-wardens.txt", "night-of-drifting-lanterns.html"]
 RUN_TIMEOUT = 900  # one child, on a machine that may be very busy
 INGEST = ["--set", "ingest.embed_batch_size=2", "ingest", "{corpus}", "--kb", "{kb}", "--no-progress"]
-AUGMENT = ["--set", "augment.samples_per_call=3", "augment", "--kb", "{kb}", "--budget", "200", "--max-new-tokens", "32", "--no-progress"]
+AUGMENT = ["--set", "augment.samples_per_call=3", "--set", f"augment.types={json.dumps(SPA_TYPES)}", "augment", "--kb", "{kb}", "--budget", "200", "--max-new-tokens", "32", "--no-progress"]
 TRAIN = ["--set", "train.block_size=64", "--set", "train.batch_size=1", "--set", "train.save_every=2", "train", "--kb", "{kb}", "--steps", "6", "--quiet"]
 
 

@@ -133,12 +133,7 @@ def retrieval_queries(conversation: list[dict], history_turns: int = 2) -> list[
 
 def render_prompt(engine: Engine, request: GenRequest) -> str:
     """The text the engine will read for a request (chat template applied when it has one)."""
-    render = getattr(engine, "render", None)
-    if render is not None:
-        return render(request)
-    if request.prompt is not None:
-        return request.prompt
-    return "\n\n".join(f"{m['role']}: {m['content']}" for m in request.messages or [])
+    return engine.render(request)
 
 
 def with_seed(params: SamplingParams, i: int) -> SamplingParams:
@@ -269,7 +264,7 @@ class Answerer:
         return sorted(best.values(), key=lambda h: -h.score)[:k]
 
     def prompt_tokens(self, request: GenRequest) -> int:
-        return self.engine.count_tokens(render_prompt(self.engine, request))
+        return self.engine.prompt_tokens(request)
 
     def prepare(
         self,
@@ -309,17 +304,21 @@ class Answerer:
     def _answer(self, p: Prepared, g) -> Answer:
         return Answer(g.text.strip(), p.mode, [source_dict(h) for h in p.hits], g.prompt_tokens, g.completion_tokens, g.finish_reason, p.route_reason)
 
-    def generate(self, prepared: Prepared, n: int = 1) -> list[Answer]:
+    def generate(self, prepared: Prepared, n: int = 1, cancel: threading.Event | None = None) -> list[Answer]:
         """n answers to one prepared request. Greedy: one generation, n copies (they would be
         equal). Sampled with a seed: answer i is generated alone with seed + i, so it is the same
         answer whatever n is and whether it is streamed (an engine may sample a batch jointly).
-        Sampled without a seed: one batched call."""
+        Sampled without a seed: one batched call. Setting `cancel` stops generating (client
+        gone): the engine raises Cancelled or returns cut answers, to be dropped."""
         params = prepared.request.params
         if params.greedy:
-            g = self.engine.generate([prepared.request])[0]
+            g = self.engine.generate([prepared.request], cancel=cancel)[0]
             return [self._answer(prepared, g) for _ in range(n)]
         reqs = [dataclasses.replace(prepared.request, params=with_seed(params, i)) for i in range(n)]
-        gens = [self.engine.generate([r])[0] for r in reqs] if params.seed is not None else self.engine.generate(reqs)
+        if params.seed is not None:
+            gens = [self.engine.generate([r], cancel=cancel)[0] for r in reqs]
+        else:
+            gens = self.engine.generate(reqs, cancel=cancel)
         return [self._answer(prepared, g) for g in gens]
 
     def answer(self, mode: str, conversation: list[dict], params: SamplingParams) -> Answer:

@@ -156,6 +156,7 @@ class EvalSettings(_Group):
     judge_base_url: str = ""
     judge_model: str = ""
     judge_api_key: SecretStr = SecretStr("")
+    endpoint_api_key: SecretStr = Field(SecretStr(""), description="Bearer key sent to `eval --endpoint` (no other key is ever sent there)")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -144,7 +144,9 @@ def serve_kb(kb: KB, settings: Settings, engine, echo: Callable[[str], None]) ->
 
     from service.app import create_app
     from service.cli import url_host
+    from service.guards import refuse_open_bind
 
+    refuse_open_bind(settings.serve.host, bool(settings.serve.api_key.get_secret_value()), insecure=False)
     sock = free_port(settings.serve.host, settings.serve.port)
     api = create_app(kb, settings, engine=engine)
     base = f"http://{url_host(settings.serve.host)}:{sock.getsockname()[1]}"

@@ -152,6 +152,15 @@ class ServeSettings(_Group):
     max_prompt_tokens: int = Field(1536, ge=16)
     max_new_tokens: int = Field(256, ge=1)
     max_messages: int = Field(64, ge=1)
+    max_choices: int = Field(16, ge=1, description="Answers one request may ask for: n on chat, prompts x n on /v1/completions")
+    max_stop_sequences: int = Field(4, ge=0, description="`stop` strings per request")
+    max_stop_chars: int = Field(32, ge=1, description="Characters per `stop` string (the transformers engine's stop matcher grows with it)")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest API request body; larger is a 413 (the UI's uploads have their own limit)")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host header names accepted besides localhost, 127.0.0.1, ::1 and serve.host ('*': any). "
+        "Checked when serving on loopback or when set",
+    )
     auto_rag_min_score: float = Field(0.35, description="auto: retrieval score below which the KB likely lacks the answer")
     max_upload_mb: float = Field(20.0, gt=0, description="Largest file the UI accepts")
     ui_max_queue: int = Field(32, ge=1, description="UI events (page loads, chats, uploads) allowed to wait in Gradio's queue; beyond that the UI says it is full")
@@ -163,6 +172,7 @@ class EvalSettings(_Group):
     judge_base_url: str = ""
     judge_model: str = ""
     judge_api_key: SecretStr = SecretStr("")
+    endpoint_api_key: SecretStr = Field(SecretStr(""), description="Bearer key sent to `eval --endpoint` (no other key is ever sent there)")
 
 
 # Chosen on the demo's dev questions (docs/results.md, "Knowledge injection"): a 135M generator

@@ -7,6 +7,9 @@ Both return the same `Reply` per question, so scoring does not know which one ra
   user message (the server retrieves), `sources` and `kinject_mode` read from the response.
 - `OpenAIBackend`: any other OpenAI-compatible server (vLLM...): base mode only, with kinject's
   system prompt so the numbers compare with kinject's `base` mode.
+
+An endpoint gets only the key given for it, `eval.endpoint_api_key`: never `serve.api_key` or
+`engine.openai_api_key`, which belong to other servers and would go to whatever URL was typed.
 """
 from __future__ import annotations
 
@@ -86,12 +89,12 @@ class LocalBackend:
 
 
 class _HTTPBackend:
-    def __init__(self, endpoint: str, settings: Settings, api_key: str = ""):
+    def __init__(self, endpoint: str, settings: Settings):
         from openai import OpenAI
 
         self.endpoint = base_url(endpoint)
         self.settings = settings
-        key = api_key or settings.engine.openai_api_key.get_secret_value() or settings.serve.api_key.get_secret_value() or "EMPTY"
+        key = settings.eval.endpoint_api_key.get_secret_value() or "EMPTY"
         self.client = OpenAI(
             base_url=self.endpoint, api_key=key, timeout=settings.engine.openai_timeout_s, max_retries=settings.engine.openai_max_retries
         )
@@ -134,8 +137,8 @@ class _HTTPBackend:
 class KinjectBackend(_HTTPBackend):
     name = "kinject-server"
 
-    def __init__(self, endpoint: str, settings: Settings, models: list[str], api_key: str = ""):
-        super().__init__(endpoint, settings, api_key)
+    def __init__(self, endpoint: str, settings: Settings, models: list[str]):
+        super().__init__(endpoint, settings)
         self.models = models
 
     def available(self) -> list[str]:
@@ -163,8 +166,8 @@ class KinjectBackend(_HTTPBackend):
 class OpenAIBackend(_HTTPBackend):
     name = "openai-compatible"
 
-    def __init__(self, endpoint: str, settings: Settings, models: list[str], api_key: str = ""):
-        super().__init__(endpoint, settings, api_key)
+    def __init__(self, endpoint: str, settings: Settings, models: list[str]):
+        super().__init__(endpoint, settings)
         self.models = models
         self.model = settings.engine.openai_model or (models[0] if models else "")
         if not self.model:
@@ -211,7 +214,8 @@ def connect(endpoint: str, settings: Settings) -> _HTTPBackend:
     try:
         models = [m.id for m in probe.client.models.list().data]
     except openai.APIStatusError as e:
-        raise EndpointError(f"{probe.endpoint}/models answered {e.status_code}: {_message(e)}") from None
+        hint = "; give its key as eval.endpoint_api_key (e.g. KINJECT_EVAL__ENDPOINT_API_KEY=...)" if e.status_code == 401 else ""
+        raise EndpointError(f"{probe.endpoint}/models answered {e.status_code}: {_message(e)}{hint}") from None
     except openai.APIConnectionError as e:
         raise EndpointError(f"cannot reach {probe.endpoint}: {e}") from None
     if any(m.startswith("kinject-") and m.removeprefix("kinject-") in (*MODES, AUTO) for m in models):

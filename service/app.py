@@ -19,6 +19,7 @@ from core.kb import KB
 from core.settings import Settings
 from service import chat, completions, embeddings, errors, models
 from service.auth import UI_PATH, APIKeyMiddleware, ui_auth
+from service.guards import BodyLimit, TrustedHosts, allowed_names
 from service.protocol import Health
 from service.state import ServiceState, get_state
 
@@ -58,9 +59,13 @@ def create_app(kb: KB, settings: Settings, engine: Engine | None = None) -> Fast
             waiting=state.slots.waiting,
         )
 
+    app.add_middleware(BodyLimit, max_bytes=settings.serve.max_body_bytes)
     key = settings.serve.api_key.get_secret_value()
     if key:
-        app.add_middleware(APIKeyMiddleware, key=key)
+        app.add_middleware(APIKeyMiddleware, key=key)  # before the body is read: a 401 costs nothing
+    hosts = allowed_names(settings.serve.host, settings.serve.allowed_hosts)
+    if hosts is not None:
+        app.add_middleware(TrustedHosts, names=hosts)  # added last: the outermost check
     mount_ui(app, app.state.kinject, key)
     return app
 

@@ -1,7 +1,8 @@
 """POST /v1/chat/completions: a conversation answered in the mode the `model` field names.
 
-Retrieval (rag modes, auto) and the prompt are prepared first, so every input error is a plain
-4xx before any streaming starts; then a generation slot is taken and the engine answers.
+The request is checked, then a slot is taken (or a 503), then retrieval (rag modes, auto) and the
+prompt are prepared, so every input error is a plain 4xx before any streaming starts; then the
+engine answers in the same slot.
 Responses carry `sources` and `kinject_mode` (also in the `x-kinject-mode` header); streamed
 responses put them on the first chunk.
 """
@@ -13,11 +14,12 @@ from contextlib import aclosing
 from typing import AsyncIterator
 
 import anyio
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from core.answer import Prepared, source_dict, with_seed
-from service.errors import APIError, bad_request, log
+from core.engines import SamplingParams
+from service.errors import bad_request, internal_error, log
 from service.protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,
@@ -31,9 +33,9 @@ from service.protocol import (
     new_id,
     now,
 )
-from service.sampling import fit_context, max_new_tokens, sampling_params
-from service.state import ServiceState, get_state
-from service.streaming import DONE, SSEResponse, in_thread, sse
+from service.sampling import check_choices, fit_context, max_new_tokens, sampling_params
+from service.state import ServiceState, Slot, get_state
+from service.streaming import DONE, SSEResponse, in_thread, sse, unless_gone
 
 router = APIRouter()
 
@@ -56,11 +58,14 @@ def conversation_of(req: ChatCompletionRequest, max_messages: int) -> list[dict]
     return conv
 
 
-async def prepare(state: ServiceState, req: ChatCompletionRequest) -> Prepared:
-    conv = conversation_of(req, state.settings.serve.max_messages)
+def checked_params(state: ServiceState, req: ChatCompletionRequest) -> SamplingParams:
     wanted = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    params = sampling_params(req, max_new_tokens(wanted, state.settings, param=param))
+    check_choices(req.n, state.settings)
+    return sampling_params(req, max_new_tokens(wanted, state.settings, param=param), state.settings)
+
+
+async def prepare(state: ServiceState, req: ChatCompletionRequest, conv: list[dict], params: SamplingParams) -> Prepared:
     limit = min(state.settings.serve.max_prompt_tokens, state.settings.engine.max_model_len - 1)
 
     def run() -> Prepared:  # reads the manifest, may load a new adapter, retrieves: off the event loop
@@ -76,15 +81,17 @@ def sources_of(prepared: Prepared) -> list[Source]:
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(req: ChatCompletionRequest, state: ServiceState = Depends(get_state)):
-    prepared = await prepare(state, req)
-    headers = {"x-kinject-mode": prepared.mode}
-    if req.stream:
-        state.slots.check_room()
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return SSEResponse(stream_chat(state, req, prepared, include_usage), headers=headers)
-    async with state.slots.slot():
-        answers = await anyio.to_thread.run_sync(state.answerer.generate, prepared, req.n)
+async def chat_completions(req: ChatCompletionRequest, request: Request, state: ServiceState = Depends(get_state)):
+    conv = conversation_of(req, state.settings.serve.max_messages)
+    params = checked_params(state, req)
+    async with state.slots.slot() as slot:  # retrieval and tokenizing are model work too
+        prepared = await prepare(state, req, conv, params)
+        headers = {"x-kinject-mode": prepared.mode}
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            held = slot.pass_on()
+            return SSEResponse(stream_chat(state, req, prepared, include_usage, held), held, headers=headers)
+        answers = await unless_gone(request, lambda cancel: state.answerer.generate(prepared, req.n, cancel))
     usage = UsageInfo(
         prompt_tokens=answers[0].prompt_tokens,
         completion_tokens=sum(a.completion_tokens for a in answers),
@@ -104,7 +111,7 @@ async def chat_completions(req: ChatCompletionRequest, state: ServiceState = Dep
     return JSONResponse(body.model_dump(), headers=headers)
 
 
-async def stream_chat(state: ServiceState, req: ChatCompletionRequest, prepared: Prepared, include_usage: bool) -> AsyncIterator[str]:
+async def stream_chat(state: ServiceState, req: ChatCompletionRequest, prepared: Prepared, include_usage: bool, slot: Slot) -> AsyncIterator[str]:
     rid, created = new_id("chatcmpl"), now()
     # OpenAI sends "usage": null on every chunk but the last when usage was asked for.
     skip = set() if include_usage else {"usage"}
@@ -119,30 +126,31 @@ async def stream_chat(state: ServiceState, req: ChatCompletionRequest, prepared:
         return sse(data)
 
     prompt_tokens = completion_tokens = 0
+    failed = False
     try:
-        async with state.slots.slot():
-            for i in range(req.n):
-                first = {"sources": sources_of(prepared), "kinject_mode": prepared.mode, "kinject_route": prepared.route_reason or None} if i == 0 else {}
-                yield chunk(i, DeltaMessage(role="assistant", content=""), **first)
-                request = dataclasses.replace(prepared.request, params=with_seed(prepared.request.params, i))
-                cancel = threading.Event()
-                finish = "stop"
-                async with aclosing(in_thread(state.answerer.stream_prepared(dataclasses.replace(prepared, request=request), cancel), cancel)) as pieces:
-                    async for piece in pieces:
-                        if piece.text:
-                            yield chunk(i, DeltaMessage(content=piece.text))
-                        if piece.finish_reason:
-                            finish = piece.finish_reason
-                            prompt_tokens = piece.prompt_tokens
-                            completion_tokens += piece.completion_tokens
-                yield chunk(i, DeltaMessage(), finish)
-    except APIError as e:  # the queue filled up between the check and the slot
-        yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
-    except Exception as e:  # headers are sent: report in the stream, as OpenAI does
+        for i in range(req.n):
+            first = {"sources": sources_of(prepared), "kinject_mode": prepared.mode, "kinject_route": prepared.route_reason or None} if i == 0 else {}
+            yield chunk(i, DeltaMessage(role="assistant", content=""), **first)
+            request = dataclasses.replace(prepared.request, params=with_seed(prepared.request.params, i))
+            cancel = threading.Event()
+            finish = "stop"
+            async with aclosing(in_thread(state.answerer.stream_prepared(dataclasses.replace(prepared, request=request), cancel), cancel)) as pieces:
+                async for piece in pieces:
+                    if piece.text:
+                        yield chunk(i, DeltaMessage(content=piece.text))
+                    if piece.finish_reason:
+                        finish = piece.finish_reason
+                        prompt_tokens = piece.prompt_tokens
+                        completion_tokens += piece.completion_tokens
+            yield chunk(i, DeltaMessage(), finish)
+    except Exception:  # headers are sent: report in the stream, as OpenAI does
         log.exception("streamed generation failed")
-        yield sse({"error": {"message": f"generation failed: {type(e).__name__}: {e}", "type": "server_error", "param": None, "code": None}})
-    else:
-        if include_usage:
-            usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
-            yield sse(ChatCompletionStreamResponse(id=rid, created=created, model=req.model, choices=[], usage=usage), exclude={"sources", "kinject_mode", "kinject_route"})
+        failed = True
+    finally:
+        slot.release()  # before the last events, so a client that reads [DONE] finds the slot free
+    if failed:
+        yield sse(internal_error().payload())
+    elif include_usage:
+        usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
+        yield sse(ChatCompletionStreamResponse(id=rid, created=created, model=req.model, choices=[], usage=usage), exclude={"sources", "kinject_mode", "kinject_route"})
     yield DONE

@@ -17,6 +17,7 @@ def register(app: typer.Typer) -> None:
         kb: str = typer.Option(..., "--kb", help="Knowledge base to serve."),
         host: Optional[str] = typer.Option(None, "--host", help="Interface to bind (default serve.host: 127.0.0.1)."),
         port: Optional[int] = typer.Option(None, "--port", help="Port (default serve.port: 8000; 0 picks a free one)."),
+        insecure: bool = typer.Option(False, "--insecure", help="Serve on a non-loopback address without serve.api_key."),
     ) -> None:
         """Serve a KB over an OpenAI-compatible API (models kinject-<mode>) with the UI at /ui."""
         import socket
@@ -26,8 +27,10 @@ def register(app: typer.Typer) -> None:
         from core.cli import settings_from
         from core.kb import KB
         from service.app import create_app
+        from service.guards import is_loopback, refuse_open_bind
 
         settings = settings_from(ctx, **{"serve.host": host, "serve.port": port})
+        refuse_open_bind(settings.serve.host, bool(settings.serve.api_key.get_secret_value()), insecure)
         knowledge = KB.open(settings, kb)
         family = socket.AF_INET6 if ":" in settings.serve.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -50,6 +53,8 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"  UI:  {base}/ui" if any(getattr(r, "path", "") == "/ui" for r in api.routes) else "  UI:  not installed")
         if settings.serve.api_key.get_secret_value():
             typer.echo("  API key required: Authorization: Bearer <serve.api_key>; UI login: any user, the key as password")
+        elif not is_loopback(settings.serve.host):
+            typer.echo(f"  WARNING: --insecure: no API key, and {settings.serve.host} is reachable from the network")
         server = uvicorn.Server(uvicorn.Config(api, log_level="info", timeout_graceful_shutdown=5))
         try:
             server.run(sockets=[sock])

@@ -10,7 +10,10 @@ Logprobs: the prompt (with `echo`) and the generated text are scored in one forw
 engine.prompt_logprobs, so each generated token's logprob is the model's (temperature 1)
 log-probability of that token given everything before it, as OpenAI reports them. The first
 prompt token has no context and gets null. `max_tokens: 0` with `echo` scores the prompt only.
-Prompts are text; token-id prompts are refused (lm-eval: tokenized_requests=False).
+Prompts are text; token-id prompts are refused (lm-eval: tokenized_requests=False). Text that
+reads like a special token (`<|im_start|>`) is tokenized as the characters it is.
+
+One request holds one slot for all its prompts x n answers (at most serve.max_choices).
 """
 from __future__ import annotations
 
@@ -19,12 +22,12 @@ from contextlib import aclosing
 from typing import AsyncIterator
 
 import anyio
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from core.answer import AUTO, MODES, PromptTooLong, with_seed
 from core.engines import Generation, GenRequest, SamplingParams, TokenLogprob
-from service.errors import APIError, bad_request, log
+from service.errors import APIError, bad_request, internal_error, log
 from service.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -35,9 +38,9 @@ from service.protocol import (
     new_id,
     now,
 )
-from service.sampling import fit_context, max_new_tokens, sampling_params
-from service.state import ServiceState, get_state
-from service.streaming import DONE, SSEResponse, in_thread, sse
+from service.sampling import check_choices, fit_context, max_new_tokens, sampling_params
+from service.state import ServiceState, Slot, get_state
+from service.streaming import DONE, SSEResponse, in_thread, sse, unless_gone
 
 router = APIRouter()
 
@@ -85,36 +88,46 @@ def logprobs_of(prompt: str, text: str, scored: list[TokenLogprob], echo: bool) 
 
 
 @router.post("/v1/completions")
-async def completions(req: CompletionRequest, state: ServiceState = Depends(get_state)):
+async def completions(req: CompletionRequest, request: Request, state: ServiceState = Depends(get_state)):
     check_options(req)
-    mode = await anyio.to_thread.run_sync(lambda: raw_mode(state, state.mode_for(req.model)))
     prompts = prompts_of(req)
-    params = sampling_params(req, max_new_tokens(req.max_tokens, state.settings, allow_zero=req.echo))
-    adapter = await anyio.to_thread.run_sync(lambda: state.answerer.adapter_name) if mode == "ft" else None
+    check_choices(len(prompts) * req.n, state.settings)
+    params = sampling_params(req, max_new_tokens(req.max_tokens, state.settings, allow_zero=req.echo), state.settings)
     engine = state.answerer.engine
     limit = min(state.settings.serve.max_prompt_tokens, state.settings.engine.max_model_len - 1)
-    counts = await anyio.to_thread.run_sync(lambda: [engine.count_tokens(p) for p in prompts])
-    for n_tokens in counts:
-        if n_tokens > limit:
-            e = PromptTooLong(n_tokens, limit)
-            raise APIError(400, str(e), param="prompt", code="context_length_exceeded")
-    fit_context(params, max(counts), state.settings)
-    headers = {"x-kinject-mode": mode}
-    if req.stream:
-        state.slots.check_room()
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return SSEResponse(stream_completion(state, req, prompts, params, adapter, mode, include_usage, sum(counts)), headers=headers)
+    async with state.slots.slot() as slot:  # reading the manifest, loading an adapter, tokenizing: model work too
 
-    requests = [GenRequest(prompt=p, params=with_seed(params, j), adapter=adapter) for p in prompts for j in range(req.n)]
-    async with state.slots.slot():
-        if req.max_tokens == 0:
-            gens = [Generation("", c, 0, "length") for c in counts for _ in range(req.n)]
-        else:
-            gens = await anyio.to_thread.run_sync(engine.generate, requests)
-        scored = None
-        if req.logprobs is not None:
-            texts = [r.prompt + g.text for r, g in zip(requests, gens)]
-            scored = await anyio.to_thread.run_sync(lambda: engine.prompt_logprobs(texts, adapter, req.logprobs))
+        def resolve() -> tuple[str, str | None, list[int]]:
+            mode = raw_mode(state, state.mode_for(req.model))
+            adapter = state.answerer.adapter_name if mode == "ft" else None
+            return mode, adapter, [engine.prompt_tokens(GenRequest(prompt=p, adapter=adapter)) for p in prompts]
+
+        mode, adapter, counts = await anyio.to_thread.run_sync(resolve)
+        for n_tokens in counts:
+            if n_tokens > limit:
+                e = PromptTooLong(n_tokens, limit)
+                raise APIError(400, str(e), param="prompt", code="context_length_exceeded")
+        fit_context(params, max(counts), state.settings)
+        headers = {"x-kinject-mode": mode}
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            held = slot.pass_on()
+            body = stream_completion(state, req, prompts, params, adapter, mode, include_usage, sum(counts), held)
+            return SSEResponse(body, held, headers=headers)
+
+        requests = [GenRequest(prompt=p, params=with_seed(params, j), adapter=adapter) for p in prompts for j in range(req.n)]
+
+        def run(cancel) -> tuple[list[Generation], list | None]:
+            if req.max_tokens == 0:
+                gens = [Generation("", c, 0, "length") for c in counts for _ in range(req.n)]
+            else:
+                gens = engine.generate(requests, cancel=cancel)
+            scored = None
+            if req.logprobs is not None and not cancel.is_set():
+                scored = engine.prompt_logprobs([r.prompt + g.text for r, g in zip(requests, gens)], adapter, req.logprobs)
+            return gens, scored
+
+        gens, scored = await unless_gone(request, run)
     choices = []
     for i, (r, g) in enumerate(zip(requests, gens)):
         lp = logprobs_of(r.prompt, g.text, scored[i], req.echo) if scored is not None else None
@@ -131,7 +144,7 @@ async def completions(req: CompletionRequest, state: ServiceState = Depends(get_
 
 
 async def stream_completion(
-    state: ServiceState, req: CompletionRequest, prompts: list[str], params: SamplingParams, adapter: str | None, mode: str, include_usage: bool, prompt_tokens: int
+    state: ServiceState, req: CompletionRequest, prompts: list[str], params: SamplingParams, adapter: str | None, mode: str, include_usage: bool, prompt_tokens: int, slot: Slot
 ) -> AsyncIterator[str]:
     rid, created = new_id("cmpl"), now()
     skip = set() if include_usage else {"usage"}
@@ -141,37 +154,38 @@ async def stream_completion(
         return sse(body, exclude=skip | ({"kinject_mode"} if body.kinject_mode is None else set()))
 
     completion_tokens = 0
+    failed = False
     try:
-        async with state.slots.slot():
-            for pi, prompt in enumerate(prompts):
-                for j in range(req.n):
-                    index = pi * req.n + j
-                    first = {"kinject_mode": mode} if index == 0 else {}
-                    if req.echo:
-                        yield chunk(index, prompt, **first)
-                        first = {}
-                    if req.max_tokens == 0:
-                        yield chunk(index, "", "length", **first)
-                        continue
-                    cancel = threading.Event()
-                    request = GenRequest(prompt=prompt, params=with_seed(params, j), adapter=adapter)
-                    finish = "stop"
-                    async with aclosing(in_thread(state.answerer.engine.stream(request, cancel), cancel)) as pieces:
-                        async for piece in pieces:
-                            if piece.text:
-                                yield chunk(index, piece.text, **first)
-                                first = {}
-                            if piece.finish_reason:
-                                finish = piece.finish_reason
-                                completion_tokens += piece.completion_tokens
-                    yield chunk(index, "", finish, **first)
-    except APIError as e:
-        yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
-    except Exception as e:
+        for pi, prompt in enumerate(prompts):
+            for j in range(req.n):
+                index = pi * req.n + j
+                first = {"kinject_mode": mode} if index == 0 else {}
+                if req.echo:
+                    yield chunk(index, prompt, **first)
+                    first = {}
+                if req.max_tokens == 0:
+                    yield chunk(index, "", "length", **first)
+                    continue
+                cancel = threading.Event()
+                request = GenRequest(prompt=prompt, params=with_seed(params, j), adapter=adapter)
+                finish = "stop"
+                async with aclosing(in_thread(state.answerer.engine.stream(request, cancel), cancel)) as pieces:
+                    async for piece in pieces:
+                        if piece.text:
+                            yield chunk(index, piece.text, **first)
+                            first = {}
+                        if piece.finish_reason:
+                            finish = piece.finish_reason
+                            completion_tokens += piece.completion_tokens
+                yield chunk(index, "", finish, **first)
+    except Exception:
         log.exception("streamed completion failed")
-        yield sse({"error": {"message": f"generation failed: {type(e).__name__}: {e}", "type": "server_error", "param": None, "code": None}})
-    else:
-        if include_usage:
-            usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
-            yield sse(CompletionStreamResponse(id=rid, created=created, model=req.model, choices=[], usage=usage), exclude={"kinject_mode"})
+        failed = True
+    finally:
+        slot.release()  # before the last events, so a client that reads [DONE] finds the slot free
+    if failed:
+        yield sse(internal_error().payload())
+    elif include_usage:
+        usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
+        yield sse(CompletionStreamResponse(id=rid, created=created, model=req.model, choices=[], usage=usage), exclude={"kinject_mode"})
     yield DONE

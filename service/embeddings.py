@@ -4,7 +4,8 @@ exactly as documents are embedded for retrieval (core.retrieval.Retriever.embed_
 `model` may be the embedder's name (e.g. `minilm-l6`) or any listed `kinject-*` model: every
 mode of a KB shares one embedder. `encoding_format: base64` returns little-endian float32 bytes,
 as OpenAI does. `dimensions` is accepted only when it equals the embedder's size (truncating a
-non-Matryoshka embedding would silently degrade it).
+non-Matryoshka embedding would silently degrade it). Embedding is model work: it runs in one of
+the slots generation uses (service.state), so it queues, or is refused with a 503, like them.
 """
 from __future__ import annotations
 
@@ -38,22 +39,23 @@ def inputs_of(req: EmbeddingRequest) -> list[str]:
 
 @router.post("/v1/embeddings")
 async def create_embeddings(req: EmbeddingRequest, state: ServiceState = Depends(get_state)) -> EmbeddingResponse:
-    retriever = state.answerer.retriever
-    embedder = await anyio.to_thread.run_sync(lambda: retriever.embedder)  # the index's own, loaded once
-    name = embedder.ref
-    if req.model != name and req.model.removeprefix(MODEL_PREFIX) not in ALL_MODES:
-        raise APIError(404, f"the embedding model {req.model!r} does not exist; use {name!r} (or any kinject-* model)", param="model", code="model_not_found")
     texts = inputs_of(req)
-    if req.dimensions is not None and req.dimensions != embedder.dim:
-        raise bad_request(f"dimensions must be {embedder.dim} for {name!r} (it cannot be truncated)", param="dimensions")
+    async with state.slots.slot():
+        retriever = state.answerer.retriever
+        embedder = await anyio.to_thread.run_sync(lambda: retriever.embedder)  # the index's own, loaded once
+        name = embedder.ref
+        if req.model != name and req.model.removeprefix(MODEL_PREFIX) not in ALL_MODES:
+            raise APIError(404, f"the embedding model {req.model!r} does not exist; use {name!r} (or any kinject-* model)", param="model", code="model_not_found")
+        if req.dimensions is not None and req.dimensions != embedder.dim:
+            raise bad_request(f"dimensions must be {embedder.dim} for {name!r} (it cannot be truncated)", param="dimensions")
 
-    def embed() -> tuple[np.ndarray, int]:
-        vectors = np.asarray(retriever.embed_documents(texts), dtype=np.float32)
-        with embedder._lock:  # the counting tokenizer is not safe to share between threads
-            tokens = sum(len(ids) for ids in embedder.tokenizer(texts)["input_ids"])
-        return vectors, tokens
+        def embed() -> tuple[np.ndarray, int]:
+            vectors = np.asarray(retriever.embed_documents(texts), dtype=np.float32)
+            with embedder._lock:  # the counting tokenizer is not safe to share between threads
+                tokens = sum(len(ids) for ids in embedder.tokenizer(texts)["input_ids"])
+            return vectors, tokens
 
-    vectors, tokens = await anyio.to_thread.run_sync(embed)
+        vectors, tokens = await anyio.to_thread.run_sync(embed)
     data = []
     for i, v in enumerate(vectors):
         emb = base64.b64encode(v.astype("<f4").tobytes()).decode() if req.encoding_format == "base64" else v.tolist()

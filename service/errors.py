@@ -2,8 +2,10 @@
 
 Status codes follow OpenAI: a request the server cannot accept is 400 (FastAPI's validation
 errors and malformed JSON included, not 422), a missing or wrong key 401, an unknown model 404,
-an unknown route 404, a wrong method 405, a full queue 503. A 500 means a bug in kinject and is
-never the answer to bad input.
+an unknown route 404, a wrong method 405, a body over `serve.max_body_bytes` 413, a full queue
+503 (with Retry-After). A 500 means a bug in kinject and is never the answer to bad input; its
+body, like a failed stream's, says only that the server log has the details: exception text can
+hold paths and settings, and callers are not told them.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.answer import ModeUnavailable, PromptTooLong
@@ -33,11 +35,28 @@ _TYPES = {
 }
 
 
+INTERNAL_ERROR = "internal error; the server log has the details"
+
+
 class APIError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None, type: str | None = None):
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None, type: str | None = None, headers: dict | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.headers = headers
+
+    def payload(self) -> dict:
+        """The `{"error": ...}` body, also sent as the last event of a stream that fails."""
+        return error_body(self.status, self.message, param=self.param, code=self.code, type=self.type)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready (see service.streaming.unless_gone)."""
+
+
+CLIENT_GONE = 499  # nginx's "client closed request": for the access log; nobody receives it
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -50,7 +69,11 @@ def error_body(status: int, message: str, *, param: str | None = None, code: str
 
 
 def error_response(err: APIError, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(err.status, err.message, param=err.param, code=err.code, type=err.type), status_code=err.status, headers=headers)
+    return JSONResponse(err.payload(), status_code=err.status, headers=headers or err.headers)
+
+
+def internal_error() -> APIError:
+    return APIError(500, INTERNAL_ERROR, type="server_error")
 
 
 def from_kinject(e: KinjectError) -> APIError:
@@ -75,6 +98,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api(request: Request, e: APIError):
         return error_response(e)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, e: ClientGone):
+        return Response(status_code=CLIENT_GONE)
 
     @app.exception_handler(KinjectError)
     async def _kinject(request: Request, e: KinjectError):
@@ -109,4 +136,4 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _bug(request: Request, e: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+        return error_response(internal_error())

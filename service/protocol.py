@@ -71,9 +71,9 @@ class _Sampling(_Request):
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    n: int = Field(1, ge=1)  # at most serve.max_choices (service.sampling)
+    stop: str | list[str] | None = None  # count and length: serve.max_stop_* (service.sampling)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as vLLM and torch take it
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -88,8 +88,6 @@ class _Sampling(_Request):
         if v is None:
             return []
         stops = [v] if isinstance(v, str) else list(v)
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
         return stops
@@ -265,5 +263,5 @@ class Health(_Response):
     kb: str
     engine: str
     modes: list[str]
-    active: int  # generations running
+    active: int  # requests holding a slot (retrieving, embedding or generating)
     waiting: int  # requests queued for a slot

@@ -1,23 +1,56 @@
-"""Server-sent events as OpenAI sends them, fed by a blocking engine iterator.
+"""Blocking engine work while the client may go away: server-sent events as OpenAI sends them,
+and whole (non-streamed) answers.
 
 The engine's stream is a plain iterator that blocks per token, so each step runs in a worker
 thread. When the client goes away, Starlette cancels the response; `SSEResponse` then closes the
 body generator, whose cleanup sets the request's cancel event (the engine stops generating) and
-releases the generation slot — a disconnected client costs at most one more token.
+releases the slot — a disconnected client costs at most one more token. A non-streamed answer
+runs in one worker-thread call (`unless_gone`) while the request's receive channel is watched for
+the disconnect, which sets the same kind of cancel event.
 """
 from __future__ import annotations
 
 import json
 import threading
-from typing import AsyncIterator, Iterator, TypeVar
+from typing import AsyncIterator, Callable, Iterator, TypeVar
 
 import anyio
 from pydantic import BaseModel
+from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from service.errors import ClientGone
+from service.state import Slot
+
 T = TypeVar("T")
 DONE = "data: [DONE]\n\n"
+
+
+async def unless_gone(request: Request, work: Callable[[threading.Event], T]) -> T:
+    """`work(cancel)` in a worker thread. If the client disconnects first, `cancel` is set (the
+    engine stops within a token), the work is waited for, and ClientGone is raised; whatever it
+    returned or raised after the cancel is dropped."""
+    cancel = threading.Event()
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        cancel.set()
+
+    error: Exception | None = None
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(watch)
+        try:
+            result = await anyio.to_thread.run_sync(work, cancel)
+        except Exception as e:  # raised below, outside the task group (which would wrap it)
+            error = e
+        tasks.cancel_scope.cancel()
+    if cancel.is_set():
+        raise ClientGone()
+    if error is not None:
+        raise error
+    return result
 
 
 def sse(payload: BaseModel | dict, exclude: set[str] | None = None) -> str:
@@ -47,10 +80,14 @@ async def in_thread(iterator: Iterator[T], cancel: threading.Event) -> AsyncIter
 
 
 class SSEResponse(StreamingResponse):
+    """A stream that holds the request's slot: the body releases it when generation ends, and
+    this response in any case once it is done (a body never started releases nothing itself)."""
+
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str], headers: dict | None = None):
+    def __init__(self, content: AsyncIterator[str], slot: Slot, headers: dict | None = None):
         super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
+        self.slot = slot
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -61,3 +98,4 @@ class SSEResponse(StreamingResponse):
             if aclose is not None:
                 with anyio.CancelScope(shield=True):
                     await aclose()
+            self.slot.release()

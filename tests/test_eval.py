@@ -360,3 +360,50 @@ def test_an_ingest_after_the_final_check_leaves_the_eval_stale(eval_kb, squad_qu
     finally:
         kb.record_stage("ingest", **ingest)
     assert reusable_eval(kb, squad_questions, "dev", ["base"], settings, 1) == report.dir
+
+
+def test_an_endpoint_gets_only_the_key_given_for_it():
+    """`eval --endpoint URL` sends eval.endpoint_api_key and nothing else: not serve.api_key, not
+    engine.openai_api_key (those are other servers' keys, and URL may be anyone's)."""
+    import http.server
+    import threading
+
+    from core.engines import SamplingParams
+    from core.settings import load_settings
+    from eval.backends import connect
+
+    seen: list[str | None] = []
+
+    class Endpoint(http.server.BaseHTTPRequestHandler):
+        def _answer(self, body: dict) -> None:
+            seen.append(self.headers.get("Authorization"))
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._answer({"object": "list", "data": [{"id": "kinject-base", "object": "model", "created": 0, "owned_by": "x"}]})
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            message = {"role": "assistant", "content": "ok"}
+            self._answer({"id": "c", "object": "chat.completion", "created": 0, "model": "kinject-base", "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    others = {"serve": {"api_key": "kj-serve-secret"}, "engine": {"openai_api_key": "sk-upstream-secret"}, "eval": {"judge_api_key": "sk-judge-secret"}}
+    ask = [{"role": "user", "content": "hi"}]
+    try:
+        connect(url, load_settings(others))._ask("kinject-base", ask, SamplingParams(max_new_tokens=2))
+        given = load_settings({**others, "eval": {"endpoint_api_key": "kj-for-this-endpoint"}})
+        connect(url, given)._ask("kinject-base", ask, SamplingParams(max_new_tokens=2))
+    finally:
+        server.shutdown()
+    assert seen == ["Bearer EMPTY"] * 2 + ["Bearer kj-for-this-endpoint"] * 2

@@ -1,7 +1,9 @@
 """Bounded load on loopback: 16 concurrent streaming clients over the four modes against
 `kinject serve` in a child process, in two equal rounds (60 s of load in all, a hard cap on the
 requests). Prints requests/s and latency percentiles; asserts no errors and that the server's resident memory
-after the second round stays within a bound of its memory after the first.
+after the second round stays within a bound of its memory after the first. Then a burst of more
+clients than its slots and queue hold at once: the rest get 503s with Retry-After, and the server
+answers normally afterwards.
 
 The server runs with MALLOC_ARENA_MAX=2. With glibc's default (up to 8 malloc arenas per core,
 one per busy thread) its RSS swings by 100-200 MB from round to round with no leak at all; with
@@ -14,10 +16,11 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
-from test_api_abuse import build_demo_kb, kinject_serve
+from test_api_abuse import build_demo_kb, error_of, kinject_serve
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +36,8 @@ QUESTIONS = [
     "What colour is Brightwater glass?",
 ]
 RSS_GROWTH_LIMIT_MB = 50
+MAX_CONCURRENCY, MAX_QUEUE = 4, 20  # the 16 clients above always fit; the burst below does not
+BURST = 64
 
 
 def rss_mb(pid: int) -> float:
@@ -116,16 +121,25 @@ def run_round(client: openai.OpenAI, pid: int, seconds: float, cap: int) -> dict
     }
 
 
-def test_sixteen_streaming_clients_no_errors_and_flat_memory(tmp_path):
-    kb_root = build_demo_kb(tmp_path / "kbs")
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(url, pid) of `kinject serve` on a demo KB with all four modes."""
+    tmp = tmp_path_factory.mktemp("load")
+    kb_root = build_demo_kb(tmp / "kbs")
     env = {"MALLOC_ARENA_MAX": "2"}
-    with kinject_serve(kb_root, tmp_path / "serve.log", "retrieval.top_k=2", "serve.max_queue=64", env=env) as (url, pid):
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
-        for mode in MODES:  # warm-up: adapter loaded, retriever loaded, first allocations made
-            client.chat.completions.create(model=mode, messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=2)
-        before = rss_mb(pid)
-        rounds = [run_round(client, pid, ROUND_S, MAX_REQUESTS) for _ in range(2)]
-        assert client.models.list().data  # still answering
+    sets = ("retrieval.top_k=2", f"serve.max_concurrency={MAX_CONCURRENCY}", f"serve.max_queue={MAX_QUEUE}")
+    with kinject_serve(kb_root, tmp / "serve.log", *sets, env=env) as (url, pid):
+        yield url, pid
+
+
+def test_sixteen_streaming_clients_no_errors_and_flat_memory(server):
+    url, pid = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    for mode in MODES:  # warm-up: adapter loaded, retriever loaded, first allocations made
+        client.chat.completions.create(model=mode, messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=2)
+    before = rss_mb(pid)
+    rounds = [run_round(client, pid, ROUND_S, MAX_REQUESTS) for _ in range(2)]
+    assert client.models.list().data  # still answering
 
     print(f"\n{CLIENTS} streaming clients, max_tokens={MAX_TOKENS}, modes {', '.join(MODES)}; server RSS after warm-up {before:.0f} MB")
     for i, r in enumerate(rounds, 1):
@@ -139,3 +153,39 @@ def test_sixteen_streaming_clients_no_errors_and_flat_memory(tmp_path):
         assert not r["errors"], r["errors"][:5]
         assert r["requests"] >= CLIENTS and set(r["modes"]) == set(MODES)
     assert growth < RSS_GROWTH_LIMIT_MB
+
+
+def test_a_burst_past_the_queue_gets_503s_with_retry_after(server):
+    """BURST clients at once against MAX_CONCURRENCY slots and MAX_QUEUE places: the ones that
+    find no place are refused at once with 503 server_busy and Retry-After; every other one is
+    answered; then the server is idle and answers as before."""
+    url, _ = server
+    body = {"model": "kinject-base", "messages": [{"role": "user", "content": QUESTIONS[1]}], "max_tokens": 2}
+    gate = threading.Barrier(BURST)
+    results: list[httpx.Response | Exception] = [None] * BURST  # type: ignore[list-item]
+
+    def one(i: int) -> None:
+        gate.wait()
+        try:
+            results[i] = httpx.post(url + "/v1/chat/completions", json=body, timeout=600)
+        except Exception as e:  # shown below
+            results[i] = e
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(BURST)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    wall = time.monotonic() - t0
+    failed = [r for r in results if isinstance(r, Exception)]
+    assert not failed, failed[:3]
+    busy = [r for r in results if r.status_code == 503]
+    ok = [r for r in results if r.status_code == 200]
+    print(f"\nburst of {BURST}: {len(ok)} answered, {len(busy)} refused with 503 in {wall:.1f} s")
+    assert len(ok) + len(busy) == BURST, sorted({r.status_code for r in results})
+    assert len(ok) >= MAX_CONCURRENCY + MAX_QUEUE and busy
+    for r in busy:
+        assert error_of(r)["code"] == "server_busy" and r.headers.get("retry-after") == "1", (r.headers, r.text)
+    health = httpx.get(url + "/health", timeout=10).json()
+    assert health["active"] == health["waiting"] == 0
+    again = httpx.post(url + "/v1/chat/completions", json=body, timeout=600)
+    assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"]

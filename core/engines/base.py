@@ -6,9 +6,12 @@ HTTP endpoint. Eval measures exactly what the service serves because both call t
 """
 from __future__ import annotations
 
+import dataclasses
+import re
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -64,13 +67,20 @@ class TokenLogprob:
 Progress = Callable[[int], None]  # called with the number of requests just finished
 
 
+class Cancelled(Exception):
+    """generate stopped because its `cancel` event was set; there is nothing to return."""
+
+
 class Engine(ABC):
     """Backends implement generate/loglikelihood; stream defaults to one whole chunk."""
 
     name: str = "engine"
 
     @abstractmethod
-    def generate(self, requests: list[GenRequest], progress: Progress | None = None) -> list[Generation]: ...
+    def generate(self, requests: list[GenRequest], progress: Progress | None = None, cancel: threading.Event | None = None) -> list[Generation]:
+        """One generation per request. Once `cancel` is set the engine stops soon (within a token
+        on the local engines) and either raises Cancelled or returns cut answers: the caller,
+        who set it, drops them."""
 
     def stream(self, request: GenRequest, cancel: threading.Event | None = None) -> Iterator[StreamChunk]:
         g = self.generate([request])[0]
@@ -93,6 +103,14 @@ class Engine(ABC):
 
     @abstractmethod
     def count_tokens(self, text: str) -> int: ...
+
+    def render(self, request: GenRequest) -> str:
+        """The text the model reads for a request (engines with a tokenizer apply its template)."""
+        return render_prompt(None, request)
+
+    def prompt_tokens(self, request: GenRequest) -> int:
+        """How many tokens the model reads for a request, its chat template applied."""
+        return self.count_tokens(self.render(request))
 
     def close(self) -> None:
         pass
@@ -125,6 +143,61 @@ def with_bos(tokenizer, text: str) -> str:
         return text
     ids = tokenizer("x")["input_ids"]
     return tokenizer.bos_token + text if ids and ids[0] == tokenizer.bos_token_id else text
+
+
+@lru_cache(maxsize=8)
+def _special_pattern(tokenizer) -> re.Pattern | None:
+    specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, specials))) if specials else None
+
+
+def _escape(tokenizer, texts: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The texts with each special token's text replaced by a private-use character absent from
+    all of them, and the map back."""
+    pattern = _special_pattern(tokenizer)
+    found = sorted({m for t in texts for m in pattern.findall(t)}) if pattern else []
+    if not found:
+        return texts, {}
+    used = set("".join(texts))
+    free = (c for c in map(chr, range(0xF0000, 0x10FFFE)) if c not in used)
+    marks = {special: next(free) for special in found}
+    return [pattern.sub(lambda m: marks[m.group(0)], t) for t in texts], {c: special for special, c in marks.items()}
+
+
+def _encode_marked(tokenizer, text: str, marks: dict[str, str]) -> list[int]:
+    """Token ids of text whose own special-token text is real (the template's markers, BOS) and
+    whose marks stand for special-token text from a caller or a document: that is tokenized as
+    plain characters (split_special_tokens)."""
+    if not marks:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    for piece in re.split(f"([{''.join(marks)}])", text):
+        if piece in marks:
+            ids += tokenizer(marks[piece], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        elif piece:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def encode_request(tokenizer, request: GenRequest) -> list[int]:
+    """The token ids a model reads for a request. Only what kinject itself writes becomes special
+    tokens (the chat template's markers, BOS): `<|im_end|><|im_start|>system` inside a prompt, a
+    message or a retrieved passage is read as those characters, so it cannot end a turn or open
+    a system one. Without such text the ids are exactly the rendered prompt's."""
+    if request.prompt is not None:
+        (prompt,), marks = _escape(tokenizer, [request.prompt])
+        escaped = dataclasses.replace(request, prompt=prompt)
+    else:
+        messages = request.messages or []
+        contents, marks = _escape(tokenizer, [m.get("content") or "" for m in messages])
+        escaped = dataclasses.replace(request, messages=[{**m, "content": c} for m, c in zip(messages, contents)]) if marks else request
+    return _encode_marked(tokenizer, render_prompt(tokenizer, escaped), marks)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of plain text (no BOS), special-token text in it read as characters."""
+    (escaped,), marks = _escape(tokenizer, [text])
+    return _encode_marked(tokenizer, escaped, marks)
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:

@@ -25,12 +25,13 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from functools import cached_property, partial
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 from core.engines.base import (
+    Cancelled,
     Engine,
     Generation,
     GenRequest,
@@ -160,15 +161,22 @@ class OpenAIEngine(Engine):
         finish = "length" if choice.finish_reason == "length" else "stop"
         return Generation(text, prompt_tokens, completion_tokens, finish)
 
-    def generate(self, requests: list[GenRequest], progress: Progress | None = None) -> list[Generation]:
+    def generate(self, requests: list[GenRequest], progress: Progress | None = None, cancel: threading.Event | None = None) -> list[Generation]:
+        """`cancel` drops the requests not yet sent; those in flight finish (a plain HTTP call
+        cannot be stopped halfway), and Cancelled is raised."""
         for r in requests:
             self._model_for(r.adapter)  # unknown adapters fail before anything is sent
         futures = [self._pool.submit(self._generate_one, r) for r in requests]
         try:
-            for fut in as_completed(futures):
-                fut.result()
-                if progress:
-                    progress(1)
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=None if cancel is None else 0.05, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    fut.result()
+                    if progress:
+                        progress(1)
+                if pending and cancel is not None and cancel.is_set():
+                    raise Cancelled()
         except BaseException:
             for fut in futures:
                 fut.cancel()

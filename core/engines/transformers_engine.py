@@ -10,6 +10,7 @@ from typing import Iterator
 import torch
 
 from core.engines.base import (
+    Cancelled,
     Engine,
     Generation,
     GenRequest,
@@ -17,6 +18,8 @@ from core.engines.base import (
     StreamChunk,
     TokenLogprob,
     encode_pair,
+    encode_request,
+    encode_text,
     render_prompt,
     truncate_at_stop,
 )
@@ -52,6 +55,9 @@ class TransformersEngine(Engine):
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_tokens(self, request: GenRequest) -> int:
+        return len(encode_request(self.tokenizer, request))
 
     # ---- adapters ------------------------------------------------------------------------
     def add_adapter(self, name: str, path: Path) -> None:
@@ -104,31 +110,45 @@ class TransformersEngine(Engine):
         p = r.params
         return (r.adapter or "", p.greedy, p.temperature, p.top_p, p.max_new_tokens, tuple(p.stop))
 
-    def generate(self, requests: list[GenRequest], progress: Progress | None = None) -> list[Generation]:
+    def generate(self, requests: list[GenRequest], progress: Progress | None = None, cancel: threading.Event | None = None) -> list[Generation]:
+        from transformers import StoppingCriteriaList
+
         results: list[Generation | None] = [None] * len(requests)
         # Similar lengths share a batch, so left padding wastes little (retrieved passages make
         # rag prompts vary by hundreds of tokens).
-        prompts = [self.render(r) for r in requests]
+        prompts = [encode_request(self.tokenizer, r) for r in requests]
         order = sorted(range(len(requests)), key=lambda i: (self._batch_key(requests[i]), len(prompts[i])))
+        stopping = StoppingCriteriaList([_Cancelled(cancel)]) if cancel is not None else None
         for _, group in groupby(order, key=lambda i: self._batch_key(requests[i])):
             idx = list(group)
             for start in range(0, len(idx), self.max_batch):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled()
                 chunk = idx[start : start + self.max_batch]
-                outs = self._generate_batch([requests[i] for i in chunk], [prompts[i] for i in chunk])
+                outs = self._generate_batch([requests[i] for i in chunk], [prompts[i] for i in chunk], stopping)
                 for i, g in zip(chunk, outs):
                     results[i] = g
                 if progress:
                     progress(len(chunk))
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, batch: list[GenRequest], prompts: list[str]) -> list[Generation]:
-        self.tokenizer.padding_side = "left"
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+    def _left_padded(self, seqs: list[list[int]]) -> dict:
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id
+        ids = [[pad] * (width - len(s)) + s for s in seqs]
+        mask = [[0] * (width - len(s)) + [1] * len(s) for s in seqs]
+        return {"input_ids": torch.tensor(ids, device=self.device), "attention_mask": torch.tensor(mask, device=self.device)}
+
+    def _generate_batch(self, batch: list[GenRequest], prompts: list[list[int]], stopping=None) -> list[Generation]:
+        enc = self._left_padded(prompts)
         seed = batch[0].params.seed
+        kw = self._gen_kwargs(batch[0])
+        if stopping is not None:
+            kw["stopping_criteria"] = stopping
         with self._lock, self._use(batch[0].adapter), torch.inference_mode():
             if seed is not None:
                 torch.manual_seed(seed)
-            out = self.model.generate(**enc, **self._gen_kwargs(batch[0]))
+            out = self.model.generate(**enc, **kw)
         new = out[:, enc["input_ids"].shape[1] :]
         gens = []
         for row, r, mask in zip(new, batch, enc["attention_mask"]):
@@ -145,8 +165,7 @@ class TransformersEngine(Engine):
     def stream(self, request: GenRequest, cancel: threading.Event | None = None) -> Iterator[StreamChunk]:
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-        prompt = self.render(request)
-        enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.device)
+        enc = self._left_padded([encode_request(self.tokenizer, request)])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancel = cancel or threading.Event()
         kw = self._gen_kwargs(request)
@@ -249,7 +268,7 @@ class TransformersEngine(Engine):
     def prompt_logprobs(self, texts: list[str], adapter: str | None = None, top: int = 0) -> list[list[TokenLogprob]]:
         result = []
         for text in texts:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = encode_text(self.tokenizer, text)
             tokens = [self.tokenizer.decode([t]) for t in ids]
             if not ids:
                 result.append([])

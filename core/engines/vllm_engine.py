@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from core.engines.base import (
+    Cancelled,
     Engine,
     Generation,
     GenRequest,
@@ -59,6 +60,8 @@ from core.engines.base import (
     StreamChunk,
     TokenLogprob,
     encode_pair,
+    encode_request,
+    encode_text,
     render_prompt,
 )
 from core.errors import KinjectError
@@ -265,6 +268,9 @@ class VLLMEngine(Engine):
     def count_tokens(self, text: str) -> int:
         return len(self._encode(text))
 
+    def prompt_tokens(self, request: GenRequest) -> int:
+        return len(encode_request(self.tokenizer, request))
+
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -358,30 +364,36 @@ class VLLMEngine(Engine):
         return last
 
     def _prepare(self, request: GenRequest, stream: bool = False) -> tuple[list[int], Any, Any]:
-        ids = self._encode(self.render(request))
+        ids = encode_request(self.tokenizer, request)
         if not ids:
             raise VLLMEngineError("the prompt is empty")
         return ids, self._sampling(request, stream), self._lora_for(request.adapter)
 
-    def _run_all(self, coros: list, progress: Progress | None = None) -> list:
-        """Run coroutines concurrently on the engine loop; results in order, progress as they end."""
+    def _run_all(self, coros: list, progress: Progress | None = None, cancel: threading.Event | None = None) -> list:
+        """Run coroutines concurrently on the engine loop; results in order, progress as they end.
+        Setting `cancel` aborts those still running and raises Cancelled."""
         futures = [self._submit(c) for c in coros]
         try:
-            for fut in concurrent.futures.as_completed(futures):
-                fut.result()
-                if progress:
-                    progress(1)
+            pending = set(futures)
+            while pending:
+                done, pending = concurrent.futures.wait(pending, timeout=None if cancel is None else 0.05, return_when=concurrent.futures.FIRST_COMPLETED)
+                for fut in done:
+                    fut.result()
+                    if progress:
+                        progress(1)
+                if pending and cancel is not None and cancel.is_set():
+                    raise Cancelled()
         except BaseException as err:
             for fut in futures:
                 fut.cancel()  # aborts the request inside vLLM
             _reraise(err)
         return [f.result() for f in futures]
 
-    def generate(self, requests: list[GenRequest], progress: Progress | None = None) -> list[Generation]:
+    def generate(self, requests: list[GenRequest], progress: Progress | None = None, cancel: threading.Event | None = None) -> list[Generation]:
         if not requests:
             return []
         prepared = [self._prepare(r) for r in requests]
-        outs = self._run_all([self._final(*p) for p in prepared], progress)
+        outs = self._run_all([self._final(*p) for p in prepared], progress, cancel)
         gens = []
         for out in outs:
             o = out.outputs[0]
@@ -474,7 +486,7 @@ class VLLMEngine(Engine):
         return out
 
     def prompt_logprobs(self, texts: list[str], adapter: str | None = None, top: int = 0) -> list[list[TokenLogprob]]:
-        encoded = [self._encode(t) for t in texts]
+        encoded = [encode_text(self.tokenizer, t) for t in texts]
         todo = [i for i, ids in enumerate(encoded) if ids]
         scored = dict(zip(todo, self._prompt_logprobs([encoded[i] for i in todo], adapter, top)))
         result = []

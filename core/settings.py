@@ -182,7 +182,7 @@ RULE_RECIPE = ["fact_qa", "restate"]
 PRESETS: dict[str, dict[str, Any]] = {
     "local": {
         "augment": {"types": RULE_RECIPE},
-        "train": {"lr": 1e-3, "epochs": 2.0, "open_book_fraction": 0.1},
+        "train": {"lr": 3e-3, "epochs": 4.0, "open_book_fraction": 0.05},
     },
     "paper": {
         "models": {

@@ -73,15 +73,15 @@ def test_build_runs_three_stages_then_reuses_them(capsys, subset, kb_root):
         assert f"| {stage} | ran |" in out
     assert "| **total** |" in out
 
-    samples = (kb_root / "sub" / "synthetic" / "samples.jsonl").read_bytes()
+    curated = (kb_root / "sub" / "synthetic" / "curated.jsonl").read_bytes()
     again = kinject(capsys, *tiny_args(), "build", str(corpus), "--kb", "sub")
     for stage in ("ingest", "augment", "train"):
         assert f"| {stage} | skipped |" in again, again
     after = json.loads((kb_root / "sub" / "manifest.json").read_text())
     for stage in ("ingest", "augment", "train"):
         assert after["stages"][stage]["fingerprint"] == manifest["stages"][stage]["fingerprint"]
-    # nothing generated again, nothing retrained
-    assert (kb_root / "sub" / "synthetic" / "samples.jsonl").read_bytes() == samples
+    # the same training text, nothing retrained
+    assert (kb_root / "sub" / "synthetic" / "curated.jsonl").read_bytes() == curated
     assert after["stages"]["train"]["finished_at"] == manifest["stages"]["train"]["finished_at"]
 
 
@@ -121,7 +121,8 @@ def test_demo_settings_yield_to_user_overrides():
 
     s = demo_settings({"augment": {"budget_tokens": 123}})
     assert s.augment.budget_tokens == 123
-    assert s.train.max_steps == DEMO_SETTINGS["train"]["max_steps"]
+    assert s.retrieval.top_k == DEMO_SETTINGS["retrieval"]["top_k"]
+    assert demo_settings({"retrieval": {"top_k": 3}}).retrieval.top_k == 3
 
 
 def test_build_names_a_missing_corpus(capsys, tmp_path, monkeypatch):

@@ -71,6 +71,22 @@ class Cancelled(Exception):
     """generate stopped because its `cancel` event was set; there is nothing to return."""
 
 
+def wait_all(futures: list, cancel: threading.Event | None = None, progress: Progress | None = None) -> None:
+    """Wait for every future, counting each in `progress` as it ends; raise Cancelled as soon
+    as `cancel` is set while some are still running (the caller cancels those)."""
+    import concurrent.futures
+
+    pending = set(futures)
+    while pending:
+        done, pending = concurrent.futures.wait(pending, timeout=None if cancel is None else 0.05, return_when=concurrent.futures.FIRST_COMPLETED)
+        for fut in done:
+            fut.result()
+            if progress:
+                progress(1)
+        if pending and cancel is not None and cancel.is_set():
+            raise Cancelled()
+
+
 class Engine(ABC):
     """Backends implement generate/loglikelihood; stream defaults to one whole chunk."""
 

@@ -25,13 +25,12 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property, partial
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 from core.engines.base import (
-    Cancelled,
     Engine,
     Generation,
     GenRequest,
@@ -39,6 +38,7 @@ from core.engines.base import (
     StreamChunk,
     TokenLogprob,
     render_prompt,
+    wait_all,
 )
 from core.errors import KinjectError
 from core.settings import Settings
@@ -168,15 +168,7 @@ class OpenAIEngine(Engine):
             self._model_for(r.adapter)  # unknown adapters fail before anything is sent
         futures = [self._pool.submit(self._generate_one, r) for r in requests]
         try:
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, timeout=None if cancel is None else 0.05, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    fut.result()
-                    if progress:
-                        progress(1)
-                if pending and cancel is not None and cancel.is_set():
-                    raise Cancelled()
+            wait_all(futures, cancel, progress)
         except BaseException:
             for fut in futures:
                 fut.cancel()

@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from core.engines.base import (
-    Cancelled,
     Engine,
     Generation,
     GenRequest,
@@ -63,6 +62,7 @@ from core.engines.base import (
     encode_request,
     encode_text,
     render_prompt,
+    wait_all,
 )
 from core.errors import KinjectError
 from core.models import load_tokenizer, resolve_model
@@ -374,15 +374,7 @@ class VLLMEngine(Engine):
         Setting `cancel` aborts those still running and raises Cancelled."""
         futures = [self._submit(c) for c in coros]
         try:
-            pending = set(futures)
-            while pending:
-                done, pending = concurrent.futures.wait(pending, timeout=None if cancel is None else 0.05, return_when=concurrent.futures.FIRST_COMPLETED)
-                for fut in done:
-                    fut.result()
-                    if progress:
-                        progress(1)
-                if pending and cancel is not None and cancel.is_set():
-                    raise Cancelled()
+            wait_all(futures, cancel, progress)
         except BaseException as err:
             for fut in futures:
                 fut.cancel()  # aborts the request inside vLLM

@@ -106,13 +106,12 @@ def spans(sentence: str) -> list[Span]:
     out = []
     for m in _SPAN_RE.finditer(sentence):
         kind = next(k for k in ("date", "year", "quantity", "known", "name") if m.group(k))
-        text, start, end = m.group(kind), m.start(kind), m.end(kind)
+        text, start = m.group(kind), m.start(kind)
         unit = ""
         if kind == "quantity":
             unit = m.group("unit") or ""
             if unit in _UNIT_STOPWORDS:
                 text = text[: text.rfind(unit)].rstrip()
-                end = start + len(text)
                 unit = ""
         if kind == "name":
             words = text.split()
@@ -122,7 +121,6 @@ def spans(sentence: str) -> list[Span]:
                 continue
             start = sentence.index(words[0], start)
             text = " ".join(words)
-            end = start + len(text)
             if start == 0 and len(words) == 1:
                 continue  # a capitalised first word is usually not a name
         text = text.strip(" ,.;:")

@@ -306,8 +306,6 @@ def build(samples: list[Sample], tokenizer, settings: Settings) -> Packed:
     if not samples:
         raise TrainDataError("nothing to train on: the KB gave no training texts")
     answers_only = settings.train.loss_on == "answers"
-    if not answers_only:
-        samples = [Sample(s.text, s.source) for s in samples]
     enc = tokenizer([s.text for s in samples], add_special_tokens=False, return_offsets_mapping=answers_only)
     ids = enc["input_ids"]
     masks = [loss_mask(s, i, o) for s, i, o in zip(samples, ids, enc["offset_mapping"])] if answers_only else [None] * len(ids)
@@ -321,7 +319,7 @@ def build(samples: list[Sample], tokenizer, settings: Settings) -> Packed:
     block_masks = None
     loss_tokens = n_tokens
     if answers_only:
-        stream = [b for _, i, m in items for b in (m if m is not None else [True] * (len(i) + 1))]
+        stream = [b for _, _, m in items for b in m]
         block_masks = cut_blocks(stream, settings.train.block_size)
         loss_tokens = sum(stream)
     sources: dict[str, int] = {}

@@ -261,13 +261,19 @@ def test_the_ui_and_its_files_need_the_key(server, kb_root):
             assert "stages" not in r.text and "root:x:0:0" not in r.text
 
 
-def test_disconnect_mid_stream_frees_the_only_slot(server):
-    url = server[0]
+def time_a_whole_answer(url: str) -> tuple[dict, float]:
+    """A request for MAX_NEW tokens and the seconds its whole answer takes on this server."""
     body = {"model": "kinject-base", "prompt": "1, 2, 3, 4, 5,", "max_tokens": MAX_NEW, "temperature": 0}
     t0 = time.monotonic()
     whole = raw_request(url, "POST", COMPLETIONS, body, AUTH)
     full_s = time.monotonic() - t0
     assert whole.status_code == 200 and whole.json()["usage"]["completion_tokens"] == MAX_NEW, whole.text
+    return body, full_s
+
+
+def test_disconnect_mid_stream_frees_the_only_slot(server):
+    url = server[0]
+    body, full_s = time_a_whole_answer(url)
 
     with httpx.stream("POST", url + COMPLETIONS, json={**body, "stream": True}, headers=AUTH, timeout=120) as r:
         assert r.status_code == 200
@@ -416,11 +422,7 @@ def test_embeddings_and_prompt_preparation_need_a_slot(server):
 def test_hang_up_before_a_whole_answer_frees_the_only_slot(server):
     """Not streamed: the server notices the client left and stops generating."""
     url = server[0]
-    body = {"model": "kinject-base", "prompt": "1, 2, 3, 4, 5,", "max_tokens": MAX_NEW, "temperature": 0}
-    t0 = time.monotonic()
-    whole = raw_request(url, "POST", COMPLETIONS, body, AUTH)
-    full_s = time.monotonic() - t0
-    assert whole.status_code == 200 and whole.json()["usage"]["completion_tokens"] == MAX_NEW, whole.text
+    body, full_s = time_a_whole_answer(url)
     with pytest.raises(TimeoutError):
         raw_request(url, "POST", COMPLETIONS, body, AUTH, timeout=full_s / 4)
     hung_up = time.monotonic()

@@ -110,16 +110,20 @@ def draw(rows: list[dict]) -> None:
         ref = next((r for r in mine if r["budget_multiple"] is None), None)
         curve = sorted((r for r in mine if r["budget_multiple"] is not None), key=lambda r: r["synthetic_tokens"])
         for mode, style in (("ft", "o-"), ("ft-rag", "s--")):
-            pts = [(r["synthetic_tokens"], r["scores"][mode][METRIC]["mean"]) for r in curve if METRIC in r["scores"].get(mode, {})]
+            pts = [(r["synthetic_tokens"], r["scores"][mode][METRIC]) for r in curve if METRIC in r["scores"].get(mode, {})]
             if pts:
-                ax.plot(*zip(*pts), style, label=mode)
+                xs = [x for x, _ in pts]
+                means = [100 * m["mean"] for _, m in pts]
+                # The 95 % bootstrap interval of each point, as the tables report it.
+                spread = [[100 * (m["mean"] - m["lo"]) for _, m in pts], [100 * (m["hi"] - m["mean"]) for _, m in pts]]
+                ax.errorbar(xs, means, yerr=spread, fmt=style, capsize=3, label=f"{mode} (95 % interval)")
         if ref:
             for mode, color in (("base", "grey"), ("rag", "black")):
                 if METRIC in ref["scores"].get(mode, {}):
-                    ax.axhline(ref["scores"][mode][METRIC]["mean"], color=color, linestyle=":", label=mode)
+                    ax.axhline(100 * ref["scores"][mode][METRIC]["mean"], color=color, linestyle=":", label=mode)
         ax.set_xscale("log")
         ax.set_xlabel("synthetic training tokens")
-        ax.set_ylabel(f"{METRIC} (dev)")
+        ax.set_ylabel(f"{METRIC} % (dev)")
         ax.set_title(name)
         ax.legend()
     fig.tight_layout()

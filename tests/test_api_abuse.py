@@ -271,6 +271,7 @@ def time_a_whole_answer(url: str) -> tuple[dict, float]:
     return body, full_s
 
 
+@pytest.mark.timing  # deterministic counterpart: test_service.py::test_client_disconnect_stops_generation_and_frees_the_slot counts the tokens made after the hang-up
 def test_disconnect_mid_stream_frees_the_only_slot(server):
     url = server[0]
     body, full_s = time_a_whole_answer(url)
@@ -370,6 +371,7 @@ def test_paths_do_not_escape_the_api_or_the_key(server):
     assert r.status_code == 404 and "no route GET /v1/../../etc/passwd" in error_of(r)["message"]
 
 
+@pytest.mark.timing  # deterministic counterpart: the 400 and the token count in its message are exact; only the speed is a ratio
 def test_1mb_prompts_are_refused_by_their_count_and_the_server_stays_fast(server):
     url = server[0]
 
@@ -419,6 +421,7 @@ def test_embeddings_and_prompt_preparation_need_a_slot(server):
         time.sleep(0.05)
 
 
+@pytest.mark.timing  # deterministic counterpart: test_service.py::test_client_disconnect_stops_generation_and_frees_the_slot counts the tokens made after the hang-up
 def test_hang_up_before_a_whole_answer_frees_the_only_slot(server):
     """Not streamed: the server notices the client left and stops generating."""
     url = server[0]

@@ -2,8 +2,10 @@
 on a KB built from squad_short with a real (untrained) LoRA adapter, on the bundled 135M model."""
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
+import socket
 import time
 
 import httpx
@@ -311,6 +313,39 @@ def test_client_disconnect_stops_generation_and_frees_the_slot(server, engine, m
     # current read returns, at the next streamed word, and the engine then makes at most the token
     # in flight (4 tokens in each of 8 runs here; running on, it would make some 250).
     assert made_at_hang_up > 0  # so the count stands for tokens
+    made_after = looks.looks - made_at_hang_up
+    assert made_after <= 8, f"{made_after} tokens made after the client left"
+    r = httpx.post(url + "/v1/completions", json={"model": "kinject-base", "prompt": "Hello", "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200
+
+
+def test_client_hang_up_stops_a_whole_answer_and_frees_the_slot(server, engine, monkeypatch):
+    """Not streamed: the service watches the connection while the engine works, and a hang-up
+    stops the generation within a few tokens (counted, not timed)."""
+    url, _ = server
+    runs = []
+    engine_generate = engine.generate
+
+    def counted_generate(requests, progress=None, cancel=None):
+        looks = LookCountingEvent(also=cancel)  # the engine looks once per token it makes
+        runs.append((cancel, looks))
+        return engine_generate(requests, progress, looks)
+
+    monkeypatch.setattr(engine, "generate", counted_generate)
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = {"model": "kinject-base", "prompt": "1, 2, 3, 4, 5,", "max_tokens": 256}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+    deadline = time.monotonic() + 120  # only keeps a failure from hanging
+    while not runs or runs[0][1].looks < 4:
+        assert time.monotonic() < deadline, "generation never started"
+        time.sleep(0.005)
+    made_at_hang_up = runs[0][1].looks
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    assert wait_idle(url, 120), "the generation slot is still busy after the client left"
+    ((cancel, looks),) = runs
+    assert cancel.is_set()  # the service told the engine that the client left
     made_after = looks.looks - made_at_hang_up
     assert made_after <= 8, f"{made_after} tokens made after the client left"
     r = httpx.post(url + "/v1/completions", json={"model": "kinject-base", "prompt": "Hello", "max_tokens": 2}, timeout=60)

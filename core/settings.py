@@ -134,6 +134,8 @@ class TrainSettings(_Group):
     replay_fraction: float = Field(0.0, ge=0, lt=1)
     bf16: Literal["auto", "on", "off"] = Field("auto", description="bf16 autocast in training: auto = on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX)")
     loss_on: Literal["all", "answers"] = Field("answers", description="Chat samples: loss on every token, or on the answer only (the prompt is context, and skipping its output layer is faster)")
+    gradient_checkpointing: Literal["auto"] | bool = Field("auto", description="Keep only each layer's input and recompute the rest in the backward pass: auto = when the memory plan needs it to fit the free memory")
+    micro_batch_size: int = Field(0, ge=0, description="Blocks per forward/backward pass, a divisor of batch_size (the rest is gradient accumulation); 0 = the largest that fits the free memory")
 
     @field_validator("lora_rank")
     @classmethod
@@ -141,6 +143,20 @@ class TrainSettings(_Group):
         if v not in VLLM_LORA_RANKS:
             raise ValueError(f"rank {v} is not loadable by vLLM; allowed: {', '.join(map(str, VLLM_LORA_RANKS))}")
         return v
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, v: Any) -> Any:
+        # One message for a bad value, rather than one per member of the union.
+        if isinstance(v, str) and v.strip().lower() not in {"auto", "true", "false", "on", "off", "yes", "no", "1", "0"}:
+            raise ValueError("expected auto, true or false")
+        return v.strip().lower() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _micro_batch_divides_batch(self) -> "TrainSettings":
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} does not divide batch_size {self.batch_size}")
+        return self
 
 
 class ServeSettings(_Group):
@@ -193,7 +209,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "engine": {"backend": "vllm", "max_model_len": 8192, "gpu_memory_utilization": 0.85, "dtype": "bfloat16"},
         "ingest": {"chunk_size": 400, "chunk_overlap": 40},
         "augment": {"max_new_tokens": 1024, "types": [*SPA_TYPES, *RULE_RECIPE]},
-        "train": {"block_size": 2048, "batch_size": 8, "lora_rank": 64, "lora_alpha": 128},
+        # 8 x 2048 tokens do not fit a 7B model's activations on one GPU; the memory plan turns on
+        # gradient checkpointing (and splits the batch if that is not enough) to fit the free memory.
+        "train": {"block_size": 2048, "batch_size": 8, "lora_rank": 64, "lora_alpha": 128, "gradient_checkpointing": "auto"},
     },
 }
 

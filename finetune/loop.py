@@ -1,6 +1,10 @@
 """The training loop: AdamW, warmup + cosine/linear decay, gradient accumulation, bf16 autocast
 (on CUDA, and on CPUs that multiply bf16 natively), checkpoints every `train.save_every` steps, and resume from the newest checkpoint.
 
+Before the first step, `memory.plan_for` chooses how each optimizer step runs in the free memory:
+in micro-batches whose gradients add up to the whole batch's, with gradient checkpointing if that
+is needed to fit. Either way a step computes the same mean loss over the same blocks.
+
 A checkpoint is one folder written through `atomic_dir`, so a kill or a full disk at any moment
 leaves the previous checkpoint whole. Step s always trains on the same blocks (see
 `data.stream_indices`), so a resumed run continues exactly where the killed one stopped.
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +28,7 @@ from core.models import pick_device
 from core.settings import Settings
 from finetune.data import Packed, stream_indices
 from finetune.lora import load_trainable_state, trainable_state
+from finetune.memory import plan_for
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "trainable.safetensors"
@@ -44,6 +50,7 @@ class LoopResult:
     train_seconds: float = 0.0  # this process only
     tokens_this_run: int = 0
     resumed_from: int | None = None
+    memory_plan: dict = field(default_factory=dict)  # memory.Plan.as_dict() of this process
 
 
 def total_steps(n_blocks: int, settings: Settings) -> int:
@@ -152,6 +159,18 @@ def use_bf16(setting: str, device: str) -> bool:
     return device.startswith("cuda") or cpu_has_bf16()
 
 
+def set_checkpointing(model, on: bool) -> None:
+    """Gradient checkpointing through transformers: each decoder layer keeps only its input and
+    reruns its forward in the backward pass. Non-reentrant checkpointing passes gradients on to
+    the LoRA weights although the layers' first input, the frozen embedding's output, needs none."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if on:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_disable()
+        lm.disable_input_require_grads()  # the hook transformers adds on enabling (for the reentrant kind)
+
+
 # ---- the loss ------------------------------------------------------------------------------
 def causal_lm_loss(model, ids, mask=None):
     """Mean next-token loss over the tokens `mask` marks (all when None). With a mask, only the
@@ -159,18 +178,27 @@ def causal_lm_loss(model, ids, mask=None):
     prompt, and the vocabulary projection is a large share of a small model's compute."""
     import torch.nn.functional as F
 
+    # use_cache=False: a training pass has no use for the keys and values a cache would keep.
     if mask is None:
-        return model(input_ids=ids, labels=ids).loss
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(lm.config, "final_logit_softcapping", None):
         labels = ids.masked_fill(~mask, -100)
-        return model(input_ids=ids, labels=labels).loss
-    hidden = lm.get_decoder()(input_ids=ids).last_hidden_state
+        return model(input_ids=ids, labels=labels, use_cache=False).loss
+    hidden = lm.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
     keep = mask[:, 1:]  # position t predicts token t + 1
     if not keep.any():
         return hidden.sum() * 0.0
     logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
     return F.cross_entropy(logits.float(), ids[:, 1:][keep])
+
+
+def loss_tokens(packed: Packed, rows: list[int]) -> int:
+    """Positions `causal_lm_loss` averages over in these blocks: every token after the first, or
+    the masked ones among them."""
+    if packed.masks is None:
+        return sum(len(packed.blocks[i]) - 1 for i in rows)
+    return sum(sum(packed.masks[i][1:]) for i in rows)
 
 
 # ---- the loop ------------------------------------------------------------------------------
@@ -189,6 +217,12 @@ def run(
     device = pick_device(settings.engine.device)
     model.to(device)
     model.train()
+    bf16 = use_bf16(settings.train.bf16, device)
+    # Planned before a resume loads AdamW's moments, which the estimate counts itself.
+    plan = plan_for(model, settings, device, bf16)
+    print(plan.line(), file=sys.stderr, flush=True)
+    if plan.checkpointing:
+        set_checkpointing(model, True)
     torch.manual_seed(settings.seed)
     steps = total_steps(len(packed), settings)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -203,20 +237,25 @@ def run(
         state = load_checkpoint(found, model, optimizer, scheduler, settings)
         start, curve, tokens_seen, resumed = state["step"], state["curve"], state["tokens_seen"], state["step"]
 
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16(settings.train.bf16, device))
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
     t0, run_tokens = time.perf_counter(), 0
     for step in range(start, steps):
         idx = stream_indices(len(packed), settings.seed, step * per_step, per_step)
+        # The step's loss is the mean over all its blocks' loss tokens, as one pass over them would
+        # give: each micro-batch's mean counts by its share of those tokens.
+        parts = [idx[i : i + plan.micro_batch] for i in range(0, per_step, plan.micro_batch)]
+        counts = [loss_tokens(packed, part) for part in parts]
+        total = sum(counts) or 1
         step_loss = 0.0
-        for m in range(t.grad_accum):
-            micro = idx[m * t.batch_size : (m + 1) * t.batch_size]
-            ids = torch.tensor([packed.blocks[i] for i in micro], device=device)
-            mask = torch.tensor([packed.masks[i] for i in micro], device=device) if packed.masks is not None else None
+        for part, n in zip(parts, counts):
+            ids = torch.tensor([packed.blocks[i] for i in part], device=device)
+            mask = torch.tensor([packed.masks[i] for i in part], device=device) if packed.masks is not None else None
             with autocast:
                 loss = causal_lm_loss(model, ids, mask)
-            (loss / t.grad_accum).backward()
-            step_loss += loss.item() / t.grad_accum
+            share = n / total
+            (loss * share).backward()
+            step_loss += loss.item() * share
             run_tokens += ids.numel()
             tokens_seen += ids.numel()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -234,6 +273,8 @@ def run(
         if on_step is not None:
             on_step(done, step_loss)
     bar.close()
+    if plan.checkpointing:
+        set_checkpointing(model, False)
     model.eval()
     return LoopResult(
         steps=steps,
@@ -243,4 +284,5 @@ def run(
         train_seconds=round(time.perf_counter() - t0, 3),
         tokens_this_run=run_tokens,
         resumed_from=resumed,
+        memory_plan=plan.as_dict(),
     )

@@ -27,8 +27,9 @@ from finetune.report import write_loss_png, write_report
 log = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-# Settings that change how often we save, not what is learned.
-_NOT_IN_RUN_KEY = {"save_every"}
+# Settings that change how often we save or how a step is split in memory, not what is learned:
+# a run resumed with another split (the free memory changed) continues the same training.
+_NOT_IN_RUN_KEY = {"save_every", "gradient_checkpointing", "micro_batch_size"}
 
 
 class TrainError(KinjectError):
@@ -55,6 +56,8 @@ class TrainReport:
     warnings: list[str] = field(default_factory=list)
     base_model: str = ""
     merged_dir: str | None = None
+    memory_plan: str = ""  # the line printed before training: estimate, free memory, micro-batch, checkpointing
+    memory: dict = field(default_factory=dict)  # the same plan in numbers (bytes)
 
     def summary(self) -> str:
         if self.skipped:
@@ -171,6 +174,8 @@ def _train(kb: KB, settings: Settings, key: str, inputs: dict, progress: bool, m
         sources=packed.sources,
         warnings=warnings,
         base_model=settings.models.llm,
+        memory_plan=result.memory_plan.get("line", ""),
+        memory={k: v for k, v in result.memory_plan.items() if k != "line"},
     )
 
     files = _publish(kb, folder, model, tokenizer, settings)

@@ -215,12 +215,10 @@ def answer_start(prompt: str, text: str) -> int:
 
 
 def qa_chat_samples(synthetic: list[str], documents: list[str], settings: Settings, tokenizer) -> list[Sample]:
-    """Synthetic Q/A pairs rendered exactly as the service prompts the model: each closed-book
-    (the `ft` mode), and `train.open_book_fraction` of them a second time with the source passage
-    quoted among other passages (the `ft-rag` mode). The open-book copy is an addition, not a
-    replacement: every closed-book sample replaced costs the `ft` mode recall, and without
-    open-book samples the adapter stops reading the quoted passages. Training on these keeps the
-    adapter answering briefly in chat instead of continuing text as plain pretraining teaches."""
+    """Synthetic Q/A pairs rendered exactly as the service prompts the model: closed-book (the
+    `ft` mode) and, for `train.open_book_fraction` of them, with the source passage quoted among
+    other passages (the `ft-rag` mode). Training on these keeps the adapter answering briefly in
+    chat, and from the quoted passage, instead of continuing text as plain pretraining teaches."""
     from core.answer import build_messages
 
     by_title: dict[str, list[Passage]] = {}
@@ -244,19 +242,17 @@ def qa_chat_samples(synthetic: list[str], documents: list[str], settings: Settin
     out = []
     for title, question, answer in pairs:
         own = by_title.get(title)
-        quoted = [None]
+        hits = None
         if own and rng.random() < settings.train.open_book_fraction:
             gold = next((p for p in own if answer.lower() in p.text.lower()), own[0])
             others = [p for p in pool if p.title != title]
             hits = [gold] + rng.sample(others, min(k - 1, len(others)))
             rng.shuffle(hits)
-            quoted.append(hits)
-        for hits in quoted:
-            messages = build_messages([{"role": "user", "content": question}], hits)
-            prompt = chat_text(tokenizer, messages + [{"role": "assistant", "content": ""}])
-            messages.append({"role": "assistant", "content": answer})
-            text = chat_text(tokenizer, messages)
-            out.append(Sample(text, "chat", answer_start(prompt, text)))
+        messages = build_messages([{"role": "user", "content": question}], hits)
+        prompt = chat_text(tokenizer, messages + [{"role": "assistant", "content": ""}])
+        messages.append({"role": "assistant", "content": answer})
+        text = chat_text(tokenizer, messages)
+        out.append(Sample(text, "chat", answer_start(prompt, text)))
     return out
 
 

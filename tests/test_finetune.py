@@ -120,13 +120,8 @@ def test_qa_pairs_parse_and_drop_made_up_answers(tokenizer, settings):
     assert any("Who first lit the lamp?" in t and t.rstrip().endswith("Keeper Anna Vell.<|im_end|>") for t in texts)
     assert not any("Whale fat" in t for t in texts)  # not in the document: dropped
     assert any("____" in t for t in texts)  # cloze questions from the documents
-    # Every pair is trained closed-book; at fraction 1 each is trained a second time open-book,
-    # quoting its source passage among others, as the rag modes do.
-    open_book = [t for t in texts if CONTEXT_OPEN in t]
-    assert len(open_book) * 2 == len(texts)
-    assert all("first lit on 3 March 1412" in t for t in open_book if "Who first lit the lamp?" in t)
-    answer = lambda t: t.rsplit("<|im_start|>assistant", 1)[1]  # noqa: E731
-    assert sorted(map(answer, open_book)) == sorted(answer(t) for t in texts if CONTEXT_OPEN not in t)
+    # Open-book samples quote the source passage among others, as the rag modes do.
+    assert all(CONTEXT_OPEN in t and "first lit on 3 March 1412" in t for t in texts if "Gull Rock" in t.split("<|im_start|>assistant")[0])
 
 
 def test_replay_adds_offline_generic_text_in_the_asked_share(tokenizer, settings):

@@ -4,8 +4,8 @@ dev split against the number of synthetic tokens the adapter was trained on.
 For each set and each budget (a multiple of the corpus' tokens), a copy of one ingested KB is
 augmented at that budget with the settings in force, trained, and evaluated on dev; base and rag
 are evaluated once per set as the reference lines. Results go to bench/results/scaling.json (one
-row per point, rewritten after each, so a rerun skips the points already measured) and
-docs/scaling.png. Run:
+row per point, rewritten after each, so a rerun skips the points already measured), the same as
+a table in bench/results/scaling.md, and the curve in docs/scaling.png. Run:
 
     python -m bench.scaling --sets demo,squad_short --budgets 0.5,2,8 [--set group.field=value ...]
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "scaling.json"
+TABLE = REPO / "bench" / "results" / "scaling.md"
 PNG = REPO / "docs" / "scaling.png"
 METRIC = "contains"  # the short-answer metric the targets are stated in
 
@@ -94,7 +95,34 @@ def run(sets: list[str], budgets: list[float], overrides: dict) -> list[dict]:
             os.replace(tmp, RESULTS)
             print(f"[scaling] {name} {budget}x: {json.dumps(row['scores'])}", flush=True)
     draw(rows)
+    TABLE.write_text(table(rows))
     return rows
+
+
+def table(rows: list[dict]) -> str:
+    """One markdown row per point: budget, tokens, stage times and each mode's score with its interval."""
+
+    def cell(scores: dict, mode: str, metric: str) -> str:
+        m = scores.get(mode, {}).get(metric)
+        return f"{100 * m['mean']:.1f} [{100 * m['lo']:.1f}, {100 * m['hi']:.1f}]" if m else ""
+
+    lines = [
+        "# Synthetic-token scaling curve (dev split)",
+        "",
+        "Written by `python -m bench.scaling`; drawn in [docs/scaling.png](../../docs/scaling.png). "
+        f"Scores are percent {METRIC}-gold with 95 % bootstrap intervals; MC is multiple-choice accuracy.",
+        "",
+        "| set | budget × corpus | synthetic tokens | train tokens | train s | tokens/s | mode | contains | MC acc |",
+        "|---|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["set"], r["budget_multiple"] or 0)):
+        budget = "reference" if r["budget_multiple"] is None else f"{r['budget_multiple']:g}"
+        for mode in r["scores"]:
+            lines.append(
+                f"| {r['set']} | {budget} | {r['synthetic_tokens'] if r['budget_multiple'] else ''} | {r['train_tokens'] or ''} | "
+                f"{r['seconds']['train'] or ''} | {r['train_tokens_per_s'] or ''} | {mode} | {cell(r['scores'], mode, METRIC)} | {cell(r['scores'], mode, 'acc')} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def draw(rows: list[dict]) -> None:

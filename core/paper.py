@@ -162,6 +162,11 @@ def render(results: list[dict], load: str) -> str:
         "and **ft-rag ≥ rag** (the adapter does not hurt open-book answers), on each set's primary metric "
         "(token F1 for short answers, acc_norm for multiple choice).",
         "",
+        "The synthetic-token scaling curve (`python -m bench.scaling`; points and intervals in "
+        "[bench/results/scaling.md](../bench/results/scaling.md)):",
+        "",
+        "![ft and ft-rag contains-gold against synthetic training tokens](scaling.png)",
+        "",
         "| set | metric | base | rag | ft | ft-rag | ft − base | ½ (rag − base) | ft target | ft-rag − rag | ft-rag target |",
         "|---|---|---:|---:|---:|---:|---:|---:|:-:|---:|:-:|",
     ]

@@ -198,7 +198,7 @@ RULE_RECIPE = ["fact_qa", "restate"]
 PRESETS: dict[str, dict[str, Any]] = {
     "local": {
         "augment": {"types": RULE_RECIPE},
-        "train": {"lr": 3e-3, "epochs": 4.0, "open_book_fraction": 0.05},
+        "train": {"lr": 3e-3, "epochs": 3.0, "open_book_fraction": 0.3},
     },
     "paper": {
         "models": {

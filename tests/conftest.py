@@ -40,6 +40,20 @@ class LookCountingEvent(threading.Event):
             self.looks_when_set = self.looks
 
 
+class Crash(Exception):
+    """Raised by `crash_at` to stop a training run in the middle, as a kill would."""
+
+
+def crash_at(step: int):
+    """An `on_step` callback for `train` that stops the run once `step` steps are done."""
+
+    def on_step(done: int, loss: float) -> None:
+        if done == step:
+            raise Crash
+
+    return on_step
+
+
 @pytest.fixture
 def settings(tmp_path, monkeypatch):
     """Default (local preset) settings with KBs in a temp folder."""

@@ -16,6 +16,7 @@ import pytest
 from core.files import append_jsonl
 from core.kb import KB
 from core.settings import SettingsError, load_settings
+from tests.conftest import Crash, crash_at
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -294,15 +295,8 @@ def test_resume_after_an_interruption_continues_with_the_same_data_order(tmp_pat
 
     kb, settings = make_kb(tmp_path / "b", "cut", _texts(), **common)
 
-    class Crash(Exception):
-        pass
-
-    def crash(step, loss):
-        if step == 5:
-            raise Crash
-
     with pytest.raises(Crash):
-        train(kb, settings, progress=False, on_step=crash)
+        train(kb, settings, progress=False, on_step=crash_at(5))
     assert [p.name for p in (kb.dir("train") / "checkpoints").iterdir()] == ["step-0000004"]
     assert kb.stage("train") is None
 

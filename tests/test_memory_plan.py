@@ -23,6 +23,7 @@ from finetune.memory import (
     usable,
 )
 from test_finetune import make_kb
+from tests.conftest import Crash, crash_at
 
 GB = 10**9  # GPU sizes are sold in decimal gigabytes: an "80 GB" card holds 80e9 bytes (74.5 GiB)
 
@@ -220,15 +221,8 @@ def test_a_split_run_resumes_at_a_step_boundary_under_another_plan(whole, tmp_pa
     the whole batch in one pass: the steps continue from 2 with the reference's losses."""
     from finetune.train import train as run_training
 
-    class Crash(Exception):
-        pass
-
-    def crash(step, loss):
-        if step == 3:
-            raise Crash
-
     with pytest.raises(Crash):
-        _train(tmp_path, "cut", crash, micro_batch_size=2, save_every=2)
+        _train(tmp_path, "cut", crash_at(3), micro_batch_size=2, save_every=2)
     kb = KB.open(load_settings({"kb_root": str(tmp_path / "cut")}), "cut")
     assert [p.name for p in (kb.dir("train") / "checkpoints").iterdir()] == ["step-0000002"]
     settings = load_settings({"kb_root": str(tmp_path / "cut"), "train": {**COMMON, "save_every": 2, "micro_batch_size": 4}})

@@ -271,6 +271,18 @@ def time_a_whole_answer(url: str) -> tuple[dict, float]:
     return body, full_s
 
 
+def seconds_until_the_slot_is_free(url: str, full_s: float) -> float:
+    """Seconds from now (the client has just hung up) until the server has no active request;
+    fails if that takes as long as a whole answer."""
+    hung_up = time.monotonic()
+    while httpx.get(url + "/health", timeout=60).json()["active"]:
+        assert time.monotonic() < hung_up + full_s, "the slot stayed busy after the client left"
+        time.sleep(0.02)
+    freed_s = time.monotonic() - hung_up
+    print(f"\nwhole {MAX_NEW}-token answer {full_s:.1f} s; slot free {freed_s:.2f} s after the hang-up")
+    return freed_s
+
+
 @pytest.mark.timing  # deterministic counterpart: test_service.py::test_client_disconnect_stops_generation_and_frees_the_slot counts the tokens made after the hang-up
 def test_disconnect_mid_stream_frees_the_only_slot(server):
     url = server[0]
@@ -281,13 +293,7 @@ def test_disconnect_mid_stream_frees_the_only_slot(server):
         for line in r.iter_lines():
             if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"].strip():
                 break  # the first generated text: hang up
-    hung_up = time.monotonic()
-    deadline = hung_up + full_s
-    while httpx.get(url + "/health", timeout=60).json()["active"]:
-        assert time.monotonic() < deadline, "the slot stayed busy after the client left"
-        time.sleep(0.05)
-    freed_s = time.monotonic() - hung_up
-    print(f"\nwhole {MAX_NEW}-token answer {full_s:.1f} s; slot free {freed_s:.2f} s after the hang-up")
+    freed_s = seconds_until_the_slot_is_free(url, full_s)
     assert freed_s < full_s / 2
     # One slot and no queue: this would be a 503 if the abandoned generation still held it.
     again = raw_request(url, "POST", CHAT, OK_CHAT, AUTH)
@@ -428,12 +434,7 @@ def test_hang_up_before_a_whole_answer_frees_the_only_slot(server):
     body, full_s = time_a_whole_answer(url)
     with pytest.raises(TimeoutError):
         raw_request(url, "POST", COMPLETIONS, body, AUTH, timeout=full_s / 4)
-    hung_up = time.monotonic()
-    while httpx.get(url + "/health", timeout=10).json()["active"]:
-        assert time.monotonic() < hung_up + full_s, "the slot stayed busy after the client left"
-        time.sleep(0.02)
-    freed_s = time.monotonic() - hung_up
-    print(f"\nwhole {MAX_NEW}-token answer {full_s:.1f} s; slot free {freed_s:.2f} s after the hang-up")
+    freed_s = seconds_until_the_slot_is_free(url, full_s)
     assert freed_s < full_s / 3
     again = raw_request(url, "POST", CHAT, OK_CHAT, AUTH)
     assert again.status_code == 200, again.text

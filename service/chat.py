@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 
 from core.answer import Prepared, source_dict, with_seed
 from core.engines import SamplingParams
-from service.errors import bad_request, internal_error, log
+from service.errors import bad_request, log
 from service.protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,
@@ -35,7 +35,7 @@ from service.protocol import (
 )
 from service.sampling import check_choices, fit_context, max_new_tokens, sampling_params
 from service.state import ServiceState, Slot, get_state
-from service.streaming import DONE, SSEResponse, in_thread, sse, unless_gone
+from service.streaming import SSEResponse, closing_events, in_thread, sse, unless_gone
 
 router = APIRouter()
 
@@ -148,9 +148,10 @@ async def stream_chat(state: ServiceState, req: ChatCompletionRequest, prepared:
         failed = True
     finally:
         slot.release()  # before the last events, so a client that reads [DONE] finds the slot free
-    if failed:
-        yield sse(internal_error().payload())
-    elif include_usage:
+
+    def usage_chunk() -> str:
         usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
-        yield sse(ChatCompletionStreamResponse(id=rid, created=created, model=req.model, choices=[], usage=usage), exclude={"sources", "kinject_mode", "kinject_route"})
-    yield DONE
+        return sse(ChatCompletionStreamResponse(id=rid, created=created, model=req.model, choices=[], usage=usage), exclude={"sources", "kinject_mode", "kinject_route"})
+
+    for event in closing_events(failed, usage_chunk if include_usage else None):
+        yield event

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 
 from core.answer import AUTO, MODES, PromptTooLong, with_seed
 from core.engines import Generation, GenRequest, SamplingParams, TokenLogprob
-from service.errors import APIError, bad_request, internal_error, log
+from service.errors import APIError, bad_request, log
 from service.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -40,7 +40,7 @@ from service.protocol import (
 )
 from service.sampling import check_choices, fit_context, max_new_tokens, sampling_params
 from service.state import ServiceState, Slot, get_state
-from service.streaming import DONE, SSEResponse, in_thread, sse, unless_gone
+from service.streaming import SSEResponse, closing_events, in_thread, sse, unless_gone
 
 router = APIRouter()
 
@@ -183,9 +183,10 @@ async def stream_completion(
         failed = True
     finally:
         slot.release()  # before the last events, so a client that reads [DONE] finds the slot free
-    if failed:
-        yield sse(internal_error().payload())
-    elif include_usage:
+
+    def usage_chunk() -> str:
         usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
-        yield sse(CompletionStreamResponse(id=rid, created=created, model=req.model, choices=[], usage=usage), exclude={"kinject_mode"})
-    yield DONE
+        return sse(CompletionStreamResponse(id=rid, created=created, model=req.model, choices=[], usage=usage), exclude={"kinject_mode"})
+
+    for event in closing_events(failed, usage_chunk if include_usage else None):
+        yield event

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from service.errors import ClientGone
+from service.errors import ClientGone, internal_error
 from service.state import Slot
 
 T = TypeVar("T")
@@ -56,6 +56,17 @@ async def unless_gone(request: Request, work: Callable[[threading.Event], T]) ->
 def sse(payload: BaseModel | dict, exclude: set[str] | None = None) -> str:
     data = payload.model_dump(exclude=exclude) if isinstance(payload, BaseModel) else payload
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def closing_events(failed: bool, usage: Callable[[], str] | None) -> Iterator[str]:
+    """A stream's last events, after its slot is released: the error event if generation failed
+    (headers are sent, so it is reported in the stream, as OpenAI does), else the usage chunk when
+    the client asked for one, then [DONE]."""
+    if failed:
+        yield sse(internal_error().payload())
+    elif usage is not None:
+        yield usage()
+    yield DONE
 
 
 async def in_thread(iterator: Iterator[T], cancel: threading.Event) -> AsyncIterator[T]:

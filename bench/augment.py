@@ -22,10 +22,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 def plan_requests(settings, n: int):
     """n requests: the augmentation plan's first chunk over the demo corpus, built as augment does."""
-    from ingest.augment.generate import Generator
-    from ingest.augment.plan import Planner
-    from ingest.augment.run import selected_types
-    from ingest.readers import read_corpus
+    from kinject.augment.generate import Generator
+    from kinject.augment.plan import Planner
+    from kinject.augment.run import selected_types
+    from kinject.ingest.readers import read_corpus
 
     docs, _ = read_corpus(REPO / "demo" / "corpus", settings.ingest)
     docs = sorted(docs, key=lambda d: d.doc_id)[: max(1, n // 7 + 1)]
@@ -39,8 +39,8 @@ def naive_loop(settings, requests) -> tuple[int, float]:
     """One request at a time through `model.generate`, the way a plain script would do it."""
     import torch
 
-    from core.engines.base import render_prompt
-    from core.models import load_causal_lm
+    from kinject.core.engines.base import render_prompt
+    from kinject.core.models import load_causal_lm
 
     model, tok = load_causal_lm(settings.models.llm, settings)
     tokens = 0
@@ -61,7 +61,7 @@ def naive_loop(settings, requests) -> tuple[int, float]:
 
 
 def engine_run(settings, requests, backend: str) -> tuple[int, float]:
-    from core.engines import make_engine
+    from kinject.core.engines import make_engine
 
     engine = make_engine(settings.model_copy(update={"engine": settings.engine.model_copy(update={"backend": backend})}))
     try:
@@ -79,7 +79,7 @@ def engine_run(settings, requests, backend: str) -> tuple[int, float]:
 def run(quick: bool = False) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from core.settings import SPA_TYPES, load_settings
+    from kinject.core.settings import SPA_TYPES, load_settings
 
     n, max_new = (8, 32) if quick else (32, 64)
     settings = load_settings({"augment": {"types": SPA_TYPES, "max_new_tokens": max_new}, "engine": {"max_batch_size": n, "vllm_cpu_kvcache_gb": 1}})

@@ -32,8 +32,8 @@ def corpus_records(quick: bool) -> tuple[list[dict], str]:
     if all((SHARED / n / "corpus.jsonl").exists() for n in names):
         recs = [json.loads(line) for n in names for line in (SHARED / n / "corpus.jsonl").read_text().splitlines() if line.strip()]
         return recs, "+".join(names)
-    from core.settings import IngestSettings
-    from ingest.readers import read_corpus
+    from kinject.core.settings import IngestSettings
+    from kinject.ingest.readers import read_corpus
 
     docs, _ = read_corpus(REPO / "demo" / "corpus", IngestSettings())
     return [{"doc_id": d.doc_id, "title": d.title, "text": d.text} for d in docs], "demo/corpus"
@@ -45,13 +45,13 @@ def bench_embedding(quick: bool, workdir: Path) -> dict:
     from llama_index.core.schema import MetadataMode
     from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 
-    from core.kb import KB
-    from core.models import resolve_model
-    from core.retrieval import get_embedder
-    from core.settings import load_settings
-    from ingest.chunking import Chunker
-    from ingest.index import load_state
-    from ingest.pipeline import ingest
+    from kinject.core.kb import KB
+    from kinject.core.models import resolve_model
+    from kinject.core.retrieval import get_embedder
+    from kinject.core.settings import load_settings
+    from kinject.ingest.chunking import Chunker
+    from kinject.core.index import load_state
+    from kinject.ingest.pipeline import ingest
 
     records, name = corpus_records(quick)
     corpus = workdir / "corpus.jsonl"
@@ -104,10 +104,10 @@ def bench_retrieval(quick: bool, workdir: Path, n: int = 100_000, k: int = 5) ->
     from llama_index.core.schema import TextNode
     from llama_index.core.vector_stores import SimpleVectorStore, VectorStoreQuery
 
-    from core.kb import KB
-    from core.retrieval import Retriever
-    from core.settings import load_settings
-    from ingest.index import IndexState, VectorIndex, write_state
+    from kinject.core.kb import KB
+    from kinject.core.retrieval import Retriever
+    from kinject.core.settings import load_settings
+    from kinject.core.index import IndexState, VectorIndex, write_state
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((n, DIM), dtype=np.float32)

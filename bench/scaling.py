@@ -37,10 +37,10 @@ def sources(name: str) -> tuple[Path, Path]:
 
 def point(settings, base_kb, name: str, questions: Path, modes: list[str]) -> dict:
     """Copy the ingested KB to `name`, then augment, train and evaluate it."""
-    from core.kb import KB
-    from eval.run import evaluate
-    from finetune.train import train
-    from ingest.augment import augment
+    from kinject.core.kb import KB
+    from kinject.eval.run import evaluate
+    from kinject.finetune.train import train
+    from kinject.augment import augment
 
     target = settings.kb_dir / name
     if target.exists():
@@ -68,9 +68,9 @@ def point(settings, base_kb, name: str, questions: Path, modes: list[str]) -> di
 
 
 def run(sets: list[str], budgets: list[float], overrides: dict) -> list[dict]:
-    from core.kb import KB
-    from core.settings import _deep_merge, load_settings
-    from ingest.pipeline import ingest
+    from kinject.core.kb import KB
+    from kinject.core.settings import _deep_merge, load_settings
+    from kinject.ingest.pipeline import ingest
 
     rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     done = {(r["set"], r["budget_multiple"], json.dumps(r["overrides"], sort_keys=True)) for r in rows}
@@ -160,7 +160,7 @@ def draw(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    from core.settings import parse_overrides
+    from kinject.core.settings import parse_overrides
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sets", default="demo,squad_short")

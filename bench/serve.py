@@ -70,7 +70,7 @@ class Server:
 def measure_overhead(url: str, answerer, settings, qs: list[str], max_tokens: int) -> dict:
     import httpx
 
-    from core.engines import SamplingParams
+    from kinject.core.engines import SamplingParams
 
     endpoint_s, engine_s, mismatched = [], [], 0
     limit = min(settings.serve.max_prompt_tokens, settings.engine.max_model_len - 1)
@@ -182,10 +182,10 @@ def measure_concurrency(url: str, qs: list[str], seconds: float, max_tokens: int
 
 
 def bench_engine(backend: str, kb_name: str, overrides: dict, quick: bool) -> dict:
-    from core.engines import make_engine
-    from core.kb import KB
-    from core.settings import load_settings
-    from service.app import create_app
+    from kinject.core.engines import make_engine
+    from kinject.core.kb import KB
+    from kinject.core.settings import load_settings
+    from kinject.service.app import create_app
 
     settings = load_settings({**overrides, "engine": {**overrides.get("engine", {}), "backend": backend}})
     kb = KB.open(settings, kb_name)
@@ -217,9 +217,9 @@ def vllm_available() -> bool:
 
 
 def run(quick: bool) -> dict:
-    from core.kb import KB
-    from core.settings import load_settings
-    from ingest.pipeline import ingest
+    from kinject.core.kb import KB
+    from kinject.core.settings import load_settings
+    from kinject.ingest.pipeline import ingest
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.TemporaryDirectory(prefix="kinject-bench-serve-") as tmp:

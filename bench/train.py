@@ -58,10 +58,10 @@ def _time_steps(model, optimizer, batches, device) -> tuple[float, int]:
 def run(quick: bool = False) -> dict:
     import torch
 
-    from core.models import load_causal_lm, pick_device
-    from core.settings import load_settings
-    from finetune.data import pack
-    from finetune.lora import trainable_model
+    from kinject.core.models import load_causal_lm, pick_device
+    from kinject.core.settings import load_settings
+    from kinject.finetune.data import pack
+    from kinject.finetune.lora import trainable_model
 
     settings = load_settings()
     steps = 2 if quick else 5

@@ -13,11 +13,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from core.engines import Engine, GenRequest, SamplingParams, StreamChunk, make_engine
-from core.errors import KinjectError
-from core.files import sha256_text
-from core.kb import KB, STAGE_DIRS
-from core.settings import Settings
+from kinject.core.engines import Engine, GenRequest, SamplingParams, StreamChunk, make_engine
+from kinject.core.errors import KinjectError
+from kinject.core.files import sha256_text
+from kinject.core.kb import KB, STAGE_DIRS
+from kinject.core.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,7 @@ class Answerer:
     def retriever(self):
         with self._lock:
             if self._retriever is None:
-                from core.retrieval import get_retriever
+                from kinject.core.retrieval import get_retriever
 
                 self._retriever = get_retriever(self.kb, self.settings)  # shared with the UI and eval
             return self._retriever

@@ -19,9 +19,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from core.errors import KinjectError
-from core.files import atomic_write_json
-from core.settings import Settings
+from kinject.core.errors import KinjectError
+from kinject.core.files import atomic_write_json
+from kinject.core.settings import Settings
 
 SCHEMA_VERSION = 1
 STAGE_DIRS = {"ingest": "index", "augment": "synthetic", "train": "adapter", "eval": "eval"}

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from core.errors import KinjectError
-from core.files import atomic_dir, sha256_file
-from core.settings import Settings
+from kinject.core.errors import KinjectError
+from kinject.core.files import atomic_dir, sha256_file
+from kinject.core.settings import Settings
 
 
 class ModelUnavailable(KinjectError):
@@ -134,7 +134,7 @@ def convert_gguf(gguf: Path, cache: Path, name: str | None = None) -> Path:
         if (target / "config.json").exists():  # another process finished it while we waited
             return target
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # transformers drops the GGUF's add_bos_token flag; Gemma degrades badly without BOS.

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from core.kb import KB, KBError
-from core.settings import Settings, load_settings
+from kinject.core.kb import KB, KBError
+from kinject.core.settings import Settings, load_settings
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Embedder:
     """A sentence-transformers model producing L2-normalized float32 vectors."""
 
     def __init__(self, ref: str, settings: Settings):
-        from core.models import load_embedder
+        from kinject.core.models import load_embedder
 
         self.ref = ref
         self.model = load_embedder(ref, settings)
@@ -78,7 +78,7 @@ _embedders_guard = threading.Lock()
 
 def get_embedder(ref: str, settings: Settings) -> Embedder:
     """One loaded embedder per (model, device) in this process."""
-    from core.models import pick_device
+    from kinject.core.models import pick_device
 
     key = (ref, pick_device(settings.engine.device))
     with _embedders_guard:
@@ -91,7 +91,7 @@ def get_embedder(ref: str, settings: Settings) -> Embedder:
 @dataclass
 class _Loaded:
     stamp: tuple  # (inode, mtime) of current.json when loaded
-    state: object  # ingest.index.IndexState
+    state: object  # kinject.core.index.IndexState
     embedder_ref: str
 
 
@@ -122,7 +122,7 @@ class Retriever:
         with self._lock:
             if self._loaded is not None and self._loaded.stamp == stamp:
                 return self._loaded.state
-            from ingest.index import load_state
+            from kinject.core.index import load_state
 
             for attempt in range(3):
                 try:
@@ -204,7 +204,7 @@ class Retriever:
             if self._reranker is None:
                 from sentence_transformers import CrossEncoder
 
-                from core.models import pick_device, resolve_model
+                from kinject.core.models import pick_device, resolve_model
 
                 self._reranker = CrossEncoder(str(resolve_model(ref, self.settings)), device=pick_device(self.settings.engine.device))
         return self._reranker

@@ -8,6 +8,7 @@ A preset only fills fields that no other source set.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from core.errors import KinjectError
+from kinject.core.errors import KinjectError
 
 SPA_TYPES = [
     "key_concepts",
@@ -326,3 +327,21 @@ def load_settings(overrides: dict | None = None) -> Settings:
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"invalid setting {loc}: {msg} (got {err.get('input')!r})" if "input" in err and not isinstance(err.get("input"), dict) else f"invalid setting {loc}: {msg}")
         raise SettingsError("; ".join(lines)) from None
+
+
+def settings_from(ctx: Any, **flags: Any) -> Settings:
+    """A CLI verb's settings: the global overrides kept on its typer context, plus the verb's own
+    flags, given as dotted names.
+
+    `settings_from(ctx, **{"augment.budget_tokens": budget})`: flags left at None are not set.
+    """
+    overrides = json.loads(json.dumps((ctx.find_root().obj or {}).get("overrides", {})))
+    for dotted, value in flags.items():
+        if value is None:
+            continue
+        node = overrides
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return load_settings(overrides)

@@ -19,11 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from core.answer import AUTO, MODES, Answerer, build_messages, source_dict
-from core.engines import SamplingParams
-from core.errors import KinjectError
-from core.settings import Settings
-from eval.questions import Question
+from kinject.core.answer import AUTO, MODES, Answerer, build_messages, source_dict
+from kinject.core.engines import SamplingParams
+from kinject.core.errors import KinjectError
+from kinject.core.settings import Settings
+from kinject.eval.questions import Question
 
 Progress = Callable[[int], None]
 

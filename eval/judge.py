@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from core.errors import KinjectError
-from core.settings import Settings
+from kinject.core.errors import KinjectError
+from kinject.core.settings import Settings
 
 PROMPT = (
     "You grade answers to questions. The reference answer is correct. Reply with one word: "
@@ -25,7 +25,7 @@ class Judge:
     def __init__(self, settings: Settings, evaluated_endpoint: str | None = None):
         from openai import OpenAI
 
-        from eval.backends import base_url
+        from kinject.eval.backends import base_url
 
         self.url = base_url(settings.eval.judge_base_url)
         if evaluated_endpoint and base_url(evaluated_endpoint) == self.url:

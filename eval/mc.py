@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from core.answer import Answerer, render_prompt, source_dict
-from core.engines import SamplingParams
-from eval.questions import Question
+from kinject.core.answer import Answerer, render_prompt, source_dict
+from kinject.core.engines import SamplingParams
+from kinject.eval.questions import Question
 
 
 @dataclass

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.errors import KinjectError
+from kinject.core.errors import KinjectError
 
 SHORT, MC = "short", "mc"
 

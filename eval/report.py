@@ -9,9 +9,9 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-from core.errors import KinjectError
-from core.files import atomic_dir, read_jsonl
-from eval import metrics as M
+from kinject.core.errors import KinjectError
+from kinject.core.files import atomic_dir, read_jsonl
+from kinject.eval import metrics as M
 
 LABELS = {
     "em": "EM", "f1": "F1", "contains": "contains", "yes_no": "yes/no acc", "judge": "judge",

@@ -19,18 +19,18 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
-from core.answer import ALL_MODES, AUTO, MODES, Answerer, RouterConfig
-from core.engines import Engine, SamplingParams
-from core.errors import KinjectError
-from core.files import append_jsonl, read_jsonl, sha256_file, sha256_text, sha256_tree
-from core.kb import KB, StageTimer, now_iso
-from core.settings import Settings
-from eval import metrics as M
-from eval.backends import LocalBackend, Reply, connect, prompt_limit
-from eval.judge import make_judge
-from eval.mc import score_mc
-from eval.questions import MC, SHORT, Question, dataset_name, load_questions
-from eval.report import in_sample
+from kinject.core.answer import ALL_MODES, AUTO, MODES, Answerer, RouterConfig
+from kinject.core.engines import Engine, SamplingParams
+from kinject.core.errors import KinjectError
+from kinject.core.files import append_jsonl, read_jsonl, sha256_file, sha256_text, sha256_tree
+from kinject.core.kb import KB, StageTimer, now_iso
+from kinject.core.settings import Settings
+from kinject.eval import metrics as M
+from kinject.eval.backends import LocalBackend, Reply, connect, prompt_limit
+from kinject.eval.judge import make_judge
+from kinject.eval.mc import score_mc
+from kinject.eval.questions import MC, SHORT, Question, dataset_name, load_questions
+from kinject.eval.report import in_sample
 
 DEFAULT_MODES = ["base", "rag", "ft", "ft-rag"]
 HELDOUT_SPLITS = {"heldout", "test"}  # never tune the router on these
@@ -254,7 +254,7 @@ def folder_fingerprint(path: Path, full_limit: int = 2 << 30) -> str:
 
 
 def model_info(kb: KB, settings: Settings, endpoint: str | None) -> dict:
-    from core.models import resolve_model
+    from kinject.core.models import resolve_model
 
     train, ingest = kb.stage("train"), kb.stage("ingest")
     info: dict = {
@@ -317,7 +317,7 @@ def evaluate(
 def _evaluate(kb, questions_path, questions, wanted, settings, split, limit, endpoint, backend, answerer, progress, timer) -> EvalReport:
     from tqdm import tqdm
 
-    from eval.report import write_report
+    from kinject.eval.report import write_report
 
     if wanted is None:
         wanted = [m for m in DEFAULT_MODES if _can(backend, m)]

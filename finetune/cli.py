@@ -6,30 +6,28 @@ from typing import Optional
 import typer
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("train")
-    def train_cmd(
-        ctx: typer.Context,
-        kb: str = typer.Option(..., "--kb", help="Knowledge base to train the adapter for."),
-        force: bool = typer.Option(False, "--force", help="Retrain even when the inputs are unchanged."),
-        merge: bool = typer.Option(False, "--merge", help="Also write adapter/merged/: a full model with the adapter folded in."),
-        steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (train.max_steps; 0 = from epochs)."),
-        epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the packed corpus (train.epochs)."),
-        lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (train.lr)."),
-        rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank (train.lora_rank): 8, 16, 32, 64, 128, 256, 320 or 512."),
-        quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-    ) -> None:
-        """Train the KB's LoRA adapter on its curated synthetic corpus (resumes after a crash)."""
-        from core.cli import settings_from
-        from core.kb import KB
-        from finetune.train import train
+def train_cmd(
+    ctx: typer.Context,
+    kb: str = typer.Option(..., "--kb", help="Knowledge base to train the adapter for."),
+    force: bool = typer.Option(False, "--force", help="Retrain even when the inputs are unchanged."),
+    merge: bool = typer.Option(False, "--merge", help="Also write adapter/merged/: a full model with the adapter folded in."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (train.max_steps; 0 = from epochs)."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the packed corpus (train.epochs)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (train.lr)."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank (train.lora_rank): 8, 16, 32, 64, 128, 256, 320 or 512."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Train the KB's LoRA adapter on its curated synthetic corpus (resumes after a crash)."""
+    from kinject.core.settings import settings_from
+    from kinject.core.kb import KB
+    from kinject.finetune.train import train
 
-        settings = settings_from(
-            ctx, **{"train.max_steps": steps, "train.epochs": epochs, "train.lr": lr, "train.lora_rank": rank}
-        )
-        report = train(KB.open(settings, kb), settings, progress=not quiet, force=force, merge=merge)
-        for w in report.warnings:
-            typer.echo(f"warning: {w}", err=True)
-        typer.echo(report.summary())
-        if report.merged_dir:
-            typer.echo(f"merged model in {report.merged_dir}")
+    settings = settings_from(
+        ctx, **{"train.max_steps": steps, "train.epochs": epochs, "train.lr": lr, "train.lora_rank": rank}
+    )
+    report = train(KB.open(settings, kb), settings, progress=not quiet, force=force, merge=merge)
+    for w in report.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    typer.echo(report.summary())
+    if report.merged_dir:
+        typer.echo(f"merged model in {report.merged_dir}")

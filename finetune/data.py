@@ -12,10 +12,12 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from core.errors import KinjectError
-from core.files import sha256_text
-from core.kb import KB
-from core.settings import Settings
+from kinject.core.errors import KinjectError
+from kinject.core.files import sha256_text
+from kinject.core.kb import KB
+from kinject.core.index import load_documents
+from kinject.core.settings import Settings
+from kinject.core.synthetic import PAIRS_ONLY_TYPES, load_training_records
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +109,11 @@ def chat_text(tokenizer, messages: list[dict]) -> str:
 
 def collect_samples(kb: KB, settings: Settings, tokenizer) -> list[Sample]:
     """Every training text of the KB, by source, in a stable order."""
-    from ingest.augment.prompts import PROMPT_TYPES
-
     records = synthetic_records(kb)
     synthetic = [r["train_text"] for r in records]
     documents = document_texts(kb)
     # Types whose text is a list of Q/A pairs teach through those pairs, rendered as chat below.
-    samples = [Sample(r["train_text"], "synthetic") for r in records if r["type"] not in PROMPT_TYPES or PROMPT_TYPES[r["type"]].as_text]
+    samples = [Sample(r["train_text"], "synthetic") for r in records if r["type"] not in PAIRS_ONLY_TYPES]
     if settings.train.include_documents:
         samples += [Sample(t, "documents") for t in documents]
     if settings.train.qa_chat:
@@ -219,7 +219,7 @@ def qa_chat_samples(synthetic: list[str], documents: list[str], settings: Settin
     `ft` mode) and, for `train.open_book_fraction` of them, with the source passage quoted among
     other passages (the `ft-rag` mode). Training on these keeps the adapter answering briefly in
     chat, and from the quoted passage, instead of continuing text as plain pretraining teaches."""
-    from core.answer import build_messages
+    from kinject.core.answer import build_messages
 
     by_title: dict[str, list[Passage]] = {}
     for doc in documents:
@@ -260,8 +260,6 @@ def synthetic_records(kb: KB) -> list[dict]:
     missing = TrainDataError(f"KB {kb.name!r} has no synthetic corpus yet: run `kinject augment --kb {kb.name}` first")
     if not kb.stage("augment"):
         raise missing
-    from ingest.augment import load_training_records
-
     texts = [r for r in load_training_records(kb) if r["train_text"] and r["train_text"].strip()]
     if not texts:
         raise TrainDataError(
@@ -274,8 +272,6 @@ def document_texts(kb: KB) -> list[str]:
     """The KB's original documents as `title\\ntext` (empty when the KB holds none)."""
     if not kb.stage("ingest"):
         return []
-    from ingest.pipeline import load_documents
-
     return [f"{d.title}\n{d.text}".strip() for d in load_documents(kb) if d.text.strip()]
 
 

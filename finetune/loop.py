@@ -22,13 +22,13 @@ from typing import Callable
 
 import torch
 
-from core.errors import KinjectError
-from core.files import atomic_dir
-from core.models import pick_device
-from core.settings import Settings
-from finetune.data import Packed, stream_indices
-from finetune.lora import load_trainable_state, trainable_state
-from finetune.memory import plan_for
+from kinject.core.errors import KinjectError
+from kinject.core.files import atomic_dir
+from kinject.core.models import pick_device
+from kinject.core.settings import Settings
+from kinject.finetune.data import Packed, stream_indices
+from kinject.finetune.lora import load_trainable_state, trainable_state
+from kinject.finetune.memory import plan_for
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "trainable.safetensors"

@@ -5,8 +5,8 @@ vLLM's supported set.
 """
 from __future__ import annotations
 
-from core.errors import KinjectError
-from core.settings import VLLM_LORA_RANKS, Settings
+from kinject.core.errors import KinjectError
+from kinject.core.settings import VLLM_LORA_RANKS, Settings
 
 
 class LoraSettingsError(KinjectError):

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
-from core.errors import KinjectError
+from kinject.core.errors import KinjectError
 
 GiB = 2**30
 # Share of the free memory the plan leaves unused: the CUDA caching allocator rounds and

@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from core.files import atomic_write_bytes, atomic_write_json
+from kinject.core.files import atomic_write_bytes, atomic_write_json
 
 
 def write_report(folder: Path, report: dict) -> Path:

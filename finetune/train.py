@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.errors import KinjectError
-from core.files import atomic_dir, sha256_file, sha256_text
-from core.kb import KB, StageTimer
-from core.settings import Settings
-from finetune import data, loop
-from finetune.report import write_loss_png, write_report
+from kinject.core.errors import KinjectError
+from kinject.core.files import atomic_dir, sha256_file, sha256_text
+from kinject.core.kb import KB, StageTimer
+from kinject.core.settings import Settings
+from kinject.finetune import data, loop
+from kinject.finetune.report import write_loss_png, write_report
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +126,9 @@ def train(
 def _train(kb: KB, settings: Settings, key: str, inputs: dict, progress: bool, merge: bool, on_step) -> TrainReport:
     import torch
 
-    from core.models import load_causal_lm
-    from finetune.lora import trainable_model
-    from finetune.perplexity import perplexity
+    from kinject.core.models import load_causal_lm
+    from kinject.finetune.lora import trainable_model
+    from kinject.finetune.perplexity import perplexity
 
     timer = StageTimer()
     wall0 = time.perf_counter()
@@ -241,7 +241,7 @@ def _merge(folder: Path, settings: Settings, model: Any = None, tokenizer: Any =
     if model is None:
         from peft import PeftModel
 
-        from core.models import load_causal_lm
+        from kinject.core.models import load_causal_lm
 
         base, tokenizer = load_causal_lm(settings.models.llm, settings)
         model = PeftModel.from_pretrained(base, str(folder))

@@ -1,1 +1,1 @@
-"""ingest: corpus files -> chunks -> embeddings -> FAISS index; SPA augmentation in ingest.augment."""
+"""ingest: corpus files -> chunks -> embeddings -> the KB's FAISS index (its format: kinject.core.index)."""

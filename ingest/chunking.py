@@ -12,7 +12,7 @@ import math
 import threading
 from dataclasses import dataclass, field
 
-from ingest.readers import Document
+from kinject.ingest.readers import Document
 
 # Metadata worth embedding, in this order, and its label; other scalar fields follow, titled.
 METADATA_LABELS = {

@@ -6,11 +6,6 @@ from typing import Optional
 import typer
 
 
-def register(app: typer.Typer) -> None:
-    app.command("ingest")(ingest_cmd)
-    app.command("search")(search_cmd)
-
-
 def ingest_cmd(
     ctx: typer.Context,
     corpus: str = typer.Argument(..., help="A folder, a file, or a JSONL of {doc_id, title, text, ...} records."),
@@ -20,10 +15,10 @@ def ingest_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the embedding progress bar."),
 ) -> None:
     """Build or update a KB's retrieval index from a corpus; unchanged documents are not embedded again."""
-    from core.cli import settings_from
-    from core.kb import KB
-    from ingest.pipeline import ingest
-    from ingest.readers import check_corpus
+    from kinject.core.settings import settings_from
+    from kinject.core.kb import KB
+    from kinject.ingest.pipeline import ingest
+    from kinject.ingest.readers import check_corpus
 
     check_corpus(corpus)  # before the KB is created
     settings = settings_from(ctx, **{"ingest.chunk_size": chunk_size, "ingest.chunk_overlap": chunk_overlap})
@@ -39,9 +34,9 @@ def search_cmd(
     width: int = typer.Option(160, help="Characters of each hit's text to print."),
 ) -> None:
     """Print the KB's best-matching chunks for a query: score, doc_id, title, snippet."""
-    from core.cli import settings_from
-    from core.kb import KB
-    from core.retrieval import retrieve
+    from kinject.core.settings import settings_from
+    from kinject.core.kb import KB
+    from kinject.core.retrieval import retrieve
 
     settings = settings_from(ctx, **{"retrieval.top_k": k})
     hits = retrieve(KB.open(settings, kb), query, settings=settings)

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from core.files import append_jsonl, atomic_copy, read_jsonl, sha256_text
-from core.kb import KB, StageTimer, work_seconds
-from core.settings import Settings
-from ingest.chunking import CHUNKER_VERSION, Chunker
-from ingest.index import IndexState, VectorIndex, load_state, read_documents, read_meta, write_state
-from ingest.readers import CorpusError, Document, Findings, Skipped, Trimmed, read_corpus, read_files
+from kinject.core.files import append_jsonl, atomic_copy, read_jsonl, sha256_text
+from kinject.core.kb import KB, StageTimer, work_seconds
+from kinject.core.settings import Settings
+from kinject.ingest.chunking import CHUNKER_VERSION, Chunker
+from kinject.core.index import Document, IndexState, VectorIndex, load_documents, load_state, read_meta, write_state
+from kinject.ingest.readers import CorpusError, Findings, Skipped, Trimmed, read_corpus, read_files
 
-__all__ = ["Document", "IngestReport", "ingest", "add_files", "load_documents", "CorpusError"]
+__all__ = ["IngestReport", "ingest", "add_files", "CorpusError"]
 
 
 @dataclass
@@ -141,11 +141,6 @@ def add_files(kb: KB, paths: list[str | Path], settings: Settings, progress: boo
             raise
 
 
-def load_documents(kb: KB) -> list[Document]:
-    """The KB's ingested documents (normalized text), as stored in its index folder."""
-    return read_documents(kb.root / "index")
-
-
 def _build_settings(settings: Settings) -> dict:
     """What the vectors depend on: if any of this changes, the index is rebuilt. (The model's
     dimension and sequence limit are added once it is loaded; they follow from its name.)"""
@@ -198,7 +193,7 @@ def _update(
     corpus: str,
     remove_missing: bool,
 ) -> IngestReport:
-    from core.retrieval import get_embedder
+    from kinject.core.retrieval import get_embedder
 
     report = IngestReport(kb=kb.name, corpus=corpus, skipped=found.skipped, trimmed=found.trimmed)
     with kb.lock():

@@ -15,14 +15,14 @@ import json
 import os
 import re
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from core.errors import KinjectError
-from core.files import sha256_text
-from core.settings import IngestSettings
-from ingest.html import TooDeep, visible_text
+from kinject.core.errors import KinjectError
+from kinject.core.index import Document
+from kinject.core.settings import IngestSettings
+from kinject.ingest.html import TooDeep, visible_text
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown"}
 HTML_SUFFIXES = {".html", ".htm"}
@@ -33,23 +33,6 @@ RECORD_FIELDS = ("doc_id", "id", "title", "text")
 
 class CorpusError(KinjectError):
     """The corpus as a whole cannot be ingested (missing path, nothing readable)."""
-
-
-@dataclass
-class Document:
-    doc_id: str
-    title: str
-    text: str  # normalized text
-    source: str
-    content_hash: str = ""
-    metadata: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.content_hash:
-            self.content_hash = content_hash(self.title, self.text, self.metadata)
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -76,10 +59,6 @@ class Findings:
 
     skipped: list[Skipped] = field(default_factory=list)
     trimmed: list[Trimmed] = field(default_factory=list)
-
-
-def content_hash(title: str, text: str, metadata: dict) -> str:
-    return sha256_text(json.dumps([title, text, metadata], sort_keys=True, ensure_ascii=False))
 
 
 _SPACES = re.compile(r"[ \t\f\v\u00a0]+")

@@ -1,27 +1,26 @@
 """The service's one door: `create_app(kb, settings, engine=None) -> FastAPI`.
 
-One Answerer (one engine, one retriever) serves the OpenAI-compatible API and, when the `ui`
-package is installed, the Gradio UI mounted at /ui — the UI answers through the same Answerer,
-so the model is loaded once.
+One Answerer (one engine, one retriever) serves the OpenAI-compatible API. The UI is mounted on
+the same app by the serve recipe (`kinject.recipes.serve.service_app`), so it answers through the
+same Answerer and the model is loaded once.
 """
 from __future__ import annotations
 
-import importlib.util
 from contextlib import asynccontextmanager
 
 import anyio
 
 from fastapi import Depends, FastAPI
 
-from core.answer import Answerer
-from core.engines import Engine
-from core.kb import KB
-from core.settings import Settings
-from service import chat, completions, embeddings, errors, models
-from service.auth import UI_PATH, APIKeyMiddleware, ui_auth
-from service.guards import BodyLimit, TrustedHosts, allowed_names
-from service.protocol import Health
-from service.state import ServiceState, get_state
+from kinject.core.answer import Answerer
+from kinject.core.engines import Engine
+from kinject.core.kb import KB
+from kinject.core.settings import Settings
+from kinject.service import chat, completions, embeddings, errors, models
+from kinject.service.auth import APIKeyMiddleware
+from kinject.service.guards import BodyLimit, TrustedHosts, allowed_names
+from kinject.service.protocol import Health
+from kinject.service.state import ServiceState, get_state
 
 
 def create_app(kb: KB, settings: Settings, engine: Engine | None = None) -> FastAPI:
@@ -66,17 +65,4 @@ def create_app(kb: KB, settings: Settings, engine: Engine | None = None) -> Fast
     hosts = allowed_names(settings.serve.host, settings.serve.allowed_hosts)
     if hosts is not None:
         app.add_middleware(TrustedHosts, names=hosts)  # added last: the outermost check
-    mount_ui(app, app.state.kinject, key)
     return app
-
-
-def mount_ui(app: FastAPI, state: ServiceState, key: str) -> bool:
-    """Mount the Gradio UI at /ui when the ui package is present, generating in the API's slots;
-    with an API key, Gradio's login (any user name, the key as password) guards it (see
-    service.auth)."""
-    if importlib.util.find_spec("ui.app") is None:
-        return False
-    from ui.app import mount
-
-    mount(app, state.answerer, state.settings, state.slots, path=UI_PATH, auth=ui_auth(key) if key else None)
-    return True

@@ -15,7 +15,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import error_body
+from kinject.service.errors import error_body
 
 OPEN_PATHS = {"/health"}
 UI_PATH = "/ui"

@@ -17,10 +17,10 @@ import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from core.answer import Prepared, source_dict, with_seed
-from core.engines import SamplingParams
-from service.errors import bad_request, log
-from service.protocol import (
+from kinject.core.answer import Prepared, source_dict, with_seed
+from kinject.core.engines import SamplingParams
+from kinject.service.errors import bad_request, log
+from kinject.service.protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -33,9 +33,9 @@ from service.protocol import (
     new_id,
     now,
 )
-from service.sampling import check_choices, fit_context, max_new_tokens, sampling_params
-from service.state import ServiceState, Slot, get_state
-from service.streaming import SSEResponse, closing_events, in_thread, sse, unless_gone
+from kinject.service.sampling import check_choices, fit_context, max_new_tokens, sampling_params
+from kinject.service.state import ServiceState, Slot, get_state
+from kinject.service.streaming import SSEResponse, closing_events, in_thread, sse, unless_gone
 
 router = APIRouter()
 

@@ -25,10 +25,10 @@ import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from core.answer import AUTO, MODES, PromptTooLong, with_seed
-from core.engines import Generation, GenRequest, SamplingParams, TokenLogprob
-from service.errors import APIError, bad_request, log
-from service.protocol import (
+from kinject.core.answer import AUTO, MODES, PromptTooLong, with_seed
+from kinject.core.engines import Generation, GenRequest, SamplingParams, TokenLogprob
+from kinject.service.errors import APIError, bad_request, log
+from kinject.service.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
@@ -38,9 +38,9 @@ from service.protocol import (
     new_id,
     now,
 )
-from service.sampling import check_choices, fit_context, max_new_tokens, sampling_params
-from service.state import ServiceState, Slot, get_state
-from service.streaming import SSEResponse, closing_events, in_thread, sse, unless_gone
+from kinject.service.sampling import check_choices, fit_context, max_new_tokens, sampling_params
+from kinject.service.state import ServiceState, Slot, get_state
+from kinject.service.streaming import SSEResponse, closing_events, in_thread, sse, unless_gone
 
 router = APIRouter()
 

@@ -15,10 +15,10 @@ import anyio
 import numpy as np
 from fastapi import APIRouter, Depends
 
-from core.answer import ALL_MODES
-from service.errors import APIError, bad_request
-from service.protocol import MODEL_PREFIX, EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
-from service.state import ServiceState, get_state
+from kinject.core.answer import ALL_MODES
+from kinject.service.errors import APIError, bad_request
+from kinject.service.protocol import MODEL_PREFIX, EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from kinject.service.state import ServiceState, get_state
 
 router = APIRouter()
 MAX_INPUTS = 2048

@@ -17,9 +17,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.answer import ModeUnavailable, PromptTooLong
-from core.errors import KinjectError
-from service.protocol import ErrorInfo, ErrorResponse
+from kinject.core.answer import ModeUnavailable, PromptTooLong
+from kinject.core.errors import KinjectError
+from kinject.service.protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger("kinject.service")
 

@@ -16,8 +16,8 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.auth import UI_PATH
-from service.errors import error_body
+from kinject.service.auth import UI_PATH
+from kinject.service.errors import error_body
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
@@ -37,7 +37,7 @@ def refuse_open_bind(host: str, has_key: bool, insecure: bool) -> None:
     API and the UI; only an explicit --insecure allows it."""
     if is_loopback(host) or has_key or insecure:
         return
-    from core.errors import KinjectError
+    from kinject.core.errors import KinjectError
 
     raise KinjectError(
         f"refusing to serve on {host} without an API key: anyone who can reach that address could use the API and the UI "

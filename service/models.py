@@ -5,9 +5,9 @@ from __future__ import annotations
 import anyio
 from fastapi import APIRouter, Depends
 
-from service.errors import APIError
-from service.protocol import ModelCard, ModelList
-from service.state import ServiceState, get_state
+from kinject.service.errors import APIError
+from kinject.service.protocol import ModelCard, ModelList
+from kinject.service.state import ServiceState, get_state
 
 router = APIRouter()
 

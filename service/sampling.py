@@ -15,9 +15,9 @@
 """
 from __future__ import annotations
 
-from core.engines import SamplingParams
-from core.settings import Settings
-from service.errors import bad_request
+from kinject.core.engines import SamplingParams
+from kinject.core.settings import Settings
+from kinject.service.errors import bad_request
 
 DEFAULT_TEMPERATURE = 0.0
 

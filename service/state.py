@@ -14,10 +14,10 @@ from typing import AsyncIterator, Callable
 
 from fastapi import Request
 
-from core.answer import ALL_MODES, AUTO, MODES, Answerer
-from core.settings import Settings
-from service.errors import APIError
-from service.protocol import MODEL_PREFIX
+from kinject.core.answer import ALL_MODES, AUTO, MODES, Answerer
+from kinject.core.settings import Settings
+from kinject.service.errors import APIError
+from kinject.service.protocol import MODEL_PREFIX
 
 RETRY_AFTER_S = 1
 

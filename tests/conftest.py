@@ -57,7 +57,7 @@ def crash_at(step: int):
 @pytest.fixture
 def settings(tmp_path, monkeypatch):
     """Default (local preset) settings with KBs in a temp folder."""
-    from core.settings import load_settings
+    from kinject.core.settings import load_settings
 
     monkeypatch.setenv("KINJECT_KB_ROOT", str(tmp_path / "kbs"))
     return load_settings()
@@ -66,8 +66,8 @@ def settings(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def engine():
     """One transformers engine on the bundled SmolLM2-135M-Instruct, shared by the session."""
-    from core.engines import make_engine
-    from core.settings import load_settings
+    from kinject.core.engines import make_engine
+    from kinject.core.settings import load_settings
 
     eng = make_engine(load_settings())
     yield eng
@@ -88,8 +88,8 @@ def attach_untrained_lora(kb, settings, seed: int = 0) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from core.files import sha256_tree
-    from core.models import load_causal_lm
+    from kinject.core.files import sha256_tree
+    from kinject.core.models import load_causal_lm
 
     torch.manual_seed(seed)
     model, _ = load_causal_lm(settings.models.llm, settings)
@@ -107,9 +107,9 @@ def attach_untrained_lora(kb, settings, seed: int = 0) -> None:
 def squad_kb(tmp_path_factory):
     """(kb, settings): a KB indexed once per session from ../shared/data/squad_short/corpus.jsonl
     with the bundled MiniLM, in a temp KB root. Treat it as read-only: other tests share it."""
-    from core.kb import KB
-    from core.settings import load_settings
-    from ingest.pipeline import ingest
+    from kinject.core.kb import KB
+    from kinject.core.settings import load_settings
+    from kinject.ingest.pipeline import ingest
 
     corpus = shared_dataset("squad_short") / "corpus.jsonl"
     settings = load_settings({"kb_root": str(tmp_path_factory.mktemp("squad_kbs"))})

@@ -36,9 +36,9 @@ def _die() -> None:
 
 
 def _install() -> None:
-    import core.files
+    import kinject.core.files
 
-    real_replace, real_rename, real_append = os.replace, os.rename, core.files.append_jsonl
+    real_replace, real_rename, real_append = os.replace, os.rename, kinject.core.files.append_jsonl
 
     def replace(src, dst, **kw):
         if _hit("replace", dst):
@@ -64,12 +64,12 @@ def _install() -> None:
 
     os.replace, os.rename = replace, rename
     # Stage modules import it by name when their command runs, after this.
-    core.files.append_jsonl = append_jsonl
+    kinject.core.files.append_jsonl = append_jsonl
 
 
 if __name__ == "__main__":
     if _EVENT:
         _install()
-    from core.cli import main
+    from kinject.cli import main
 
     main(sys.argv[1:])

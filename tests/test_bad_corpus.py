@@ -114,9 +114,9 @@ def write_corpus(c: Path) -> dict[str, str]:
 
 
 def test_hostile_corpus_ingests_every_good_file_and_names_each_bad_one(tmp_path, settings, monkeypatch):
-    from core.kb import KB
-    from core.retrieval import Retriever
-    from ingest.pipeline import ingest, load_documents
+    from kinject.core.kb import KB
+    from kinject.core.retrieval import Retriever
+    from kinject.ingest.pipeline import ingest, load_documents
 
     corpus = tmp_path / "corpus"
     bad = write_corpus(corpus)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.settings import SPA_TYPES
+from kinject.core.settings import SPA_TYPES
 
 from conftest import REPO
 
@@ -122,9 +122,9 @@ def read_manifest_live(kb_root: Path) -> None:
 
 def assert_finished_work_only(kb_dir: Path) -> dict:
     """With no child running: each stage record matches the files it names. Returns the stages."""
-    from core.kb import KB
-    from finetune.train import adapter_fingerprint
-    from ingest.augment import training_corpus_hash
+    from kinject.core.kb import KB
+    from kinject.finetune.train import adapter_fingerprint
+    from kinject.core.synthetic import training_corpus_hash
 
     stages = json.loads((kb_dir / "manifest.json").read_text())["stages"]
     assert all(rec["status"] == "done" for rec in stages.values())
@@ -133,7 +133,7 @@ def assert_finished_work_only(kb_dir: Path) -> dict:
         meta = json.loads((kb_dir / rec["outputs"]["index"] / "meta.json").read_text())
         assert meta["fingerprint"] == rec["fingerprint"] and meta["chunks"] == rec["outputs"]["chunks"]
     if "augment" in stages:
-        from core.files import read_jsonl
+        from kinject.core.files import read_jsonl
 
         curated = [r["train_text"] for r in read_jsonl(KB(kb_dir).dir("augment") / "curated.jsonl")]
         assert training_corpus_hash(curated) == stages["augment"]["fingerprint"], "the augment record does not describe synthetic/curated.jsonl"
@@ -160,9 +160,9 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def scratch(corpus, tmp_path_factory):
     """(kb, settings): the corpus ingested in-process, uninterrupted, with the CLI runs' settings."""
-    from core.kb import KB
-    from core.settings import load_settings
-    from ingest.pipeline import ingest
+    from kinject.core.kb import KB
+    from kinject.core.settings import load_settings
+    from kinject.ingest.pipeline import ingest
 
     settings = load_settings({"kb_root": str(tmp_path_factory.mktemp("scratch-kbs")), "ingest": {"embed_batch_size": 2}})
     kb = KB.create(settings, "scratch")
@@ -180,10 +180,10 @@ def copy_kb(kb, kb_root: Path, name: str) -> Path:
 
 # ---- ingest -----------------------------------------------------------------------------------
 def test_ingest_killed_anywhere_ends_as_the_from_scratch_index(corpus, scratch, tmp_path):
-    from core.kb import KB
-    from core.retrieval import Retriever
-    from core.settings import load_settings
-    from ingest.index import load_state
+    from kinject.core.kb import KB
+    from kinject.core.retrieval import Retriever
+    from kinject.core.settings import load_settings
+    from kinject.core.index import load_state
 
     root = tmp_path / "kbs"
     kb_dir = root / "k"
@@ -235,7 +235,7 @@ def test_ingest_killed_anywhere_ends_as_the_from_scratch_index(corpus, scratch, 
 
 # ---- augment ----------------------------------------------------------------------------------
 def sample_lines(kb_dir: Path) -> list[dict]:
-    from core.files import read_jsonl
+    from kinject.core.files import read_jsonl
 
     return read_jsonl(kb_dir / "synthetic" / "samples.jsonl")
 
@@ -243,9 +243,9 @@ def sample_lines(kb_dir: Path) -> list[dict]:
 def record_curated(kb_dir: Path, texts: list[str]) -> str:
     """Give the KB a finished augment stage whose curated corpus is `texts` (`title\\ntext`), as an
     earlier augment run with other settings would have left it. Returns its fingerprint."""
-    from core.files import append_jsonl
-    from core.kb import KB
-    from ingest.augment import training_corpus_hash
+    from kinject.core.files import append_jsonl
+    from kinject.core.kb import KB
+    from kinject.core.synthetic import training_corpus_hash
 
     kb = KB(kb_dir)
     rows = [{"doc_id": DOCS[0], "type": "key_concepts", "text": t.split("\n", 1)[1], "train_text": t} for t in texts]

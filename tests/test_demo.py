@@ -23,7 +23,7 @@ TINY = [
 
 def kinject(capsys, *argv: str) -> str:
     """Run the real CLI in-process; its stdout. A failing command fails the test with its output."""
-    from core.cli import main
+    from kinject.cli import main
 
     try:
         main(list(argv))
@@ -87,8 +87,8 @@ def test_build_runs_three_stages_then_reuses_them(capsys, subset, kb_root):
 
 @pytest.mark.slow
 def test_demo_prints_table_and_reuses_every_stage(capsys, subset, kb_root):
-    from core.demo import DEMO_MODES, demo_settings, run_demo
-    from core.settings import parse_overrides
+    from kinject.recipes.demo import DEMO_MODES, demo_settings, run_demo
+    from kinject.core.settings import parse_overrides
 
     corpus, questions = subset
     settings = demo_settings(parse_overrides(TINY))
@@ -107,7 +107,7 @@ def test_demo_prints_table_and_reuses_every_stage(capsys, subset, kb_root):
     assert [statuses[s] for s in ("ingest", "augment", "train", "eval")] == ["skipped"] * 4
 
     # The paper report's arithmetic on this real report.
-    from core.paper import target_check
+    from kinject.recipes.paper import target_check
 
     t = target_check(report)
     m = t["mean"]
@@ -117,7 +117,7 @@ def test_demo_prints_table_and_reuses_every_stage(capsys, subset, kb_root):
 
 
 def test_demo_settings_yield_to_user_overrides():
-    from core.demo import DEMO_SETTINGS, demo_settings
+    from kinject.recipes.demo import DEMO_SETTINGS, demo_settings
 
     s = demo_settings({"augment": {"budget_tokens": 123}})
     assert s.augment.budget_tokens == 123
@@ -126,7 +126,7 @@ def test_demo_settings_yield_to_user_overrides():
 
 
 def test_build_names_a_missing_corpus(capsys, tmp_path, monkeypatch):
-    from core.cli import main
+    from kinject.cli import main
 
     monkeypatch.setenv("KINJECT_KB_ROOT", str(tmp_path / "kbs"))
     with pytest.raises(SystemExit) as e:
@@ -136,7 +136,7 @@ def test_build_names_a_missing_corpus(capsys, tmp_path, monkeypatch):
 
 
 def test_bench_collects_ratios_and_contains_failures(tmp_path):
-    from core.bench import run_one, summary_markdown
+    from kinject.recipes.bench import run_one, summary_markdown
 
     good = tmp_path / "good.py"
     good.write_text(

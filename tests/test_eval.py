@@ -21,8 +21,8 @@ N_DEV = 20  # enough for the router's grid search (eval.run.MIN_ROUTER_QUESTIONS
 @pytest.fixture(scope="module")
 def eval_kb(squad_kb, tmp_path_factory):
     """A private copy of the session's squad KB (read-only there) with an adapter attached."""
-    from core.kb import KB
-    from core.settings import load_settings
+    from kinject.core.kb import KB
+    from kinject.core.settings import load_settings
 
     kb, _ = squad_kb
     root = tmp_path_factory.mktemp("eval-kbs")
@@ -42,7 +42,7 @@ def squad_questions():
 
 @pytest.fixture(scope="module")
 def four_modes(eval_kb, squad_questions, engine):
-    from eval.run import evaluate
+    from kinject.eval.run import evaluate
 
     kb, settings = eval_kb
     t0 = time.perf_counter()
@@ -107,8 +107,8 @@ def test_report_files_parse_and_chart_is_a_png(four_modes, eval_kb):
 
 
 def test_eval_stage_records_the_router(four_modes, eval_kb, engine):
-    from core.answer import Answerer
-    from core.files import sha256_file
+    from kinject.core.answer import Answerer
+    from kinject.core.files import sha256_file
 
     kb, settings = eval_kb
     rec = kb.stage("eval")
@@ -132,7 +132,7 @@ def test_auto_on_heldout_uses_the_dev_router_and_on_dev_is_flagged(four_modes, e
     """The router the four-mode run fitted on 20 dev questions routes auto on heldout questions
     (none of them fitted on: a measurement) and is never refitted there; auto on those same dev
     questions is flagged as fitted on them and is not the best mode."""
-    from eval.run import evaluate
+    from kinject.eval.run import evaluate
 
     kb, settings = eval_kb
     router = kb.stage("eval")["metrics"]["router"]
@@ -152,13 +152,13 @@ def test_auto_on_heldout_uses_the_dev_router_and_on_dev_is_flagged(four_modes, e
 def test_endpoint_gives_the_same_numbers_as_in_process(four_modes, eval_kb, squad_questions, engine):
     """The kinject server (retrieval on its side, sources in the response, one request at a time)
     gives the same answers and scores on 8 dev questions as the in-process run (batched)."""
-    from core.engines import SamplingParams
-    from eval import metrics as M
-    from eval.backends import EndpointError, OpenAIBackend
-    from eval.judge import JudgeError
-    from eval.questions import load_questions
-    from eval.run import evaluate
-    from service.app import create_app
+    from kinject.core.engines import SamplingParams
+    from kinject.eval import metrics as M
+    from kinject.eval.backends import EndpointError, OpenAIBackend
+    from kinject.eval.judge import JudgeError
+    from kinject.eval.questions import load_questions
+    from kinject.eval.run import evaluate
+    from kinject.service.app import create_app
 
     kb, settings = eval_kb
     with running(create_app(kb, settings, engine)) as url:
@@ -194,10 +194,10 @@ def test_mc_acc_and_acc_norm_on_a_crafted_quality_case(engine):
     """Hand-checked: after a QuALITY question, a two-word reply beats a long repetitive one on
     summed log-likelihood, but the long one is far more predictable per character, so acc and
     acc_norm pick different options; both equal argmaxes of the engine's own log-likelihoods."""
-    from core.answer import build_messages, render_prompt
-    from core.engines import GenRequest
-    from eval.mc import continuation, score_choices
-    from eval.questions import load_questions
+    from kinject.core.answer import build_messages, render_prompt
+    from kinject.core.engines import GenRequest
+    from kinject.eval.mc import continuation, score_choices
+    from kinject.eval.questions import load_questions
 
     q = load_questions(shared_dataset("quality_mc") / "questions.jsonl", split="dev")[0]
     context = render_prompt(engine, GenRequest(messages=build_messages([{"role": "user", "content": q.question}], None)))
@@ -229,8 +229,8 @@ def test_mixed_file_resumes_after_a_crash(eval_kb, squad_questions, engine, tmp_
     """A file mixing short-answer and multiple-choice questions (choices = the gold answer and
     other questions' answers), in base and auto; a crash in the second mode leaves the first
     mode's rows, and the rerun answers only what is missing."""
-    from eval import backends, run
-    from eval.questions import load_questions
+    from kinject.eval import backends, run
+    from kinject.eval.questions import load_questions
 
     kb, settings = eval_kb
     qs = load_questions(squad_questions, split="dev")[:4]
@@ -288,8 +288,8 @@ def test_mixed_file_resumes_after_a_crash(eval_kb, squad_questions, engine, tmp_
 def test_compare_and_cli_errors(four_modes, eval_kb, tmp_path):
     from typer.testing import CliRunner
 
-    from core.cli import _register_stages, app
-    from eval.report import compare
+    from kinject.cli import _register_stages, app
+    from kinject.eval.report import compare
 
     d = four_modes.dir
     text = compare(d, d)
@@ -313,8 +313,8 @@ def test_compare_and_cli_errors(four_modes, eval_kb, tmp_path):
 def test_a_kb_changed_during_the_run_is_refused(eval_kb, squad_questions, engine, monkeypatch):
     """No KB lock is held while answering (the service keeps serving uploads); an ingest that
     lands mid-run is caught at the end instead of mixing old and new answers into one report."""
-    from eval import backends
-    from eval.run import EvalError, evaluate
+    from kinject.eval import backends
+    from kinject.eval.run import EvalError, evaluate
 
     kb, settings = eval_kb
     ingest = kb.stage("ingest")
@@ -339,9 +339,9 @@ def test_a_kb_changed_during_the_run_is_refused(eval_kb, squad_questions, engine
 def test_an_ingest_after_the_final_check_leaves_the_eval_stale(eval_kb, squad_questions, engine, monkeypatch):
     """The eval stage records the index and adapter its answers were made with, so an ingest that
     lands between the end-of-run check and the record does not pass for the one evaluated."""
-    from core.build import reusable_eval
-    from eval import report as report_module
-    from eval.run import evaluate
+    from kinject.recipes.build import reusable_eval
+    from kinject.eval import report as report_module
+    from kinject.eval.run import evaluate
 
     kb, settings = eval_kb
     ingest = kb.stage("ingest")
@@ -368,9 +368,9 @@ def test_an_endpoint_gets_only_the_key_given_for_it():
     import http.server
     import threading
 
-    from core.engines import SamplingParams
-    from core.settings import load_settings
-    from eval.backends import connect
+    from kinject.core.engines import SamplingParams
+    from kinject.core.settings import load_settings
+    from kinject.eval.backends import connect
 
     seen: list[str | None] = []
 

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from eval import metrics as M
-from eval.questions import MC, SHORT, QuestionsError, dataset_name, load_questions
+from kinject.eval import metrics as M
+from kinject.eval.questions import MC, SHORT, QuestionsError, dataset_name, load_questions
 from tests.conftest import REPO
 
 
@@ -119,9 +119,9 @@ def _rows(mode: str, primaries: list[float], top1: list[float] | None = None) ->
 
 
 def test_router_calibration_finds_the_threshold_where_retrieval_stops_helping():
-    from core.settings import load_settings
-    from eval.questions import Question
-    from eval.run import calibrate_router, question_keys
+    from kinject.core.settings import load_settings
+    from kinject.eval.questions import Question
+    from kinject.eval.run import calibrate_router, question_keys
 
     s = load_settings()
     n = 24
@@ -166,10 +166,10 @@ class _KB:
 def test_auto_knows_whether_its_router_was_fitted_on_the_questions_it_scores():
     """A router fitted on dev: auto scored on dev is in-sample (flagged, and never the best mode),
     on heldout it is not; without a fitted router auto uses the configured default."""
-    from core.settings import load_settings
-    from eval.questions import Question
-    from eval.report import render_table
-    from eval.run import EvalReport, calibrate_router, headline, router_in_use
+    from kinject.core.settings import load_settings
+    from kinject.eval.questions import Question
+    from kinject.eval.report import render_table
+    from kinject.eval.run import EvalReport, calibrate_router, headline, router_in_use
 
     s = load_settings()
     n = 24
@@ -213,8 +213,8 @@ def test_auto_knows_whether_its_router_was_fitted_on_the_questions_it_scores():
 def test_cost_is_batch_time_and_throughput():
     """latency_s is the wall time of the batch a question was answered in; q/s is the questions
     over the summed answering wall time (each row carries its share of its chunk's)."""
-    from eval.report import render_table
-    from eval.run import cost_of
+    from kinject.eval.report import render_table
+    from kinject.eval.run import cost_of
 
     # Two batches: 3 questions in 6 s, then 1 in 2 s -> 4 questions in 8 s.
     rows = [{"latency_s": 6.0, "wall_share_s": 2.0, "completion_tokens": 3, "answered_by": "rag"} for _ in range(3)]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.augment import extract
+from kinject.augment import extract
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = (
@@ -59,11 +59,11 @@ def test_rule_samples_vary_by_index_and_repeat_by_seed():
 
 
 def test_rule_types_augment_without_loading_a_generator(tmp_path, monkeypatch):
-    from core.kb import KB
-    from core.settings import load_settings
-    from finetune.data import collect_samples
-    from ingest.augment import augment, generate
-    from ingest.pipeline import ingest
+    from kinject.core.kb import KB
+    from kinject.core.settings import load_settings
+    from kinject.finetune.data import collect_samples
+    from kinject.augment import augment, generate
+    from kinject.ingest.pipeline import ingest
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -80,7 +80,7 @@ def test_rule_types_augment_without_loading_a_generator(tmp_path, monkeypatch):
     report = augment(kb, settings, progress=False).report
     assert report["dropped"] == 0 and report["kept"] == report["samples"]
     assert report["kept_tokens"] >= 2 * report["corpus_tokens"]  # more than one pass: variants
-    from core.models import load_tokenizer, resolve_model
+    from kinject.core.models import load_tokenizer, resolve_model
 
     tok = load_tokenizer(resolve_model(settings.models.llm, settings))
     samples = collect_samples(kb, settings, tok)
@@ -93,15 +93,15 @@ def test_rule_types_augment_without_loading_a_generator(tmp_path, monkeypatch):
 def test_no_eval_question_reaches_the_demo_training_data(tmp_path):
     """Build the demo KB's training data as `kinject demo` does and look for the questions of
     every split in it; a planted question must be found, so the check can fail."""
-    from core.demo import DEMO_SETTINGS
-    from core.kb import KB
-    from core.models import load_tokenizer, resolve_model
-    from core.settings import _deep_merge, load_settings
-    from eval.leaks import find_leaks
-    from eval.questions import load_questions
-    from finetune.data import collect_samples, document_texts
-    from ingest.augment import augment
-    from ingest.pipeline import ingest
+    from kinject.recipes.demo import DEMO_SETTINGS
+    from kinject.core.kb import KB
+    from kinject.core.models import load_tokenizer, resolve_model
+    from kinject.core.settings import _deep_merge, load_settings
+    from kinject.eval.leaks import find_leaks
+    from kinject.eval.questions import load_questions
+    from kinject.finetune.data import collect_samples, document_texts
+    from kinject.augment import augment
+    from kinject.ingest.pipeline import ingest
 
     settings = load_settings(_deep_merge(DEMO_SETTINGS, {"kb_root": str(tmp_path / "kbs")}))
     if any(not extract_type_is_rule(t) for t in settings.augment.types):
@@ -119,6 +119,6 @@ def test_no_eval_question_reaches_the_demo_training_data(tmp_path):
 
 
 def extract_type_is_rule(type_id: str) -> bool:
-    from ingest.augment.prompts import PROMPT_TYPES
+    from kinject.augment.prompts import PROMPT_TYPES
 
     return PROMPT_TYPES[type_id].rule

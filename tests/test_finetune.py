@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from core.files import append_jsonl
-from core.kb import KB
-from core.settings import SettingsError, load_settings
+from kinject.core.files import append_jsonl
+from kinject.core.kb import KB
+from kinject.core.settings import SettingsError, load_settings
 from tests.conftest import Crash, crash_at
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +35,7 @@ def make_kb(kb_root: Path, name: str, texts: list[str], **train) -> tuple[KB, ob
         curated,
         [{"doc_id": "d0", "type": "qa", "text": t, "train_text": f"Gull Rock lighthouse\n{t}"} for t in texts],
     )
-    from ingest.augment import training_corpus_hash
+    from kinject.core.synthetic import training_corpus_hash
 
     kb.record_stage("augment", fingerprint=training_corpus_hash([f"Gull Rock lighthouse\n{t}" for t in texts]))
     return kb, settings
@@ -43,7 +43,7 @@ def make_kb(kb_root: Path, name: str, texts: list[str], **train) -> tuple[KB, ob
 
 # ---- pure pieces -------------------------------------------------------------------------------
 def test_pack_joins_with_eos_and_fills_the_last_block_without_padding():
-    from finetune.data import pack
+    from kinject.finetune.data import pack
 
     blocks, n = pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], block_size=4, eos_id=0)
     assert n == 12
@@ -55,7 +55,7 @@ def test_pack_joins_with_eos_and_fills_the_last_block_without_padding():
 
 
 def test_block_order_is_seeded_and_differs_per_epoch():
-    from finetune.data import block_order, stream_indices
+    from kinject.finetune.data import block_order, stream_indices
 
     assert block_order(50, seed=1, epoch=0) == block_order(50, seed=1, epoch=0)
     assert block_order(50, seed=1, epoch=0) != block_order(50, seed=2, epoch=0)
@@ -74,7 +74,7 @@ DOC = (
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from core.models import load_tokenizer, resolve_model
+    from kinject.core.models import load_tokenizer, resolve_model
 
     return load_tokenizer(resolve_model("smollm2-135m", load_settings()))
 
@@ -82,7 +82,7 @@ def tokenizer():
 def test_cloze_pairs_blank_a_span_taken_from_the_document():
     import random
 
-    from finetune.data import cloze_pairs
+    from kinject.finetune.data import cloze_pairs
 
     pairs = cloze_pairs(DOC, random.Random(0), limit=10)
     assert len(pairs) >= 3
@@ -96,7 +96,7 @@ def test_cloze_pairs_blank_a_span_taken_from_the_document():
 def test_long_documents_get_a_cloze_question_per_passage():
     import random
 
-    from finetune.data import CLOZE_MIN_PER_DOCUMENT, cloze_pairs, passages
+    from kinject.finetune.data import CLOZE_MIN_PER_DOCUMENT, cloze_pairs, passages
 
     assert len(cloze_pairs(DOC, random.Random(0))) == CLOZE_MIN_PER_DOCUMENT
     long_doc = "Tessel Vaar harbour log\n" + " ".join(
@@ -108,8 +108,8 @@ def test_long_documents_get_a_cloze_question_per_passage():
 
 
 def test_qa_pairs_parse_and_drop_made_up_answers(tokenizer, settings):
-    from core.answer import CONTEXT_OPEN, SYSTEM_PROMPT
-    from finetune.data import qa_chat_samples, qa_pairs
+    from kinject.core.answer import CONTEXT_OPEN, SYSTEM_PROMPT
+    from kinject.finetune.data import qa_chat_samples, qa_pairs
 
     synthetic = "Gull Rock lighthouse\nQ: Who first lit the lamp?\nA: Keeper Anna Vell.\n\nQ: What did it burn?\nA: Whale fat from Norway."
     assert qa_pairs(synthetic) == [("Who first lit the lamp?", "Keeper Anna Vell."), ("What did it burn?", "Whale fat from Norway.")]
@@ -126,7 +126,7 @@ def test_qa_pairs_parse_and_drop_made_up_answers(tokenizer, settings):
 
 
 def test_replay_adds_offline_generic_text_in_the_asked_share(tokenizer, settings):
-    from finetune.data import Sample, build
+    from kinject.finetune.data import Sample, build
 
     samples = [Sample(DOC, "synthetic")] * 20
     plain = build(samples, tokenizer, settings)
@@ -138,8 +138,8 @@ def test_replay_adds_offline_generic_text_in_the_asked_share(tokenizer, settings
 
 
 def test_rank_outside_vllms_set_is_rejected_with_the_allowed_list(tmp_path, capsys):
-    from core.cli import main
-    from finetune.lora import LoraSettingsError, check_rank
+    from kinject.cli import main
+    from kinject.finetune.lora import LoraSettingsError, check_rank
 
     with pytest.raises(SettingsError, match=r"8, 16, 32, 64"):
         load_settings({"train": {"lora_rank": 12}})
@@ -152,7 +152,7 @@ def test_rank_outside_vllms_set_is_rejected_with_the_allowed_list(tmp_path, caps
 
 
 def test_lora_config_is_loadable_by_vllm(settings):
-    from finetune.lora import lora_config
+    from kinject.finetune.lora import lora_config
 
     cfg = lora_config(settings)
     assert cfg.r == settings.train.lora_rank and not cfg.use_dora and not cfg.modules_to_save
@@ -160,8 +160,8 @@ def test_lora_config_is_loadable_by_vllm(settings):
 
 
 def test_missing_synthetic_corpus_names_the_command(settings):
-    from finetune.data import TrainDataError
-    from finetune.train import train
+    from kinject.finetune.data import TrainDataError
+    from kinject.finetune.train import train
 
     kb = KB.create(settings, "empty")
     with pytest.raises(TrainDataError, match=r"run `kinject augment --kb empty` first"):
@@ -171,7 +171,7 @@ def test_missing_synthetic_corpus_names_the_command(settings):
 # ---- a tiny real run ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from finetune.train import train
+    from kinject.finetune.train import train
 
     kb, settings = make_kb(
         tmp_path_factory.mktemp("kbs"), "tiny", [FACT] * 12, max_steps=30, batch_size=1, lr=2e-3, save_every=10, warmup_ratio=0.1
@@ -201,7 +201,7 @@ def test_outputs_report_png_and_manifest(trained):
     rec = kb.stage("train")
     assert rec["inputs"] == {"augment": kb.stage("augment")["fingerprint"]}
     assert rec["base_model"] == settings.models.llm
-    from finetune.train import adapter_fingerprint
+    from kinject.finetune.train import adapter_fingerprint
 
     assert rec["fingerprint"] == adapter_fingerprint(folder)
     config = json.loads((folder / "adapter_config.json").read_text())
@@ -212,7 +212,7 @@ def test_adapter_reloads_with_peft_and_changes_next_token_distribution(trained):
     import torch
     from peft import PeftModel
 
-    from core.models import load_causal_lm
+    from kinject.core.models import load_causal_lm
 
     kb, settings, _ = trained
     base, tok = load_causal_lm(settings.models.llm, settings)
@@ -230,9 +230,9 @@ def test_adapter_reloads_with_peft_and_changes_next_token_distribution(trained):
 
 
 def test_adapter_loads_in_the_transformers_engine_and_lowers_perplexity(trained):
-    from core.engines import GenRequest, SamplingParams
-    from core.engines.transformers_engine import TransformersEngine
-    from finetune.perplexity import perplexity
+    from kinject.core.engines import GenRequest, SamplingParams
+    from kinject.core.engines.transformers_engine import TransformersEngine
+    from kinject.finetune.perplexity import perplexity
 
     kb, settings, _ = trained
     engine = TransformersEngine(settings)
@@ -249,7 +249,7 @@ def test_unchanged_inputs_skip_training_and_merge_matches_the_adapter(trained):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune.train import is_up_to_date, run_key, train
+    from kinject.finetune.train import is_up_to_date, run_key, train
 
     kb, settings, _ = trained
     t0 = time.perf_counter()
@@ -262,7 +262,7 @@ def test_unchanged_inputs_skip_training_and_merge_matches_the_adapter(trained):
 
     from peft import PeftModel
 
-    from core.models import load_causal_lm
+    from kinject.core.models import load_causal_lm
 
     base, tok = load_causal_lm(settings.models.llm, settings)
     adapted = PeftModel.from_pretrained(base, str(kb.dir("train")))
@@ -272,7 +272,7 @@ def test_unchanged_inputs_skip_training_and_merge_matches_the_adapter(trained):
 
 
 def test_corpus_smaller_than_one_block_still_trains_with_a_warning(tmp_path):
-    from finetune.train import train
+    from kinject.finetune.train import train
 
     kb, settings = make_kb(tmp_path, "short", ["Anna Vell lit the lamp."], max_steps=2)
     report = train(kb, settings, progress=False)
@@ -287,7 +287,7 @@ def _texts() -> list[str]:
 
 
 def test_resume_after_an_interruption_continues_with_the_same_data_order(tmp_path):
-    from finetune.train import train
+    from kinject.finetune.train import train
 
     common = dict(max_steps=6, save_every=2, lr=1e-3, block_size=32, batch_size=1)
     _, reference_settings = make_kb(tmp_path / "a", "ref", _texts(), **common)
@@ -309,8 +309,8 @@ def test_resume_after_an_interruption_continues_with_the_same_data_order(tmp_pat
 
 
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
-    import finetune.loop as loop
-    from finetune.train import train
+    import kinject.finetune.loop as loop
+    from kinject.finetune.train import train
 
     kb, settings = make_kb(tmp_path, "full", _texts(), max_steps=6, save_every=2, block_size=32, batch_size=1)
     real = loop.write_optimizer
@@ -338,7 +338,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
 def test_kill_9_during_training_then_rerun_resumes(tmp_path):
     kb, settings = make_kb(tmp_path, "killed", _texts() * 3, block_size=32, batch_size=1)
     cmd = [
-        sys.executable, "-m", "core.cli",
+        sys.executable, "-m", "kinject.cli",
         "--set", f"kb_root={tmp_path}", "--set", "train.max_steps=40", "--set", "train.save_every=3",
         "--set", "train.block_size=32", "--set", "train.batch_size=1",
         "train", "--kb", "killed", "--quiet",
@@ -372,7 +372,7 @@ def test_adapter_loads_in_the_vllm_engine(trained):
     if not (REPO / "core" / "engines" / "vllm_engine.py").exists():
         pytest.skip("the vLLM engine is not in this build yet")
     pytest.importorskip("vllm")
-    from core.engines import GenRequest, SamplingParams, make_engine
+    from kinject.core.engines import GenRequest, SamplingParams, make_engine
 
     kb, settings, _ = trained
     vsettings = settings.model_copy(update={"engine": settings.engine.model_copy(update={"backend": "vllm"})})

@@ -64,10 +64,10 @@ def top_hits(retriever, queries, k=8):
 
 # ---- incremental == from scratch ------------------------------------------------------------
 def test_incremental_updates_answer_like_a_fresh_build(tmp_path, settings):
-    from core.kb import KB, work_seconds
-    from core.retrieval import Retriever
-    from ingest.index import load_state
-    from ingest.pipeline import ingest
+    from kinject.core.kb import KB, work_seconds
+    from kinject.core.retrieval import Retriever
+    from kinject.core.index import load_state
+    from kinject.ingest.pipeline import ingest
 
     names = demo_names(7)
     corpus = copy_demo(tmp_path / "corpus", names[:6])
@@ -131,9 +131,9 @@ def test_incremental_updates_answer_like_a_fresh_build(tmp_path, settings):
 def test_add_files_keeps_the_rest_and_the_retriever_reloads(tmp_path, settings):
     """An upload adds documents beside the corpus's, never replaces one, and is kept in the KB,
     so a later `ingest CORPUS` (which removes what left the corpus) keeps it."""
-    from core.kb import KB
-    from core.retrieval import Retriever
-    from ingest.pipeline import add_files, ingest, load_documents
+    from kinject.core.kb import KB
+    from kinject.core.retrieval import Retriever
+    from kinject.ingest.pipeline import add_files, ingest, load_documents
 
     names = demo_names(5)
     corpus = copy_demo(tmp_path / "corpus", names[:3])
@@ -175,9 +175,9 @@ def test_add_files_keeps_the_rest_and_the_retriever_reloads(tmp_path, settings):
 def test_searching_threads_see_uploads_without_errors(tmp_path, settings):
     import threading
 
-    from core.kb import KB
-    from core.retrieval import Retriever
-    from ingest.pipeline import add_files, ingest
+    from kinject.core.kb import KB
+    from kinject.core.retrieval import Retriever
+    from kinject.ingest.pipeline import add_files, ingest
 
     kb = KB.create(settings, "busy")
     ingest(kb, copy_demo(tmp_path / "corpus", demo_names(2)), settings, progress=False)
@@ -208,8 +208,8 @@ def test_searching_threads_see_uploads_without_errors(tmp_path, settings):
 
 # ---- bad input ------------------------------------------------------------------------------
 def test_bad_input_is_skipped_with_a_reason_each(tmp_path, settings):
-    from core.kb import KB
-    from ingest.pipeline import ingest, load_documents
+    from kinject.core.kb import KB
+    from kinject.ingest.pipeline import ingest, load_documents
 
     c = tmp_path / "corpus"
     c.mkdir()
@@ -264,10 +264,10 @@ def test_bad_input_is_skipped_with_a_reason_each(tmp_path, settings):
 
 
 def test_missing_or_empty_corpus_is_an_error_exit_2(tmp_path, settings, capsys):
-    from core.cli import main
-    from core.kb import KB
-    from ingest.pipeline import ingest
-    from ingest.readers import CorpusError
+    from kinject.cli import main
+    from kinject.core.kb import KB
+    from kinject.ingest.pipeline import ingest
+    from kinject.ingest.readers import CorpusError
 
     for corpus in (tmp_path / "nowhere", tmp_path / "empty"):
         if corpus.name == "empty":
@@ -286,9 +286,9 @@ def test_missing_or_empty_corpus_is_an_error_exit_2(tmp_path, settings, capsys):
 
 
 def test_crash_leftovers_are_ignored_and_a_rerun_records_the_stage(tmp_path, settings):
-    from core.kb import KB
-    from core.retrieval import retrieve
-    from ingest.pipeline import ingest
+    from kinject.core.kb import KB
+    from kinject.core.retrieval import retrieve
+    from kinject.ingest.pipeline import ingest
 
     corpus = copy_demo(tmp_path / "corpus", demo_names(3))
     kb = KB.create(settings, "crash")
@@ -311,9 +311,9 @@ def test_crash_leftovers_are_ignored_and_a_rerun_records_the_stage(tmp_path, set
 
 
 def test_a_run_killed_while_embedding_resumes_from_its_checkpoint(tmp_path, settings, monkeypatch):
-    import ingest.pipeline as pipeline
-    from core.kb import KB
-    from ingest.index import load_state
+    import kinject.ingest.pipeline as pipeline
+    from kinject.core.kb import KB
+    from kinject.core.index import load_state
 
     corpus = copy_demo(tmp_path / "corpus", demo_names(3))
     s = settings.model_copy(update={"ingest": settings.ingest.model_copy(update={"embed_batch_size": 4})})
@@ -344,8 +344,8 @@ def test_a_run_killed_while_embedding_resumes_from_its_checkpoint(tmp_path, sett
 
 # ---- readers and chunking -------------------------------------------------------------------
 def test_html_pdf_and_markdown_readers(tmp_path):
-    from core.settings import IngestSettings
-    from ingest.readers import read_corpus
+    from kinject.core.settings import IngestSettings
+    from kinject.ingest.readers import read_corpus
 
     (tmp_path / "a.html").write_text(
         "<html><head><title>Harbour Gazette</title><style>p{color:red}</style></head>"
@@ -387,8 +387,8 @@ class SpyFile(io.BytesIO):
 
 
 def test_a_long_jsonl_line_is_skipped_without_being_held_whole():
-    from core.settings import IngestSettings
-    from ingest.readers import Findings, read_jsonl_records
+    from kinject.core.settings import IngestSettings
+    from kinject.ingest.readers import Findings, read_jsonl_records
 
     limits = IngestSettings(max_jsonl_line_bytes=64 * 1024)
     lines = [
@@ -404,9 +404,9 @@ def test_a_long_jsonl_line_is_skipped_without_being_held_whole():
 
 
 def test_record_metadata_is_capped_before_every_chunk_carries_it(tmp_path, settings):
-    from core.kb import KB
-    from ingest.index import read_chunks
-    from ingest.pipeline import ingest
+    from kinject.core.kb import KB
+    from kinject.core.index import read_chunks
+    from kinject.ingest.pipeline import ingest
 
     corpus = tmp_path / "records.jsonl"
     long_text = " ".join(f"The harbour fact number {i} is about ropes and tides." for i in range(60))
@@ -428,8 +428,8 @@ def test_record_metadata_is_capped_before_every_chunk_carries_it(tmp_path, setti
 
 
 def test_html_a_browser_does_not_show_is_dropped_and_counted(tmp_path):
-    from core.settings import IngestSettings
-    from ingest.readers import read_corpus
+    from kinject.core.settings import IngestSettings
+    from kinject.ingest.readers import read_corpus
 
     (tmp_path / "page.html").write_text(
         "<html><head><title>Harbour</title><style>.x{}</style></head><body>"
@@ -456,15 +456,15 @@ def test_html_a_browser_does_not_show_is_dropped_and_counted(tmp_path):
 
 
 def _chunker(settings, chunk_size, overlap=10, metadata=True):
-    from core.retrieval import get_embedder
-    from ingest.chunking import Chunker
+    from kinject.core.retrieval import get_embedder
+    from kinject.ingest.chunking import Chunker
 
     emb = get_embedder(settings.models.embedder, settings)
     return Chunker(emb.tokenizer, emb.max_seq_length, chunk_size, overlap, metadata), emb
 
 
 def test_chunks_fit_the_embedder_with_their_metadata_prefix(settings):
-    from ingest.readers import Document
+    from kinject.ingest.readers import Document
 
     chunker, emb = _chunker(settings, chunk_size=4000)  # far above MiniLM's 256 word pieces
     sentences = [f"Sentence number {i} tells about the harbour pilot Ansel{i} and his boat." for i in range(150)]
@@ -487,8 +487,8 @@ def test_chunks_fit_the_embedder_with_their_metadata_prefix(settings):
 
 
 def test_pdf_chunks_know_their_page(tmp_path, settings):
-    from core.settings import IngestSettings
-    from ingest.readers import read_corpus
+    from kinject.core.settings import IngestSettings
+    from kinject.ingest.readers import read_corpus
 
     pages = [" ".join(f"Herring fact {i} on page one." for i in range(12)), " ".join(f"Kelp fact {i} on page two." for i in range(12))]
     (tmp_path / "doc.pdf").write_bytes(make_pdf(pages))
@@ -503,7 +503,7 @@ def test_pdf_chunks_know_their_page(tmp_path, settings):
 
 
 def test_cli_ingest_prints_the_summary(tmp_path, settings, capsys):
-    from core.cli import main
+    from kinject.cli import main
 
     corpus = copy_demo(tmp_path / "corpus", demo_names(2))
     for expected in ("2 added, 0 changed, 0 removed, 0 unchanged, 0 skipped", "chunks: 0 embedded"):

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from core.kb import KB, KBError, KBLockedError
+from kinject.core.kb import KB, KBError, KBLockedError
 
 
 def test_create_open_list_and_manifest_roundtrip(settings):
@@ -36,17 +36,17 @@ def test_interrupted_manifest_write_leaves_the_old_one(settings, monkeypatch):
     kb.record_stage("ingest", fingerprint="old")
     before = kb.manifest_path.read_text()
 
-    import core.files
+    import kinject.core.files
 
-    real_replace = core.files.os.replace
+    real_replace = kinject.core.files.os.replace
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(core.files.os, "replace", boom)
+    monkeypatch.setattr(kinject.core.files.os, "replace", boom)
     with pytest.raises(OSError):
         kb.record_stage("ingest", fingerprint="new")
-    monkeypatch.setattr(core.files.os, "replace", real_replace)
+    monkeypatch.setattr(kinject.core.files.os, "replace", real_replace)
     assert kb.manifest_path.read_text() == before
     assert json.loads(before)["stages"]["ingest"]["fingerprint"] == "old"
     assert not [p for p in kb.root.iterdir() if p.name.endswith(".tmp")]
@@ -62,7 +62,7 @@ def test_stale_stage_is_flagged(settings):
 
 
 def _hold_lock(root, ready, release):
-    from core.kb import KB
+    from kinject.core.kb import KB
 
     with KB(root).lock():
         ready.set()
@@ -171,7 +171,7 @@ def test_atomic_dir_replaces_a_folder_that_readers_always_find_whole(tmp_path):
     deleted at once)."""
     import threading
 
-    from core.files import atomic_dir
+    from kinject.core.files import atomic_dir
 
     target = tmp_path / "model"
     files = {"config.json", "weights.bin"}

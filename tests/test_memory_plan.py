@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from core.kb import KB
-from core.settings import SettingsError, load_settings
-from finetune.memory import (
+from kinject.core.kb import KB
+from kinject.core.settings import SettingsError, load_settings
+from kinject.finetune.memory import (
     GiB,
     MemoryPlanError,
     Shape,
@@ -112,9 +112,9 @@ def _saved_bytes_per_token(dtype: str, autocast: bool, checkpointing: bool) -> t
     two lengths so that per-pass tensors (autocast's weight copies) drop out."""
     import torch
 
-    from core.models import load_causal_lm
-    from finetune.lora import trainable_model
-    from finetune.loop import set_checkpointing
+    from kinject.core.models import load_causal_lm
+    from kinject.finetune.lora import trainable_model
+    from kinject.finetune.loop import set_checkpointing
 
     settings = load_settings({"engine": {"dtype": dtype, "device": "cpu"}})
     base, _ = load_causal_lm(settings.models.llm, settings)
@@ -169,7 +169,7 @@ COMMON = dict(max_steps=4, block_size=48, batch_size=4, lr=2e-3, bf16="off", sav
 
 
 def _train(root, name: str, on_step=None, **train):
-    from finetune.train import train as run_training
+    from kinject.finetune.train import train as run_training
 
     kb, settings = make_kb(root / name, name, QA, **{**COMMON, **train})
     return kb, settings, run_training(kb, settings, progress=False, on_step=on_step)
@@ -191,9 +191,9 @@ def whole(tmp_path_factory):
 
 
 def test_micro_batches_and_checkpointing_give_the_same_losses(whole, tmp_path, capsys):
-    from core.models import load_tokenizer, resolve_model
-    from finetune import data
-    from finetune.loop import loss_tokens
+    from kinject.core.models import load_tokenizer, resolve_model
+    from kinject.finetune import data
+    from kinject.finetune.loop import loss_tokens
 
     assert len(whole) == 4 and whole[-1] < whole[0]
     kb, settings, split = _train(tmp_path, "split", micro_batch_size=2, gradient_checkpointing=False)
@@ -219,7 +219,7 @@ def test_micro_batches_and_checkpointing_give_the_same_losses(whole, tmp_path, c
 def test_a_split_run_resumes_at_a_step_boundary_under_another_plan(whole, tmp_path):
     """Killed after step 3 of a run in micro-batches of 2 (checkpoint at step 2), resumed with
     the whole batch in one pass: the steps continue from 2 with the reference's losses."""
-    from finetune.train import train as run_training
+    from kinject.finetune.train import train as run_training
 
     with pytest.raises(Crash):
         _train(tmp_path, "cut", crash_at(3), micro_batch_size=2, save_every=2)
@@ -233,8 +233,8 @@ def test_a_split_run_resumes_at_a_step_boundary_under_another_plan(whole, tmp_pa
 
 
 def test_training_that_cannot_fit_stops_before_the_first_step(tmp_path, monkeypatch, capsys):
-    import finetune.memory as memory
-    from core.cli import main
+    import kinject.finetune.memory as memory
+    from kinject.cli import main
 
     kb, _ = make_kb(tmp_path, "small", QA)
     monkeypatch.setattr(memory, "available_ram", lambda: 64 * 2**20)  # a machine with 64 MiB to spare

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from core.engines import GenRequest, SamplingParams
-from core.models import ModelUnavailable, resolve_model
+from kinject.core.engines import GenRequest, SamplingParams
+from kinject.core.models import ModelUnavailable, resolve_model
 
 
 def test_bundled_llm_answers_a_real_question(engine):
@@ -58,7 +58,7 @@ def test_missing_hf_id_fails_clearly(settings, monkeypatch):
 
 def test_cli_reports_unknown_model_on_one_line(tmp_path):
     env_run = subprocess.run(
-        [sys.executable, "-m", "core.cli", "--set", "models.llm=/nonexistent/m.gguf", "config"],
+        [sys.executable, "-m", "kinject.cli", "--set", "models.llm=/nonexistent/m.gguf", "config"],
         capture_output=True, text=True, cwd=tmp_path,
     )
     assert env_run.returncode == 2

@@ -1,7 +1,7 @@
-"""core/paper.py: rendering docs/results.md from per-set results (no model needed)."""
+"""recipes/paper.py: rendering docs/results.md from per-set results (no model needed)."""
 from __future__ import annotations
 
-from core.settings import load_settings
+from kinject.core.settings import load_settings
 
 
 def _result(preset: str) -> dict:
@@ -31,7 +31,7 @@ def _result(preset: str) -> dict:
 
 
 def test_results_name_the_preset_that_ran():
-    from core.paper import render
+    from kinject.recipes.paper import render
 
     text = render([_result("paper")], "0.1 0.2 0.3")
     assert "with the `paper` preset" in text and "`local`" not in text

@@ -17,7 +17,7 @@ RECALL_AT_1_FLOOR = 0.90
 
 @pytest.mark.shared_data
 def test_recall_of_the_gold_document_on_squad_dev(squad_kb):
-    from core.retrieval import get_retriever
+    from kinject.core.retrieval import get_retriever
 
     kb, settings = squad_kb
     lines = (shared_dataset("squad_short") / "questions.jsonl").read_text().splitlines()
@@ -32,7 +32,7 @@ def test_recall_of_the_gold_document_on_squad_dev(squad_kb):
 
 @pytest.mark.shared_data
 def test_search_verb_puts_the_oil_crisis_first(squad_kb, monkeypatch, capsys):
-    from core.cli import main
+    from kinject.cli import main
 
     kb, _ = squad_kb
     monkeypatch.setenv("KINJECT_KB_ROOT", str(kb.root.parent))
@@ -47,7 +47,7 @@ def test_search_verb_puts_the_oil_crisis_first(squad_kb, monkeypatch, capsys):
 
 @pytest.mark.shared_data
 def test_hits_are_ranked_scored_and_thread_safe(squad_kb):
-    from core.retrieval import Hit, get_retriever, retrieve
+    from kinject.core.retrieval import Hit, get_retriever, retrieve
 
     kb, settings = squad_kb
     hits = retrieve(kb, "Who was the world's second largest oil exporter?", settings=settings)
@@ -84,8 +84,8 @@ def test_searching_leaves_torch_its_threads(squad_kb):
 
     kb, settings = squad_kb
     code = (
-        "import torch; before = torch.get_num_threads(); from core.kb import KB; from core.settings import load_settings; "
-        "from core.retrieval import retrieve; "
+        "import torch; before = torch.get_num_threads(); from kinject.core.kb import KB; from kinject.core.settings import load_settings; "
+        "from kinject.core.retrieval import retrieve; "
         f"s = load_settings({{'kb_root': {str(settings.kb_root)!r}}}); "
         "assert retrieve(KB.open(s, 'squad'), 'oil', settings=s); print(before, torch.get_num_threads())"
     )
@@ -97,7 +97,7 @@ def test_searching_leaves_torch_its_threads(squad_kb):
 
 @pytest.mark.shared_data
 def test_query_instruction_applies_to_queries_only_and_vectors_are_normalized(squad_kb):
-    from core.retrieval import Retriever
+    from kinject.core.retrieval import Retriever
 
     kb, settings = squad_kb
     plain = Retriever(kb, settings)
@@ -110,8 +110,8 @@ def test_query_instruction_applies_to_queries_only_and_vectors_are_normalized(sq
 
 
 def test_reranker_is_off_by_default_and_a_kb_without_index_says_what_to_do(settings):
-    from core.kb import KB, KBError
-    from core.retrieval import Retriever, retrieve
+    from kinject.core.kb import KB, KBError
+    from kinject.core.retrieval import Retriever, retrieve
 
     assert settings.models.reranker == ""
     kb = KB.create(settings, "empty")
@@ -127,8 +127,8 @@ def test_reranking_orders_the_candidates_by_cross_encoder_score(squad_kb):
     the real CrossEncoder path; the order must follow its scores, whatever they mean."""
     import torch
 
-    from core.models import resolve_model
-    from core.retrieval import Retriever
+    from kinject.core.models import resolve_model
+    from kinject.core.retrieval import Retriever
 
     kb, settings = squad_kb
     s = settings.model_copy(

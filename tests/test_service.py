@@ -24,8 +24,8 @@ GOLD = "squad_dev_p0833"  # the Ctenophora passage
 @pytest.fixture(scope="module")
 def served_kb(squad_kb, tmp_path_factory):
     """A private copy of the squad KB with an adapter, so the ft modes exist."""
-    from core.kb import KB
-    from core.settings import load_settings
+    from kinject.core.kb import KB
+    from kinject.core.settings import load_settings
 
     kb, _ = squad_kb
     root = tmp_path_factory.mktemp("serve-kbs")
@@ -38,7 +38,7 @@ def served_kb(squad_kb, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(served_kb, engine):
-    from service.app import create_app
+    from kinject.service.app import create_app
 
     kb, settings = served_kb
     app = create_app(kb, settings, engine)
@@ -196,7 +196,7 @@ def test_embeddings_from_the_kb_embedder(client, served_kb):
 
     import numpy as np
 
-    from core.retrieval import get_retriever
+    from kinject.core.retrieval import get_retriever
 
     texts = ["Ctenophores have soft gelatinous bodies.", "Comb jellies rarely fossilize.", "Tesla built a death ray."]
     r = client.embeddings.create(model="minilm-l6", input=texts)
@@ -266,7 +266,7 @@ def test_wrong_method_and_the_client_errors(server, client):
 
 
 def test_unbuilt_mode_is_a_404_naming_what_to_build(squad_kb, engine):
-    from service.app import create_app
+    from kinject.service.app import create_app
 
     kb, settings = squad_kb  # index, no adapter
     with running(create_app(kb, settings, engine)) as url:
@@ -353,12 +353,12 @@ def test_client_hang_up_stops_a_whole_answer_and_frees_the_slot(server, engine, 
 
 
 def test_api_key_and_a_full_queue(served_kb, engine):
-    from core.settings import load_settings
-    from service.app import create_app
+    from kinject.core.settings import load_settings
+    from kinject.recipes.serve import service_app
 
     kb, base = served_kb
     settings = load_settings({"kb_root": str(base.kb_dir), "retrieval": {"top_k": 2}, "serve": {"api_key": "s3cret", "max_concurrency": 1, "max_queue": 0}})
-    app = create_app(kb, settings, engine)
+    app = service_app(kb, settings, engine)
     with running(app) as url:
         assert httpx.get(url + "/health").status_code == 200  # open without a key
         r = httpx.get(url + "/v1/models")
@@ -375,10 +375,9 @@ def test_api_key_and_a_full_queue(served_kb, engine):
             busy = httpx.post(url + "/v1/completions", json={"model": "kinject-base", "prompt": "x", "max_tokens": 1}, headers=headers, timeout=60)
         assert busy.status_code == 503 and error_of(busy)["code"] == "server_busy"
         assert wait_idle(url, 10)
-        if any(getattr(route, "path", "") == "/ui" for route in app.routes):
-            # The UI is guarded by Gradio's login: any user name, the API key as password.
-            assert httpx.get(url + "/ui/config").status_code == 401
-            assert httpx.post(url + "/ui/login", data={"username": "me", "password": "wrong"}).status_code >= 400
-            with httpx.Client(base_url=url) as browser:
-                assert browser.post("/ui/login", data={"username": "me", "password": "s3cret"}).status_code == 200
-                assert browser.get("/ui/config").status_code == 200
+        # The UI is guarded by Gradio's login: any user name, the API key as password.
+        assert httpx.get(url + "/ui/config").status_code == 401
+        assert httpx.post(url + "/ui/login", data={"username": "me", "password": "wrong"}).status_code >= 400
+        with httpx.Client(base_url=url) as browser:
+            assert browser.post("/ui/login", data={"username": "me", "password": "s3cret"}).status_code == 200
+            assert browser.get("/ui/config").status_code == 200

@@ -26,8 +26,8 @@ GOLD = "squad_dev_p0833"
 @pytest.fixture(scope="module")
 def kb_root(squad_kb, tmp_path_factory):
     """A copy of the squad KB with a real (untrained, rank-8) adapter: every mode is built."""
-    from core.kb import KB
-    from core.settings import load_settings
+    from kinject.core.kb import KB
+    from kinject.core.settings import load_settings
 
     kb, _ = squad_kb
     root = tmp_path_factory.mktemp("cli-kbs")
@@ -41,7 +41,7 @@ def kb_root(squad_kb, tmp_path_factory):
 def kinject_serve(kb_root, *sets: str, start_timeout: float = 300):
     """Run `kinject serve --kb squad --port 0`; yield (base URL, start-up lines)."""
     env = {**os.environ, "KINJECT_KB_ROOT": str(kb_root), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "core.cli", *[a for s in sets for a in ("--set", s)], "serve", "--kb", "squad", "--port", "0"]
+    cmd = [sys.executable, "-m", "kinject.cli", *[a for s in sets for a in ("--set", s)], "serve", "--kb", "squad", "--port", "0"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     try:

@@ -1,6 +1,6 @@
 import pytest
 
-from core.settings import SettingsError, load_settings, parse_overrides
+from kinject.core.settings import SettingsError, load_settings, parse_overrides
 
 
 def test_defaults_are_the_local_preset(monkeypatch):

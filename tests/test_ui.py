@@ -41,8 +41,8 @@ def question() -> str:
 def ui_kb(squad_kb, tmp_path_factory):
     """A private copy of the squad KB with an adapter recorded as trained on its index, so the
     ft modes exist and an upload makes the adapter stale, as after a real training run."""
-    from core.kb import KB
-    from core.settings import load_settings
+    from kinject.core.kb import KB
+    from kinject.core.settings import load_settings
 
     kb, _ = squad_kb
     root = tmp_path_factory.mktemp("ui-kbs")
@@ -59,10 +59,10 @@ def ui_kb(squad_kb, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ui_url(ui_kb, engine):
     """The service app (API + UI at /ui) sharing the session's engine: no second model load."""
-    from service.app import create_app
+    from kinject.recipes.serve import service_app
 
     kb, settings = ui_kb
-    with running(create_app(kb, settings, engine)) as url:
+    with running(service_app(kb, settings, engine)) as url:
         yield url + "/ui/"
 
 
@@ -116,8 +116,8 @@ def test_unbuilt_modes_are_labelled_and_refused(squad_kb, engine):
     the reason; the app also runs on its own (as `kinject ui` does), not only mounted."""
     from gradio_client import Client
 
-    from core.answer import Answerer
-    from ui.app import build_ui, mode_choices
+    from kinject.core.answer import Answerer
+    from kinject.ui.app import build_ui, mode_choices
 
     kb, settings = squad_kb
     answerer = Answerer(kb, settings, engine)
@@ -215,9 +215,9 @@ def test_kb_tab_shows_the_training_report_and_loss_curve(settings):
     in the KB tab; images go out as pictures, since Gradio serves no files from a KB folder."""
     from PIL import Image
 
-    from core.kb import KB
-    from finetune.report import write_loss_png, write_report
-    from ui.app import kb_info
+    from kinject.core.kb import KB
+    from kinject.finetune.report import write_loss_png, write_report
+    from kinject.ui.app import kb_info
 
     kb = KB.create(settings, "tab")
     folder = kb.dir("train")

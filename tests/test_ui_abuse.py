@@ -37,9 +37,9 @@ SETS = (
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """(url, kb_root, gradio temp dir): the demo documents indexed, served by `kinject serve`."""
-    from core.kb import KB
-    from core.settings import load_settings
-    from ingest.pipeline import ingest
+    from kinject.core.kb import KB
+    from kinject.core.settings import load_settings
+    from kinject.ingest.pipeline import ingest
 
     root = tmp_path_factory.mktemp("ui-abuse")
     corpus = root / "corpus"
@@ -101,16 +101,16 @@ def in_background(fn, *args):
 
 
 def indexed(kb_root: Path) -> dict[str, str]:
-    from core.kb import KB
-    from core.settings import load_settings
-    from ingest.pipeline import load_documents
+    from kinject.core.kb import KB
+    from kinject.core.settings import load_settings
+    from kinject.ingest.pipeline import load_documents
 
     return {d.doc_id: d.text for d in load_documents(KB.open(load_settings({"kb_root": str(kb_root)}), "demo"))}
 
 
 # ---- the upload handler's own check (no server) ----------------------------------------------
 def test_only_regular_uploaded_files_within_the_limit_are_accepted_and_discarded(tmp_path):
-    from ui.app import accepted_upload, discard_upload
+    from kinject.ui.app import accepted_upload, discard_upload
 
     uploads, outside = tmp_path / "gradio", tmp_path / "private"
     (uploads / "a1b2").mkdir(parents=True)

@@ -22,15 +22,15 @@ from pathlib import Path
 import anyio
 import gradio as gr
 
-from core.answer import ALL_MODES, AUTO, MODES, Answerer, Prepared, source_dict
-from core.engines import SamplingParams
-from core.errors import KinjectError
-from core.kb import KB, STAGE_DIRS
-from core.settings import Settings
-from ingest.readers import Skipped
-from service.errors import APIError
-from service.state import Slots
-from service.streaming import in_thread
+from kinject.core.answer import ALL_MODES, AUTO, MODES, Answerer, Prepared, source_dict
+from kinject.core.engines import SamplingParams
+from kinject.core.errors import KinjectError
+from kinject.core.kb import KB, STAGE_DIRS
+from kinject.core.settings import Settings
+from kinject.ingest.readers import Skipped
+from kinject.service.errors import APIError
+from kinject.service.state import Slots
+from kinject.service.streaming import in_thread
 
 COMPARE_MODES = list(MODES)  # base | rag | ft | ft-rag
 COMPARE_LABELS = {  # short enough for one line in a quarter of the page
@@ -340,7 +340,7 @@ def kb_summary(kb: KB) -> str:
 def documents_table(kb: KB) -> list[list]:
     if not kb.stage("ingest"):
         return []
-    from ingest.pipeline import load_documents
+    from kinject.core.index import load_documents
 
     return [[d.doc_id, d.title, len(d.text.split())] for d in load_documents(kb)]
 
@@ -452,7 +452,7 @@ def make_upload(answerer: Answerer, settings: Settings, upload_dir: str):
     def upload(files: list[str] | None, progress=gr.Progress(track_tqdm=True)) -> str:
         if not files:
             raise gr.Error("Choose one or more files first.")
-        from ingest.pipeline import add_files
+        from kinject.ingest.pipeline import add_files
 
         accepted, refused = [], []
         for f in files:

@@ -1,8 +1,8 @@
 """Engine factory: the one place that maps `engine.backend` to an implementation."""
 from __future__ import annotations
 
-from core.engines.base import Engine, Generation, GenRequest, SamplingParams, StreamChunk, TokenLogprob
-from core.settings import Settings
+from kinject.core.engines.base import Engine, Generation, GenRequest, SamplingParams, StreamChunk, TokenLogprob
+from kinject.core.settings import Settings
 
 __all__ = ["Engine", "Generation", "GenRequest", "SamplingParams", "StreamChunk", "TokenLogprob", "make_engine"]
 
@@ -10,15 +10,15 @@ __all__ = ["Engine", "Generation", "GenRequest", "SamplingParams", "StreamChunk"
 def make_engine(settings: Settings, model_ref: str | None = None) -> Engine:
     backend = settings.engine.backend
     if backend == "transformers":
-        from core.engines.transformers_engine import TransformersEngine
+        from kinject.core.engines.transformers_engine import TransformersEngine
 
         return TransformersEngine(settings, model_ref)
     if backend == "vllm":
-        from core.engines.vllm_engine import VLLMEngine
+        from kinject.core.engines.vllm_engine import VLLMEngine
 
         return VLLMEngine(settings, model_ref)
     if backend == "openai":
-        from core.engines.openai_engine import OpenAIEngine
+        from kinject.core.engines.openai_engine import OpenAIEngine
 
         return OpenAIEngine(settings, model_ref)
     raise ValueError(f"engine backend {backend!r} is not available in this build")

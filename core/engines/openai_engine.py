@@ -30,7 +30,7 @@ from functools import cached_property, partial
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
-from core.engines.base import (
+from kinject.core.engines.base import (
     Engine,
     Generation,
     GenRequest,
@@ -40,8 +40,8 @@ from core.engines.base import (
     render_prompt,
     wait_all,
 )
-from core.errors import KinjectError
-from core.settings import Settings
+from kinject.core.errors import KinjectError
+from kinject.core.settings import Settings
 
 T = TypeVar("T")
 
@@ -276,7 +276,7 @@ def _message(err) -> str:
 
 def _local_tokenizer(refs: list[str | None], settings: Settings):
     """A tokenizer for the first reference available on this machine without a download."""
-    from core.models import BUNDLED, load_tokenizer, resolve_model
+    from kinject.core.models import BUNDLED, load_tokenizer, resolve_model
 
     for ref in dict.fromkeys(r for r in refs if r):
         try:

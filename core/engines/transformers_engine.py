@@ -9,7 +9,7 @@ from typing import Iterator
 
 import torch
 
-from core.engines.base import (
+from kinject.core.engines.base import (
     Cancelled,
     Engine,
     Generation,
@@ -23,8 +23,8 @@ from core.engines.base import (
     render_prompt,
     truncate_at_stop,
 )
-from core.models import load_causal_lm
-from core.settings import Settings
+from kinject.core.models import load_causal_lm
+from kinject.core.settings import Settings
 
 
 class _Cancelled:

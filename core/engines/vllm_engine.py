@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from core.engines.base import (
+from kinject.core.engines.base import (
     Engine,
     Generation,
     GenRequest,
@@ -64,9 +64,9 @@ from core.engines.base import (
     render_prompt,
     wait_all,
 )
-from core.errors import KinjectError
-from core.models import load_tokenizer, resolve_model
-from core.settings import Settings
+from kinject.core.errors import KinjectError
+from kinject.core.models import load_tokenizer, resolve_model
+from kinject.core.settings import Settings
 
 # The values vLLM accepts for max_lora_rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

@@ -6,10 +6,6 @@ from typing import Optional
 import typer
 
 
-def register(app: typer.Typer) -> None:
-    app.command("augment")(augment_cmd)
-
-
 def _weights(spec: Optional[str]) -> Optional[dict]:
     if spec is None:
         return None
@@ -40,9 +36,9 @@ def augment_cmd(
 
     Resumable: rerun after an interruption and it continues; a higher --budget adds samples.
     """
-    from core.cli import settings_from
-    from core.kb import KB
-    from ingest.augment import augment
+    from kinject.core.settings import settings_from
+    from kinject.core.kb import KB
+    from kinject.augment import augment
 
     type_list = [t.strip() for t in types.split(",") if t.strip()] if types is not None else None
     settings = settings_from(

@@ -15,9 +15,9 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from core.errors import KinjectError
-from core.kb import KB
-from core.settings import Settings
+from kinject.core.errors import KinjectError
+from kinject.core.kb import KB
+from kinject.core.settings import Settings
 
 BUILD_STAGES = ("ingest", "augment", "train")
 
@@ -138,7 +138,7 @@ def reusable_eval(
 ) -> Optional[Path]:
     """The newest eval report folder of the KB that answered the same questions in the same modes
     with the same settings against the current index and adapter; None when there is none."""
-    from core.files import sha256_file
+    from kinject.core.files import sha256_file
 
     current = kb.answer_inputs()
     questions_sha = sha256_file(questions)
@@ -171,20 +171,18 @@ def timing_table(runs: list[StageRun], title: str = "stage times") -> str:
     return "\n".join(lines)
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("build")
-    def build_cmd(
-        ctx: typer.Context,
-        corpus: Path = typer.Argument(..., help="Corpus folder, file or JSONL of {doc_id, title, text}."),
-        kb_name: str = typer.Option(..., "--kb", help="Knowledge base to build (created when missing)."),
-        budget: Optional[int] = typer.Option(None, "--budget", help="Synthetic tokens to generate (augment.budget_tokens)."),
-        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Training steps (train.max_steps; 0 = from epochs)."),
-    ) -> None:
-        """Build a KB in one go: ingest → augment → train, reusing every stage whose inputs are unchanged."""
-        from core.cli import settings_from
+def build_cmd(
+    ctx: typer.Context,
+    corpus: Path = typer.Argument(..., help="Corpus folder, file or JSONL of {doc_id, title, text}."),
+    kb_name: str = typer.Option(..., "--kb", help="Knowledge base to build (created when missing)."),
+    budget: Optional[int] = typer.Option(None, "--budget", help="Synthetic tokens to generate (augment.budget_tokens)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Training steps (train.max_steps; 0 = from epochs)."),
+) -> None:
+    """Build a KB in one go: ingest → augment → train, reusing every stage whose inputs are unchanged."""
+    from kinject.core.settings import settings_from
 
-        settings = settings_from(ctx, **{"augment.budget_tokens": budget, "train.max_steps": max_steps})
-        kb = KB.open(settings, kb_name, create=True)
-        report = build(kb, corpus, settings)
-        typer.echo("")
-        typer.echo(timing_table(report.runs, f"build of KB {kb_name!r}"))
+    settings = settings_from(ctx, **{"augment.budget_tokens": budget, "train.max_steps": max_steps})
+    kb = KB.open(settings, kb_name, create=True)
+    report = build(kb, corpus, settings)
+    typer.echo("")
+    typer.echo(timing_table(report.runs, f"build of KB {kb_name!r}"))

@@ -16,13 +16,34 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from core.files import atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
-from ingest.readers import Document
+from kinject.core.files import atomic_dir, atomic_write_json, atomic_write_text, read_jsonl, sha256_text
+
+
+@dataclass
+class Document:
+    doc_id: str
+    title: str
+    text: str  # normalized text
+    source: str
+    content_hash: str = ""
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.content_hash:
+            self.content_hash = content_hash(self.title, self.text, self.metadata)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def content_hash(title: str, text: str, metadata: dict) -> str:
+    return sha256_text(json.dumps([title, text, metadata], sort_keys=True, ensure_ascii=False))
+
 
 CURRENT = "current.json"
 FAISS_FILE = "faiss.index"
@@ -157,6 +178,11 @@ def read_documents(folder: Path) -> list[Document]:
     if gen is None:
         return []
     return [Document(**rec) for rec in read_jsonl(Path(folder) / gen / DOCUMENTS_FILE)]
+
+
+def load_documents(kb) -> list[Document]:
+    """The KB's ingested documents (normalized text), as stored in its index folder."""
+    return read_documents(kb.root / "index")
 
 
 def read_chunks(gen_dir: Path) -> dict[int, dict]:

@@ -16,16 +16,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.engines import Engine
-from core.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
-from core.kb import KB, StageTimer, work_seconds
-from core.settings import Settings
-from ingest.augment import training_corpus_hash
-from ingest.augment.curate import curate
-from ingest.augment.generate import AugmentError, Generator
-from ingest.augment.plan import Planner, PlannedSample, sample_seed
-from ingest.augment.prompts import PROMPT_TYPES
-from ingest.augment.report import build_report, print_report
+from kinject.core.engines import Engine
+from kinject.core.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from kinject.core.kb import KB, StageTimer, work_seconds
+from kinject.core.settings import Settings
+from kinject.core.synthetic import training_corpus_hash
+from kinject.augment.curate import curate
+from kinject.augment.generate import AugmentError, Generator
+from kinject.augment.plan import Planner, PlannedSample, sample_seed
+from kinject.augment.prompts import PROMPT_TYPES
+from kinject.augment.report import build_report, print_report
 
 SAMPLES, CURATED, DROPPED, REPORT, STALE = "samples.jsonl", "curated.jsonl", "dropped.jsonl", "report.json", "stale.jsonl"
 
@@ -68,7 +68,7 @@ def selected_types(settings: Settings) -> dict[str, float]:
 def _documents(kb: KB) -> list:
     if kb.stage("ingest") is None:
         raise AugmentError(f"KB {kb.name!r} has no ingested documents: run `kinject ingest CORPUS --kb {kb.name}` first")
-    from ingest.pipeline import load_documents
+    from kinject.core.index import load_documents
 
     docs = load_documents(kb)
     if not docs:

@@ -20,8 +20,8 @@ from typing import Any, Iterator, Optional
 
 import typer
 
-from core.errors import KinjectError
-from core.files import atomic_write_json, atomic_write_text
+from kinject.core.errors import KinjectError
+from kinject.core.files import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO / "bench"
@@ -42,7 +42,7 @@ def run_one(path: Path, quick: bool, timeout_s: float | None = None) -> dict:
         return {"error": f"{path} does not exist"}
     with tempfile.TemporaryDirectory(prefix="kinject-bench-") as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "core.bench", str(path), "1" if quick else "0", str(out)]
+        cmd = [sys.executable, "-m", "kinject.recipes.bench", str(path), "1" if quick else "0", str(out)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         t0 = time.perf_counter()
         try:
@@ -155,24 +155,22 @@ def run_all(names: list[str], quick: bool, out_dir: Path = BENCH_DIR / "results"
     return json_path, md_path, results
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("bench")
-    def bench_cmd(
-        only: Optional[str] = typer.Option(None, "--only", help=f"Comma-separated subset of: {', '.join(BENCHES)}."),
-        quick: bool = typer.Option(False, "--quick", help="Smaller sizes (each benchmark decides what that means)."),
-    ) -> None:
-        """Run the benchmarks in bench/ and write bench/results/<date>.json and .md (ratios vs baselines)."""
-        names = [n.strip() for n in only.split(",")] if only else list(BENCHES)
-        unknown = [n for n in names if n not in BENCHES]
-        if unknown:
-            raise BenchError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
-        json_path, md_path, results = run_all(names, quick)
-        typer.echo("")
-        typer.echo(md_path.read_text())
-        typer.echo(f"wrote {json_path} and {md_path} (also bench/results/latest.md)")
-        failed = [n for n, r in results.items() if "error" in r]
-        if failed:
-            raise BenchError(f"benchmark(s) failed: {', '.join(failed)}")
+def bench_cmd(
+    only: Optional[str] = typer.Option(None, "--only", help=f"Comma-separated subset of: {', '.join(BENCHES)}."),
+    quick: bool = typer.Option(False, "--quick", help="Smaller sizes (each benchmark decides what that means)."),
+) -> None:
+    """Run the benchmarks in bench/ and write bench/results/<date>.json and .md (ratios vs baselines)."""
+    names = [n.strip() for n in only.split(",")] if only else list(BENCHES)
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        raise BenchError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
+    json_path, md_path, results = run_all(names, quick)
+    typer.echo("")
+    typer.echo(md_path.read_text())
+    typer.echo(f"wrote {json_path} and {md_path} (also bench/results/latest.md)")
+    failed = [n for n, r in results.items() if "error" in r]
+    if failed:
+        raise BenchError(f"benchmark(s) failed: {', '.join(failed)}")
 
 
 def _child(path: str, quick: str, out: str) -> None:

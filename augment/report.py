@@ -4,7 +4,7 @@ from __future__ import annotations
 import gzip
 from collections import Counter
 
-from ingest.augment.curate import DROP_REASONS, Curated, words
+from kinject.augment.curate import DROP_REASONS, Curated, words
 
 
 def gzip_ratio(texts: list[str]) -> float:

@@ -16,7 +16,7 @@ import heapq
 import math
 from dataclasses import dataclass
 
-from core.files import sha256_text
+from kinject.core.files import sha256_text
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.files import sha256_text
+from kinject.core.files import sha256_text
 
 SYSTEM = (
     "You rewrite documents for study. Use only the facts in the document. Keep its names, "
@@ -25,8 +25,7 @@ class PromptType:
     heading: str  # the plain-completion version: the document, then this heading line
     lead: str = ""  # completion style: the first words of the answer, written for the model
     default: bool = True  # part of the default set (SPA's seven)
-    rule: bool = False  # cut from the document by rule (ingest.augment.extract), no generator
-    as_text: bool = True  # trained on as plain text; False: only its Q/A pairs, rendered as chat
+    rule: bool = False  # cut from the document by rule (augment/extract.py), no generator
 
     def chat(self, title: str, text: str) -> list[dict]:
         user = f"Title: {title}\n\n{text}\n\n{self.instruction.format(title=title)}"
@@ -39,7 +38,7 @@ class PromptType:
         """Names the exact prompt text: changes when the wording or the style changes. A rule
         type has no prompt; its id names the version of its rule instead."""
         if self.rule:
-            from ingest.augment.extract import RULES_VERSION
+            from kinject.augment.extract import RULES_VERSION
 
             return f"{self.id}/rule@{RULES_VERSION}"
         body = SYSTEM + self.instruction if style == "chat" else self.heading + "\n" + self.lead
@@ -125,7 +124,6 @@ PROMPT_TYPES: dict[str, PromptType] = {
             "",
             default=False,
             rule=True,
-            as_text=False,
         ),
         PromptType(
             "restate",

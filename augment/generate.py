@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from core.engines import Engine, Generation, GenRequest, SamplingParams, make_engine
-from core.errors import KinjectError
-from core.settings import Settings
-from ingest.augment.curate import trim_to_sentence
-from ingest.augment.plan import PlannedSample
-from ingest.augment.prompts import COMPLETION_STOP, PROMPT_TYPES, PromptType
+from kinject.core.engines import Engine, Generation, GenRequest, SamplingParams, make_engine
+from kinject.core.errors import KinjectError
+from kinject.core.settings import Settings
+from kinject.augment.curate import trim_to_sentence
+from kinject.augment.plan import PlannedSample
+from kinject.augment.prompts import COMPLETION_STOP, PROMPT_TYPES, PromptType
 
 _PROMPT_MARGIN = 8  # tokens kept free beside prompt + completion for special tokens
 RULE_GENERATOR = "rule"  # the `generator` of samples cut by rule
@@ -64,7 +64,7 @@ class Generator:
             count = engine.count_tokens
         else:
             # Counting tokens and picking the prompt style need the tokenizer only, not the model.
-            from core.models import load_tokenizer, resolve_model
+            from kinject.core.models import load_tokenizer, resolve_model
 
             tokenizer = load_tokenizer(resolve_model(model, settings))
             chat = bool(tokenizer.chat_template)
@@ -133,7 +133,7 @@ class Generator:
     # ---- records -------------------------------------------------------------------------
     def rule_record(self, doc, planned: PlannedSample, share: float = 1.0) -> dict:
         """A sample of a rule type: cut from the document, no engine involved."""
-        from ingest.augment.extract import rule_sample
+        from kinject.augment.extract import rule_sample
 
         text = rule_sample(planned.type, doc.title, doc.text, planned.sample_index, planned.seed, share)
         return {

@@ -1,15 +1,18 @@
-"""SPA augmentation: a KB's documents -> a curated synthetic corpus for continued pretraining.
+"""The KB's synthetic corpus on disk: what the augment stage writes and training reads.
 
-`augment(kb, settings)` is the stage's one door; `load_training_texts(kb)` is what training reads.
+`synthetic/curated.jsonl` holds the curated samples (type, train_text, ...); the manifest's
+"augment" record holds the fingerprint of their texts, so a half-written file is refused.
 """
 from __future__ import annotations
 
 import json
 
-from core.errors import KinjectError
-from core.files import read_jsonl, sha256_text
+from kinject.core.errors import KinjectError
+from kinject.core.files import read_jsonl, sha256_text
 
-__all__ = ["augment", "AugmentReport", "AugmentError", "load_training_texts", "load_training_records", "training_corpus_hash"]
+# Sample types whose text is a list of Q/A pairs: training renders those pairs as chat turns and
+# does not train on the text itself.
+PAIRS_ONLY_TYPES = frozenset({"fact_qa"})
 
 
 def training_corpus_hash(texts: list[str]) -> str:
@@ -35,16 +38,3 @@ def load_training_records(kb) -> list[dict]:
             f"(an augment run was interrupted while writing): rerun `kinject augment --kb {kb.name}`"
         )
     return rows
-
-
-def __getattr__(name: str):
-    # The stage itself imports the engines; keep `import ingest.augment` light for readers.
-    if name in ("augment", "AugmentReport"):
-        from ingest.augment import run
-
-        return getattr(run, name)
-    if name == "AugmentError":
-        from ingest.augment.generate import AugmentError
-
-        return AugmentError
-    raise AttributeError(name)

@@ -15,10 +15,10 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from core.build import StageRun, build, door, reusable_eval, timed, timing_table
-from core.errors import KinjectError
-from core.kb import KB
-from core.settings import Settings, _deep_merge, load_settings
+from kinject.recipes.build import StageRun, build, door, reusable_eval, timed, timing_table
+from kinject.core.errors import KinjectError
+from kinject.core.kb import KB
+from kinject.core.settings import Settings, _deep_merge, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO / "demo"
@@ -52,14 +52,14 @@ def demo_settings(overrides: dict) -> Settings:
 def prepare_models(settings: Settings) -> list[str]:
     """Resolve (and on first use convert) the LLM and the embedder, so the first stage's time is
     its own. Returns the model folders."""
-    from core.models import resolve_model
+    from kinject.core.models import resolve_model
 
     return [str(resolve_model(ref, settings)) for ref in (settings.models.llm, settings.models.embedder)]
 
 
 def print_synthetic_report(kb: KB, echo: Callable[[str], None]) -> None:
     """The augment stage's quality report (synthetic/report.json), printed by the stage's printer."""
-    from ingest.augment.report import print_report
+    from kinject.augment.report import print_report
 
     path = kb.dir("augment") / "report.json"
     if path.exists():
@@ -106,7 +106,7 @@ def run_demo(
     report = build(kb, corpus, settings, echo=echo)
     runs += report.runs
 
-    from core.engines import make_engine
+    from kinject.core.engines import make_engine
 
     echo(f"== eval: {', '.join(DEMO_MODES)} on the {split} split of {questions.name}")
     engine = None
@@ -146,13 +146,12 @@ def serve_kb(kb: KB, settings: Settings, engine, echo: Callable[[str], None]) ->
     """Serve the KB's API and UI on loopback until interrupted (Ctrl-C)."""
     import uvicorn
 
-    from service.app import create_app
-    from service.cli import url_host
-    from service.guards import refuse_open_bind
+    from kinject.recipes.serve import service_app, url_host
+    from kinject.service.guards import refuse_open_bind
 
     refuse_open_bind(settings.serve.host, bool(settings.serve.api_key.get_secret_value()), insecure=False)
     sock = free_port(settings.serve.host, settings.serve.port)
-    api = create_app(kb, settings, engine=engine)
+    api = service_app(kb, settings, engine=engine)
     base = f"http://{url_host(settings.serve.host)}:{sock.getsockname()[1]}"
     echo("")
     state = api.state.kinject
@@ -166,16 +165,14 @@ def serve_kb(kb: KB, settings: Settings, engine, echo: Callable[[str], None]) ->
             engine.close()
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("demo")
-    def demo_cmd(
-        ctx: typer.Context,
-        kb_name: str = typer.Option("demo", "--kb", help="Name of the demo KB (reused on a second run)."),
-        no_serve: bool = typer.Option(False, "--no-serve", help="Stop after the table instead of serving the API and UI."),
-        port: Optional[int] = typer.Option(None, "--port", help="Port for the API and UI (default serve.port; a free one if taken)."),
-    ) -> None:
-        """Build the shipped Vaskarra demo KB, compare base/rag/ft/ft-rag on its test questions, then serve it."""
-        overrides = json.loads(json.dumps((ctx.find_root().obj or {}).get("overrides", {})))
-        if port is not None:
-            overrides.setdefault("serve", {})["port"] = port
-        run_demo(demo_settings(overrides), kb_name, serve=not no_serve)
+def demo_cmd(
+    ctx: typer.Context,
+    kb_name: str = typer.Option("demo", "--kb", help="Name of the demo KB (reused on a second run)."),
+    no_serve: bool = typer.Option(False, "--no-serve", help="Stop after the table instead of serving the API and UI."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port for the API and UI (default serve.port; a free one if taken)."),
+) -> None:
+    """Build the shipped Vaskarra demo KB, compare base/rag/ft/ft-rag on its test questions, then serve it."""
+    overrides = json.loads(json.dumps((ctx.find_root().obj or {}).get("overrides", {})))
+    if port is not None:
+        overrides.setdefault("serve", {})["port"] = port
+    run_demo(demo_settings(overrides), kb_name, serve=not no_serve)

@@ -17,10 +17,10 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from core.build import build, door, reusable_eval
-from core.errors import KinjectError
-from core.kb import KB, work_seconds
-from core.settings import _deep_merge, load_settings
+from kinject.recipes.build import build, door, reusable_eval
+from kinject.core.errors import KinjectError
+from kinject.core.kb import KB, work_seconds
+from kinject.core.settings import _deep_merge, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -111,7 +111,7 @@ def run_set(name: str, overrides: dict, echo: Callable[[str], None] = typer.echo
 
 # ---- the report -------------------------------------------------------------------------------
 def primary_metric(report: dict) -> str:
-    from eval.run import PRIMARY
+    from kinject.eval.run import PRIMARY
 
     kinds = report.get("kinds") or {}
     kind = max(kinds, key=kinds.get) if kinds else "short"
@@ -215,7 +215,7 @@ def render(results: list[dict], load: str) -> str:
 
 
 def run_paper(names: list[str], overrides: dict, out: Path = RESULTS, echo: Callable[[str], None] = typer.echo) -> list[dict]:
-    from core.files import atomic_write_text
+    from kinject.core.files import atomic_write_text
 
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     results = []
@@ -226,18 +226,16 @@ def run_paper(names: list[str], overrides: dict, out: Path = RESULTS, echo: Call
     return results
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("paper")
-    def paper_cmd(
-        ctx: typer.Context,
-        sets: Optional[str] = typer.Option(None, "--sets", help=f"Comma-separated subset of: {', '.join(PAPER_SETS)}."),
-        out: Path = typer.Option(RESULTS, "--out", help="Markdown file to write."),
-    ) -> None:
-        """Build and evaluate a KB per set of ../shared/data (dev split) and write docs/results.md."""
-        names = [s.strip() for s in sets.split(",")] if sets else list(PAPER_SETS)
-        unknown = [n for n in names if n not in PAPER_SETS]
-        if unknown:
-            raise PaperError(f"unknown set(s) {', '.join(unknown)}; choose from {', '.join(PAPER_SETS)}")
-        overrides = json.loads(json.dumps((ctx.find_root().obj or {}).get("overrides", {})))
-        run_paper(names, overrides, out)
-        typer.echo(Path(out).read_text())
+def paper_cmd(
+    ctx: typer.Context,
+    sets: Optional[str] = typer.Option(None, "--sets", help=f"Comma-separated subset of: {', '.join(PAPER_SETS)}."),
+    out: Path = typer.Option(RESULTS, "--out", help="Markdown file to write."),
+) -> None:
+    """Build and evaluate a KB per set of ../shared/data (dev split) and write docs/results.md."""
+    names = [s.strip() for s in sets.split(",")] if sets else list(PAPER_SETS)
+    unknown = [n for n in names if n not in PAPER_SETS]
+    if unknown:
+        raise PaperError(f"unknown set(s) {', '.join(unknown)}; choose from {', '.join(PAPER_SETS)}")
+    overrides = json.loads(json.dumps((ctx.find_root().obj or {}).get("overrides", {})))
+    run_paper(names, overrides, out)
+    typer.echo(Path(out).read_text())

@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from core.files import sha256_text
-from core.settings import AugmentSettings
-from ingest.augment.prompts import PROMPT_TYPES, SYSTEM
+from kinject.core.files import sha256_text
+from kinject.core.settings import AugmentSettings
+from kinject.augment.prompts import PROMPT_TYPES, SYSTEM
 
 DROP_REASONS = ("empty", "too_short", "truncated", "refusal", "copy", "ungrounded", "unfaithful", "duplicate", "near_duplicate")
 

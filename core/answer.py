@@ -143,11 +143,6 @@ def retrieval_queries(conversation: list[dict], history_turns: int = 2) -> list[
     return queries
 
 
-def render_prompt(engine: Engine, request: GenRequest) -> str:
-    """The text the engine will read for a request (chat template applied when it has one)."""
-    return engine.render(request)
-
-
 def with_seed(params: SamplingParams, i: int) -> SamplingParams:
     """The i-th of n samples: seed + i, so n answers differ and stay reproducible."""
     if i == 0 or params.seed is None:

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from kinject.core.answer import Answerer, render_prompt, source_dict
+from kinject.core.answer import Answerer, source_dict
 from kinject.core.engines import SamplingParams
 from kinject.eval.questions import Question
 
@@ -88,7 +88,7 @@ def score_mc(
         prepared = [answerer.prepare(mode, [{"role": "user", "content": q.question}], params, max_prompt_tokens=max_prompt_tokens) for q in batch]
         pairs_by_adapter: dict[str | None, list[tuple[int, str, str]]] = {}
         for i, (q, p) in enumerate(zip(batch, prepared)):
-            context = render_prompt(engine, p.request)
+            context = engine.render(p.request)
             for c in q.choices or ():
                 pairs_by_adapter.setdefault(p.request.adapter, []).append((i, context, continuation(context, c)))
         logprobs: list[list[float]] = [[] for _ in batch]

@@ -25,8 +25,11 @@ import threading
 import time
 from pathlib import Path
 
+from kinject.core.answer import model_id
+
 REPO = Path(__file__).resolve().parent.parent
 CLIENTS = 16
+RAG = model_id("rag")
 
 
 def questions(n: int) -> list[str]:
@@ -77,7 +80,7 @@ def measure_overhead(url: str, answerer, settings, qs: list[str], max_tokens: in
     with httpx.Client(timeout=600) as http:
         for i, q in enumerate(qs):
             conv = [{"role": "user", "content": q}]
-            body = {"model": "kinject-rag", "messages": conv, "max_tokens": max_tokens, "temperature": 0}
+            body = {"model": RAG, "messages": conv, "max_tokens": max_tokens, "temperature": 0}
 
             def endpoint() -> dict:
                 t0 = time.perf_counter()
@@ -120,7 +123,7 @@ async def _client(http, url: str, qs: list[str], offset: int, deadline: float, m
     i = offset
     while time.perf_counter() < deadline:
         body = {
-            "model": "kinject-rag",
+            "model": RAG,
             "messages": [{"role": "user", "content": qs[i % len(qs)]}],
             "max_tokens": max_tokens,
             "stream": True,
@@ -198,7 +201,7 @@ def bench_engine(backend: str, kb_name: str, overrides: dict, quick: bool) -> di
         qs = questions(6 if quick else 16)
         max_tokens = 32 if quick else 64
         with Server(app) as server:
-            warm = {"model": "kinject-rag", "messages": [{"role": "user", "content": qs[0]}], "max_tokens": 4}
+            warm = {"model": RAG, "messages": [{"role": "user", "content": qs[0]}], "max_tokens": 4}
             import httpx
 
             httpx.post(server.url + "/v1/chat/completions", json=warm, timeout=600).raise_for_status()

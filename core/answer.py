@@ -2,7 +2,8 @@
 
 A mode is data: (use the KB's adapter?, use retrieval?). `auto` is a router that picks one of
 the retrieval-backed or adapter-backed modes per query. The service, the UI and eval all answer
-through `Answerer`, so eval measures exactly what the service serves.
+through `Answerer`, so eval measures exactly what the service serves. The API names mode m
+`kinject-m` (model_id).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ MODES: dict[str, Mode] = {
 }
 AUTO = "auto"
 ALL_MODES = [*MODES, AUTO]
+MODEL_PREFIX = "kinject-"  # the API's model for mode m is `kinject-m`
 ADAPTER_NAME = "kb"  # prefix of the engine adapter name; see Answerer.adapter_name
 
 SYSTEM_PROMPT = "You are a helpful assistant. Answer the user's question briefly and precisely."
@@ -65,6 +67,17 @@ class PromptTooLong(KinjectError):
             "(serve.max_prompt_tokens): shorten the conversation"
         )
         self.tokens, self.limit = tokens, limit
+
+
+def model_id(mode: str) -> str:
+    """The API's model name for a mode."""
+    return MODEL_PREFIX + mode
+
+
+def mode_named(model: str) -> str | None:
+    """The mode a kinject model name stands for (`kinject-rag` -> "rag"), or None when the name
+    is not a kinject model's."""
+    return model.removeprefix(MODEL_PREFIX) if model.startswith(MODEL_PREFIX) else None
 
 
 @dataclass

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from kinject.core.answer import AUTO, MODES, Answerer, build_messages, source_dict
+from kinject.core.answer import ALL_MODES, MODEL_PREFIX, Answerer, build_messages, mode_named, model_id, source_dict
 from kinject.core.engines import SamplingParams
 from kinject.core.errors import KinjectError
 from kinject.core.settings import Settings
@@ -142,15 +142,15 @@ class KinjectBackend(_HTTPBackend):
         self.models = models
 
     def available(self) -> list[str]:
-        return [m.removeprefix("kinject-") for m in self.models if m.startswith("kinject-")]
+        return [mode for mode in map(mode_named, self.models) if mode is not None]
 
     def check(self, mode: str) -> None:
-        if f"kinject-{mode}" not in self.models:
-            have = ", ".join(m.removeprefix("kinject-") for m in self.models)
+        if model_id(mode) not in self.models:
+            have = ", ".join(m.removeprefix(MODEL_PREFIX) for m in self.models)
             raise EndpointError(f"the kinject server at {self.endpoint} does not serve mode {mode!r}; it serves: {have}")
 
     def _reply(self, mode: str, q: Question, params: SamplingParams) -> Reply:
-        resp, latency = self._ask(f"kinject-{mode}", conversation(q), params)
+        resp, latency = self._ask(model_id(mode), conversation(q), params)
         extra = resp.model_extra or {}
         usage = resp.usage.completion_tokens if resp.usage else 0
         return Reply(
@@ -218,6 +218,6 @@ def connect(endpoint: str, settings: Settings) -> _HTTPBackend:
         raise EndpointError(f"{probe.endpoint}/models answered {e.status_code}: {_message(e)}{hint}") from None
     except openai.APIConnectionError as e:
         raise EndpointError(f"cannot reach {probe.endpoint}: {e}") from None
-    if any(m.startswith("kinject-") and m.removeprefix("kinject-") in (*MODES, AUTO) for m in models):
+    if any(mode_named(m) in ALL_MODES for m in models):
         return KinjectBackend(endpoint, settings, models)
     return OpenAIBackend(endpoint, settings, models)

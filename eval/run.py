@@ -32,7 +32,6 @@ from kinject.eval.mc import score_mc
 from kinject.eval.questions import MC, SHORT, Question, dataset_name, load_questions
 from kinject.eval.report import in_sample
 
-DEFAULT_MODES = ["base", "rag", "ft", "ft-rag"]
 HELDOUT_SPLITS = {"heldout", "test"}  # never tune the router on these
 MIN_ROUTER_QUESTIONS = 20
 PRIMARY = {SHORT: "f1", MC: "acc_norm"}  # the per-question score the router and best_mode use
@@ -320,7 +319,7 @@ def _evaluate(kb, questions_path, questions, wanted, settings, split, limit, end
     from kinject.eval.report import write_report
 
     if wanted is None:
-        wanted = [m for m in DEFAULT_MODES if _can(backend, m)]
+        wanted = [m for m in MODES if _can(backend, m)]
         if not wanted:
             raise EvalError(f"KB {kb.name!r} can answer in no mode")
     for m in wanted:

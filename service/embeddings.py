@@ -15,9 +15,9 @@ import anyio
 import numpy as np
 from fastapi import APIRouter, Depends
 
-from kinject.core.answer import ALL_MODES
+from kinject.core.answer import ALL_MODES, MODEL_PREFIX
 from kinject.service.errors import APIError, bad_request
-from kinject.service.protocol import MODEL_PREFIX, EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from kinject.service.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from kinject.service.state import ServiceState, get_state
 
 router = APIRouter()

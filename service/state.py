@@ -14,10 +14,9 @@ from typing import AsyncIterator, Callable
 
 from fastapi import Request
 
-from kinject.core.answer import ALL_MODES, AUTO, MODES, Answerer
+from kinject.core.answer import ALL_MODES, AUTO, MODEL_PREFIX, MODES, Answerer, model_id
 from kinject.core.settings import Settings
 from kinject.service.errors import APIError
-from kinject.service.protocol import MODEL_PREFIX
 
 RETRY_AFTER_S = 1
 
@@ -84,15 +83,12 @@ class ServiceState:
         self.answerer, self.settings = answerer, settings
         self.slots = Slots(settings.serve.max_concurrency, settings.serve.max_queue)
 
-    def model_id(self, mode: str) -> str:
-        return MODEL_PREFIX + mode
-
     def mode_for(self, model: str) -> str:
         """The mode a request's `model` names (`kinject-rag`, or plainly `rag`), checked against
         what the KB has built: unknown or unbuilt modes are a 404 naming what to do."""
         mode = model.removeprefix(MODEL_PREFIX)
         if mode not in ALL_MODES:
-            listed = ", ".join(self.model_id(m) for m in self.answerer.available_modes())
+            listed = ", ".join(model_id(m) for m in self.answerer.available_modes())
             raise APIError(404, f"the model {model!r} does not exist; available: {listed}", param="model", code="model_not_found")
         self.answerer.check(mode)  # ModeUnavailable -> 404 naming the command that builds it
         return mode

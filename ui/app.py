@@ -32,7 +32,6 @@ from kinject.service.errors import APIError
 from kinject.service.state import Slots
 from kinject.service.streaming import in_thread
 
-COMPARE_MODES = list(MODES)  # base | rag | ft | ft-rag
 COMPARE_LABELS = {  # short enough for one line in a quarter of the page
     "base": "base · model alone",
     "rag": "rag · retrieved passages",
@@ -198,7 +197,7 @@ def make_compare(answerer: Answerer, settings: Settings, slots: Slots):
         if not (question or "").strip():
             raise gr.Error("Type a question first.")
         conversation = [{"role": "user", "content": question.strip()}]
-        cols = {m: Column(m) for m in COMPARE_MODES}
+        cols = {m: Column(m) for m in MODES}
         blocked = await anyio.to_thread.run_sync(answerer.unavailable)
         prepared: dict[str, Prepared] = {}
         for m, col in cols.items():
@@ -528,7 +527,7 @@ def build_ui(answerer: Answerer, settings: Settings, slots: Slots | None = None)
                     ask = gr.Button("Compare", variant="primary", scale=1)
                 answers, metas = [], []
                 with gr.Row(equal_height=False):
-                    for m in COMPARE_MODES:
+                    for m in MODES:
                         with gr.Column(min_width=220):
                             answers.append(gr.Textbox(label=COMPARE_LABELS.get(m, f"{m} · {MODES[m].description}"), lines=6, max_lines=14, interactive=False, elem_id=f"answer-{m}"))
                             metas.append(gr.HTML(elem_id=f"meta-{m}"))

@@ -1,8 +1,8 @@
 """Where the answers come from: the Answerer in this process, or an HTTP endpoint.
 
 Both return the same `Reply` per question, so scoring does not know which one ran.
-- `LocalBackend`: the Answerer over an engine, batched, with the limits the service applies
-  (prompt trimmed to `serve.max_prompt_tokens`, new tokens fitted into `engine.max_model_len`).
+- `LocalBackend`: the Answerer over an engine, batched, under the answering policy the service
+  applies (core.policy: the prompt limit, new tokens fitted into `engine.max_model_len`).
 - `KinjectBackend`: a running `kinject serve`; model `kinject-<mode>`, the question as the only
   user message (the server retrieves), `sources` and `kinject_mode` read from the response.
 - `OpenAIBackend`: any other OpenAI-compatible server (vLLM...): base mode only, with kinject's
@@ -13,7 +13,6 @@ An endpoint gets only the key given for it, `eval.endpoint_api_key`: never `serv
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,10 +45,6 @@ def conversation(q: Question) -> list[dict]:
     return [{"role": "user", "content": q.question}]
 
 
-def prompt_limit(settings: Settings) -> int:
-    return min(settings.serve.max_prompt_tokens, settings.engine.max_model_len - 1)
-
-
 class LocalBackend:
     name = "in-process"
 
@@ -72,13 +67,7 @@ class LocalBackend:
         step = self.settings.engine.max_batch_size
         for start in range(0, len(questions), step):
             t0 = time.perf_counter()
-            prepared = []
-            for q in questions[start : start + step]:
-                p = self.answerer.prepare(mode, conversation(q), dataclasses.replace(params), max_prompt_tokens=prompt_limit(self.settings))
-                room = self.settings.engine.max_model_len - p.prompt_tokens
-                wanted = min(p.request.params.max_new_tokens, self.settings.serve.max_new_tokens)
-                p.request.params.max_new_tokens = max(1, min(wanted, room))
-                prepared.append(p)
+            prepared = [self.answerer.prepare(mode, conversation(q), params) for q in questions[start : start + step]]
             gens = self.answerer.engine.generate([p.request for p in prepared])
             latency = time.perf_counter() - t0
             for p, g in zip(prepared, gens):

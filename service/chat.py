@@ -33,8 +33,9 @@ from kinject.service.protocol import (
     new_id,
     now,
 )
-from kinject.service.sampling import check_choices, fit_context, max_new_tokens, sampling_params
-from kinject.service.state import ServiceState, Slot, get_state
+from kinject.core.policy import Slot
+from kinject.service.sampling import check_choices, max_new_tokens, sampling_params
+from kinject.service.state import ServiceState, get_state
 from kinject.service.streaming import SSEResponse, closing_events, in_thread, sse, unless_gone
 
 router = APIRouter()
@@ -66,14 +67,10 @@ def checked_params(state: ServiceState, req: ChatCompletionRequest) -> SamplingP
 
 
 async def prepare(state: ServiceState, req: ChatCompletionRequest, conv: list[dict], params: SamplingParams) -> Prepared:
-    limit = min(state.settings.serve.max_prompt_tokens, state.settings.engine.max_model_len - 1)
-
     def run() -> Prepared:  # reads the manifest, may load a new adapter, retrieves: off the event loop
-        return state.answerer.prepare(state.mode_for(req.model), conv, params, max_prompt_tokens=limit)
+        return state.answerer.prepare(state.mode_for(req.model), conv, params)
 
-    prepared = await anyio.to_thread.run_sync(run)
-    fit_context(prepared.request.params, prepared.prompt_tokens, state.settings)
-    return prepared
+    return await anyio.to_thread.run_sync(run)
 
 
 def sources_of(prepared: Prepared) -> list[Source]:

@@ -20,8 +20,8 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from kinject.core.policy import Slot
 from kinject.service.errors import ClientGone, internal_error
-from kinject.service.state import Slot
 
 T = TypeVar("T")
 DONE = "data: [DONE]\n\n"

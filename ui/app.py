@@ -2,7 +2,7 @@
 
 `build_ui(answerer, settings, slots)` only builds the Blocks; it answers through the `Answerer`
 it is given, so the service mounts it at /ui on the engine it already loaded (`mount`), and
-`kinject ui` runs it alone. Every generation takes one of the service's slots (service.state), so
+`kinject ui` runs it alone. Every generation takes one of the service's slots (core.policy.Slots), so
 the UI and the API share `serve.max_concurrency` and `serve.max_queue`; Gradio's own queue holds
 at most `serve.ui_max_queue` events. Every event has an explicit api_name so `gradio_client` can
 call it.
@@ -26,10 +26,9 @@ from kinject.core.answer import ALL_MODES, AUTO, MODES, Answerer, Prepared, sour
 from kinject.core.engines import SamplingParams
 from kinject.core.errors import KinjectError
 from kinject.core.kb import KB, STAGE_DIRS
+from kinject.core.policy import Busy, Slots
 from kinject.core.settings import Settings
 from kinject.ingest.readers import Skipped
-from kinject.service.errors import APIError
-from kinject.service.state import Slots
 from kinject.service.streaming import in_thread
 
 COMPARE_LABELS = {  # short enough for one line in a quarter of the page
@@ -46,14 +45,13 @@ def sampling(settings: Settings) -> SamplingParams:
 
 
 async def prepare(answerer: Answerer, settings: Settings, mode: str, conversation: list[dict]) -> Prepared:
-    """Retrieve and build the request (so sources are known before the first token), in a worker
-    thread; passages that do not fit the prompt are dropped."""
-    run = lambda: answerer.prepare(mode, conversation, sampling(settings), max_prompt_tokens=settings.serve.max_prompt_tokens)  # noqa: E731
-    return await anyio.to_thread.run_sync(run)
+    """Retrieve and build the request under the answering policy (core.policy), as the API and
+    eval build it, so sources are known before the first token; in a worker thread."""
+    return await anyio.to_thread.run_sync(lambda: answerer.prepare(mode, conversation, sampling(settings)))
 
 
 async def generate(answerer: Answerer, slots: Slots, prepared: Prepared):
-    """The answer's chunks, generated in one of the service's slots (APIError 503 when the queue
+    """The answer's chunks, generated in one of the service's slots (Busy when the queue
     is full). Leaving early (stop pressed, page closed) cancels the generation and frees the slot."""
     cancel = threading.Event()
     async with slots.slot():
@@ -147,8 +145,8 @@ def make_chat(answerer: Answerer, settings: Settings, slots: Slots):
                     text += chunk.text
                     if chunk.text:
                         yield [*before, gr.ChatMessage(content=text), *after]
-        except APIError as e:  # no slot free and the queue full
-            raise gr.Error(e.message) from None
+        except Busy as e:  # no slot free and the queue full
+            raise gr.Error(str(e)) from None
         yield [*before, gr.ChatMessage(content=text.strip() or "(the model returned an empty answer)"), *after]
 
     return chat
@@ -225,8 +223,8 @@ def make_compare(answerer: Answerer, settings: Settings, slots: Slots):
                 async with aclosing(generate(answerer, slots, prepared[mode])) as chunks:
                     async for chunk in chunks:
                         await events.put((mode, chunk, None))
-            except APIError as e:
-                error = e.message
+            except Busy as e:
+                error = str(e)
             except Exception as e:  # shown in the mode's column
                 error = f"failed: {e}"
             await events.put((mode, None, error))
@@ -483,7 +481,7 @@ def build_ui(answerer: Answerer, settings: Settings, slots: Slots | None = None)
     (the service's; `kinject ui` alone makes its own)."""
     kb = answerer.kb
     blocked = answerer.unavailable()
-    slots = slots or Slots(settings.serve.max_concurrency, settings.serve.max_queue)
+    slots = slots or Slots.from_settings(settings)
 
     def refresh_modes():
         # Choices only: the reader's pick stays as it is.

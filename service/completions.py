@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse
 from kinject.core.answer import AUTO, MODES, with_seed
 from kinject.core.engines import Generation, GenRequest, SamplingParams, TokenLogprob
 from kinject.core.policy import PromptTooLong, Slot, check_prompt, fit_answer
-from kinject.service.errors import APIError, bad_request, log
+from kinject.service.errors import APIError, bad_request
 from kinject.service.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -41,7 +41,7 @@ from kinject.service.protocol import (
 )
 from kinject.service.sampling import check_choices, max_new_tokens, sampling_params
 from kinject.service.state import ServiceState, get_state
-from kinject.service.streaming import SSEResponse, closing_events, in_thread, sse, unless_gone
+from kinject.service.streaming import SSEResponse, closing_events, in_thread, sse, stream_error, unless_gone
 
 router = APIRouter()
 
@@ -155,7 +155,7 @@ async def stream_completion(
         return sse(body, exclude=skip | ({"kinject_mode"} if body.kinject_mode is None else set()))
 
     completion_tokens = 0
-    failed = False
+    error = None
     try:
         for pi, prompt in enumerate(prompts):
             for j in range(req.n):
@@ -179,9 +179,8 @@ async def stream_completion(
                             finish = piece.finish_reason
                             completion_tokens += piece.completion_tokens
                 yield chunk(index, "", finish, **first)
-    except Exception:
-        log.exception("streamed completion failed")
-        failed = True
+    except Exception as e:
+        error = stream_error(e)
     finally:
         slot.release()  # before the last events, so a client that reads [DONE] finds the slot free
 
@@ -189,5 +188,5 @@ async def stream_completion(
         usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
         return sse(CompletionStreamResponse(id=rid, created=created, model=req.model, choices=[], usage=usage), exclude={"kinject_mode"})
 
-    for event in closing_events(failed, usage_chunk if include_usage else None):
+    for event in closing_events(error, usage_chunk if include_usage else None):
         yield event

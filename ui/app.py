@@ -26,10 +26,10 @@ from kinject.core.answer import ALL_MODES, AUTO, MODES, Answerer, Prepared, sour
 from kinject.core.engines import SamplingParams
 from kinject.core.errors import KinjectError
 from kinject.core.kb import KB, STAGE_DIRS
-from kinject.core.policy import Busy, Slots
+from kinject.core.policy import Slots
 from kinject.core.settings import Settings
 from kinject.ingest.readers import Skipped
-from kinject.service.streaming import in_thread
+from kinject.service.streaming import in_thread, stream_error
 
 COMPARE_LABELS = {  # short enough for one line in a quarter of the page
     "base": "base · model alone",
@@ -145,8 +145,8 @@ def make_chat(answerer: Answerer, settings: Settings, slots: Slots):
                     text += chunk.text
                     if chunk.text:
                         yield [*before, gr.ChatMessage(content=text), *after]
-        except Busy as e:  # no slot free and the queue full
-            raise gr.Error(str(e)) from None
+        except Exception as e:  # the queue full, or generation failed
+            raise gr.Error(stream_error(e).message) from None
         yield [*before, gr.ChatMessage(content=text.strip() or "(the model returned an empty answer)"), *after]
 
     return chat
@@ -223,10 +223,8 @@ def make_compare(answerer: Answerer, settings: Settings, slots: Slots):
                 async with aclosing(generate(answerer, slots, prepared[mode])) as chunks:
                     async for chunk in chunks:
                         await events.put((mode, chunk, None))
-            except Busy as e:
-                error = str(e)
             except Exception as e:  # shown in the mode's column
-                error = f"failed: {e}"
+                error = stream_error(e).message
             await events.put((mode, None, error))
 
         tasks = [asyncio.create_task(run(m)) for m in prepared]

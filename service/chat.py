@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 
 from kinject.core.answer import Prepared, source_dict, with_seed
 from kinject.core.engines import SamplingParams
+from kinject.core.policy import Slot
 from kinject.service.errors import bad_request
 from kinject.service.protocol import (
     ChatCompletionChoice,
@@ -33,7 +34,6 @@ from kinject.service.protocol import (
     new_id,
     now,
 )
-from kinject.core.policy import Slot
 from kinject.service.sampling import check_choices, max_new_tokens, sampling_params
 from kinject.service.state import ServiceState, get_state
 from kinject.service.streaming import SSEResponse, closing_events, in_thread, sse, stream_error, unless_gone

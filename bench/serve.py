@@ -25,8 +25,11 @@ import threading
 import time
 from pathlib import Path
 
+from kinject.core.answer import model_id
+
 REPO = Path(__file__).resolve().parent.parent
 CLIENTS = 16
+RAG = model_id("rag")
 
 
 def questions(n: int) -> list[str]:
@@ -67,17 +70,16 @@ class Server:
         self.sock.close()
 
 
-def measure_overhead(url: str, answerer, settings, qs: list[str], max_tokens: int) -> dict:
+def measure_overhead(url: str, answerer, qs: list[str], max_tokens: int) -> dict:
     import httpx
 
     from kinject.core.engines import SamplingParams
 
     endpoint_s, engine_s, mismatched = [], [], 0
-    limit = min(settings.serve.max_prompt_tokens, settings.engine.max_model_len - 1)
     with httpx.Client(timeout=600) as http:
         for i, q in enumerate(qs):
             conv = [{"role": "user", "content": q}]
-            body = {"model": "kinject-rag", "messages": conv, "max_tokens": max_tokens, "temperature": 0}
+            body = {"model": RAG, "messages": conv, "max_tokens": max_tokens, "temperature": 0}
 
             def endpoint() -> dict:
                 t0 = time.perf_counter()
@@ -86,7 +88,7 @@ def measure_overhead(url: str, answerer, settings, qs: list[str], max_tokens: in
                 r.raise_for_status()
                 return r.json()
 
-            prepared = answerer.prepare("rag", conv, SamplingParams(max_new_tokens=max_tokens), max_prompt_tokens=limit)
+            prepared = answerer.prepare("rag", conv, SamplingParams(max_new_tokens=max_tokens))
 
             def engine():
                 t0 = time.perf_counter()
@@ -120,7 +122,7 @@ async def _client(http, url: str, qs: list[str], offset: int, deadline: float, m
     i = offset
     while time.perf_counter() < deadline:
         body = {
-            "model": "kinject-rag",
+            "model": RAG,
             "messages": [{"role": "user", "content": qs[i % len(qs)]}],
             "max_tokens": max_tokens,
             "stream": True,
@@ -198,11 +200,11 @@ def bench_engine(backend: str, kb_name: str, overrides: dict, quick: bool) -> di
         qs = questions(6 if quick else 16)
         max_tokens = 32 if quick else 64
         with Server(app) as server:
-            warm = {"model": "kinject-rag", "messages": [{"role": "user", "content": qs[0]}], "max_tokens": 4}
+            warm = {"model": RAG, "messages": [{"role": "user", "content": qs[0]}], "max_tokens": 4}
             import httpx
 
             httpx.post(server.url + "/v1/chat/completions", json=warm, timeout=600).raise_for_status()
-            overhead = measure_overhead(server.url, answerer, settings, qs, max_tokens)
+            overhead = measure_overhead(server.url, answerer, qs, max_tokens)
             conc = measure_concurrency(server.url, qs, 20 if quick else 60, 16 if quick else 32)
         conc["rps_speedup_vs_one_client"] = round(conc["requests_per_s"] / overhead["single_client_rps"], 2)
         return {"engine_load_s": round(load_s, 1), **overhead, "concurrency": conc}

@@ -2,7 +2,8 @@
 
 A mode is data: (use the KB's adapter?, use retrieval?). `auto` is a router that picks one of
 the retrieval-backed or adapter-backed modes per query. The service, the UI and eval all answer
-through `Answerer`, so eval measures exactly what the service serves.
+through `Answerer`, which fits every request to the answering policy (core.policy), so eval
+measures exactly what the service serves. The API names mode m `kinject-m` (model_id).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from kinject.core.engines import Engine, GenRequest, SamplingParams, StreamChunk
 from kinject.core.errors import KinjectError
 from kinject.core.files import sha256_text
 from kinject.core.kb import KB, STAGE_DIRS
+from kinject.core.policy import PromptTooLong, fit_answer, prompt_limit
 from kinject.core.settings import Settings
 
 
@@ -39,6 +41,7 @@ MODES: dict[str, Mode] = {
 }
 AUTO = "auto"
 ALL_MODES = [*MODES, AUTO]
+MODEL_PREFIX = "kinject-"  # the API's model for mode m is `kinject-m`
 ADAPTER_NAME = "kb"  # prefix of the engine adapter name; see Answerer.adapter_name
 
 SYSTEM_PROMPT = "You are a helpful assistant. Answer the user's question briefly and precisely."
@@ -58,13 +61,15 @@ class ModeUnavailable(KinjectError):
         self.mode, self.reason = mode, reason
 
 
-class PromptTooLong(KinjectError):
-    def __init__(self, tokens: int, limit: int):
-        super().__init__(
-            f"the prompt has {tokens} tokens after the chat template, more than the limit of {limit} "
-            "(serve.max_prompt_tokens): shorten the conversation"
-        )
-        self.tokens, self.limit = tokens, limit
+def model_id(mode: str) -> str:
+    """The API's model name for a mode."""
+    return MODEL_PREFIX + mode
+
+
+def mode_named(model: str) -> str | None:
+    """The mode a kinject model name stands for (`kinject-rag` -> "rag"), or None when the name
+    is not a kinject model's."""
+    return model.removeprefix(MODEL_PREFIX) if model.startswith(MODEL_PREFIX) else None
 
 
 @dataclass
@@ -73,7 +78,7 @@ class Prepared:
     request: GenRequest
     hits: list = field(default_factory=list)  # core.retrieval.Hit
     route_reason: str = ""
-    prompt_tokens: int = 0  # after the chat template; 0 when not counted
+    prompt_tokens: int = 0  # after the chat template
 
 
 @dataclass
@@ -141,11 +146,6 @@ def retrieval_queries(conversation: list[dict], history_turns: int = 2) -> list[
     if len(users) > 1 and history_turns > 0:
         queries.append(" ".join(users[-1 - history_turns :]))
     return queries
-
-
-def render_prompt(engine: Engine, request: GenRequest) -> str:
-    """The text the engine will read for a request (chat template applied when it has one)."""
-    return engine.render(request)
 
 
 def with_seed(params: SamplingParams, i: int) -> SamplingParams:
@@ -280,17 +280,11 @@ class Answerer:
     def prompt_tokens(self, request: GenRequest) -> int:
         return self.engine.prompt_tokens(request)
 
-    def prepare(
-        self,
-        mode: str,
-        conversation: list[dict],
-        params: SamplingParams,
-        k: int | None = None,
-        max_prompt_tokens: int | None = None,
-    ) -> Prepared:
-        """Resolve the mode, retrieve, and build the engine request. With `max_prompt_tokens`,
-        the lowest-scored passages are dropped until the templated prompt fits; a conversation
-        that does not fit on its own raises PromptTooLong."""
+    def prepare(self, mode: str, conversation: list[dict], params: SamplingParams, k: int | None = None) -> Prepared:
+        """Resolve the mode, retrieve, and build the engine request under the answering policy
+        (core.policy): the lowest-scored passages are dropped until the templated prompt fits the
+        prompt limit, a conversation that does not fit on its own raises PromptTooLong, and the
+        request's max_new_tokens is clamped to what the prompt leaves room for."""
         self.check(mode)
         if not any(m["role"] == "user" and m.get("content") for m in conversation):
             raise KinjectError("the conversation has no user message")
@@ -304,15 +298,15 @@ class Answerer:
         if not m.retrieval:
             hits = []
         adapter = self.adapter_name if m.adapter else None
+        limit = prompt_limit(self.settings)
         while True:
             request = GenRequest(messages=build_messages(conversation, hits), params=params, adapter=adapter)
-            if max_prompt_tokens is None:
-                return Prepared(mode, request, hits, reason)
             n = self.prompt_tokens(request)
-            if n <= max_prompt_tokens:
+            if n <= limit:
+                request.params = fit_answer(params, n, self.settings)
                 return Prepared(mode, request, hits, reason, n)
             if not hits:
-                raise PromptTooLong(n, max_prompt_tokens)
+                raise PromptTooLong(n, limit)
             hits = hits[:-1]
 
     def _answer(self, p: Prepared, g) -> Answer:

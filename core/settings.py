@@ -111,11 +111,12 @@ class AugmentSettings(_Group):
         return v
 
 
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+# The LoRA ranks vLLM can load (its max_lora_rank choices): a trained adapter must have one.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class TrainSettings(_Group):
-    lora_rank: int = Field(16, description="LoRA rank; vLLM accepts 8, 16, 32, 64, 128, 256, 320, 512")
+    lora_rank: int = Field(16, description=f"LoRA rank; vLLM accepts {', '.join(map(str, VLLM_LORA_RANKS))}")
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["all-linear"])

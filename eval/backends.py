@@ -1,8 +1,8 @@
 """Where the answers come from: the Answerer in this process, or an HTTP endpoint.
 
 Both return the same `Reply` per question, so scoring does not know which one ran.
-- `LocalBackend`: the Answerer over an engine, batched, with the limits the service applies
-  (prompt trimmed to `serve.max_prompt_tokens`, new tokens fitted into `engine.max_model_len`).
+- `LocalBackend`: the Answerer over an engine, batched, under the answering policy the service
+  applies (core.policy: the prompt limit, new tokens fitted into `engine.max_model_len`).
 - `KinjectBackend`: a running `kinject serve`; model `kinject-<mode>`, the question as the only
   user message (the server retrieves), `sources` and `kinject_mode` read from the response.
 - `OpenAIBackend`: any other OpenAI-compatible server (vLLM...): base mode only, with kinject's
@@ -13,13 +13,12 @@ An endpoint gets only the key given for it, `eval.endpoint_api_key`: never `serv
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from kinject.core.answer import AUTO, MODES, Answerer, build_messages, source_dict
+from kinject.core.answer import ALL_MODES, MODEL_PREFIX, Answerer, build_messages, mode_named, model_id, source_dict
 from kinject.core.engines import SamplingParams
 from kinject.core.errors import KinjectError
 from kinject.core.settings import Settings
@@ -46,10 +45,6 @@ def conversation(q: Question) -> list[dict]:
     return [{"role": "user", "content": q.question}]
 
 
-def prompt_limit(settings: Settings) -> int:
-    return min(settings.serve.max_prompt_tokens, settings.engine.max_model_len - 1)
-
-
 class LocalBackend:
     name = "in-process"
 
@@ -72,13 +67,7 @@ class LocalBackend:
         step = self.settings.engine.max_batch_size
         for start in range(0, len(questions), step):
             t0 = time.perf_counter()
-            prepared = []
-            for q in questions[start : start + step]:
-                p = self.answerer.prepare(mode, conversation(q), dataclasses.replace(params), max_prompt_tokens=prompt_limit(self.settings))
-                room = self.settings.engine.max_model_len - p.prompt_tokens
-                wanted = min(p.request.params.max_new_tokens, self.settings.serve.max_new_tokens)
-                p.request.params.max_new_tokens = max(1, min(wanted, room))
-                prepared.append(p)
+            prepared = [self.answerer.prepare(mode, conversation(q), params) for q in questions[start : start + step]]
             gens = self.answerer.engine.generate([p.request for p in prepared])
             latency = time.perf_counter() - t0
             for p, g in zip(prepared, gens):
@@ -142,15 +131,15 @@ class KinjectBackend(_HTTPBackend):
         self.models = models
 
     def available(self) -> list[str]:
-        return [m.removeprefix("kinject-") for m in self.models if m.startswith("kinject-")]
+        return [mode for mode in map(mode_named, self.models) if mode is not None]
 
     def check(self, mode: str) -> None:
-        if f"kinject-{mode}" not in self.models:
-            have = ", ".join(m.removeprefix("kinject-") for m in self.models)
+        if model_id(mode) not in self.models:
+            have = ", ".join(m.removeprefix(MODEL_PREFIX) for m in self.models)
             raise EndpointError(f"the kinject server at {self.endpoint} does not serve mode {mode!r}; it serves: {have}")
 
     def _reply(self, mode: str, q: Question, params: SamplingParams) -> Reply:
-        resp, latency = self._ask(f"kinject-{mode}", conversation(q), params)
+        resp, latency = self._ask(model_id(mode), conversation(q), params)
         extra = resp.model_extra or {}
         usage = resp.usage.completion_tokens if resp.usage else 0
         return Reply(
@@ -218,6 +207,6 @@ def connect(endpoint: str, settings: Settings) -> _HTTPBackend:
         raise EndpointError(f"{probe.endpoint}/models answered {e.status_code}: {_message(e)}{hint}") from None
     except openai.APIConnectionError as e:
         raise EndpointError(f"cannot reach {probe.endpoint}: {e}") from None
-    if any(m.startswith("kinject-") and m.removeprefix("kinject-") in (*MODES, AUTO) for m in models):
+    if any(mode_named(m) in ALL_MODES for m in models):
         return KinjectBackend(endpoint, settings, models)
     return OpenAIBackend(endpoint, settings, models)

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from kinject.core.answer import Answerer, render_prompt, source_dict
+from kinject.core.answer import Answerer, source_dict
 from kinject.core.engines import SamplingParams
 from kinject.eval.questions import Question
 
@@ -73,7 +73,6 @@ def score_mc(
     mode: str,
     questions: list[Question],
     chunk: int = 8,
-    max_prompt_tokens: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[MCResult]:
     """Score multiple-choice questions in one mode. RAG modes retrieve with the question alone,
@@ -85,10 +84,10 @@ def score_mc(
     for start in range(0, len(questions), chunk):
         batch = questions[start : start + chunk]
         t0 = time.perf_counter()
-        prepared = [answerer.prepare(mode, [{"role": "user", "content": q.question}], params, max_prompt_tokens=max_prompt_tokens) for q in batch]
+        prepared = [answerer.prepare(mode, [{"role": "user", "content": q.question}], params) for q in batch]
         pairs_by_adapter: dict[str | None, list[tuple[int, str, str]]] = {}
         for i, (q, p) in enumerate(zip(batch, prepared)):
-            context = render_prompt(engine, p.request)
+            context = engine.render(p.request)
             for c in q.choices or ():
                 pairs_by_adapter.setdefault(p.request.adapter, []).append((i, context, continuation(context, c)))
         logprobs: list[list[float]] = [[] for _ in batch]

@@ -26,13 +26,12 @@ from kinject.core.files import append_jsonl, read_jsonl, sha256_file, sha256_tex
 from kinject.core.kb import KB, StageTimer, now_iso
 from kinject.core.settings import Settings
 from kinject.eval import metrics as M
-from kinject.eval.backends import LocalBackend, Reply, connect, prompt_limit
+from kinject.eval.backends import LocalBackend, Reply, connect
 from kinject.eval.judge import make_judge
 from kinject.eval.mc import score_mc
 from kinject.eval.questions import MC, SHORT, Question, dataset_name, load_questions
 from kinject.eval.report import in_sample
 
-DEFAULT_MODES = ["base", "rag", "ft", "ft-rag"]
 HELDOUT_SPLITS = {"heldout", "test"}  # never tune the router on these
 MIN_ROUTER_QUESTIONS = 20
 PRIMARY = {SHORT: "f1", MC: "acc_norm"}  # the per-question score the router and best_mode use
@@ -320,7 +319,7 @@ def _evaluate(kb, questions_path, questions, wanted, settings, split, limit, end
     from kinject.eval.report import write_report
 
     if wanted is None:
-        wanted = [m for m in DEFAULT_MODES if _can(backend, m)]
+        wanted = [m for m in MODES if _can(backend, m)]
         if not wanted:
             raise EvalError(f"KB {kb.name!r} can answer in no mode")
     for m in wanted:
@@ -421,7 +420,7 @@ def _run_mode(mode, questions, backend, answerer, params, judge, k, partial: Pat
             mc = [q for q in chunk if q.kind == MC]
             if mc:
                 t0 = time.perf_counter()
-                results = score_mc(answerer, mode, mc, chunk=step, max_prompt_tokens=prompt_limit(settings), progress=update)
+                results = score_mc(answerer, mode, mc, chunk=step, progress=update)
                 answering += time.perf_counter() - t0
                 new += [mc_row(mode, r, k) for r in results]
             for row in new:  # summed over a mode's rows: its answering wall time, across resumed runs too

@@ -1,24 +1,12 @@
 """The trainable model: a peft LoRA on the base model (or, optionally, the full model).
 
 Adapters are kept loadable by vLLM: plain LoRA (no DoRA), no `modules_to_save`, and a rank from
-vLLM's supported set.
+vLLM's supported set (checked with the settings: train.lora_rank, core.settings.VLLM_LORA_RANKS).
 """
 from __future__ import annotations
 
 from kinject.core.errors import KinjectError
-from kinject.core.settings import VLLM_LORA_RANKS, Settings
-
-
-class LoraSettingsError(KinjectError):
-    pass
-
-
-def check_rank(rank: int) -> int:
-    if rank not in VLLM_LORA_RANKS:
-        raise LoraSettingsError(
-            f"LoRA rank {rank} cannot be loaded by vLLM; use one of {', '.join(map(str, VLLM_LORA_RANKS))}"
-        )
-    return rank
+from kinject.core.settings import Settings
 
 
 def lora_config(settings: Settings):
@@ -28,7 +16,7 @@ def lora_config(settings: Settings):
     targets = t.target_modules
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
-        r=check_rank(t.lora_rank),
+        r=t.lora_rank,
         lora_alpha=t.lora_alpha,
         lora_dropout=t.lora_dropout,
         # "all-linear": every linear projection of the transformer blocks, not the output head.

@@ -24,7 +24,6 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO / "demo"
 DEMO_CORPUS = DEMO_DIR / "corpus"
 DEMO_QUESTIONS = DEMO_DIR / "questions.jsonl"
-DEMO_MODES = ["base", "rag", "ft", "ft-rag"]
 HEADLINE_SPLIT = "test"  # settings were chosen on "dev"; the printed table is on "test"
 
 # The demo's sizes, chosen by measurement to fit ten minutes on two CPU cores (see README).
@@ -106,18 +105,20 @@ def run_demo(
     report = build(kb, corpus, settings, echo=echo)
     runs += report.runs
 
+    from kinject.core.answer import MODES
     from kinject.core.engines import make_engine
 
-    echo(f"== eval: {', '.join(DEMO_MODES)} on the {split} split of {questions.name}")
+    modes = list(MODES)
+    echo(f"== eval: {', '.join(modes)} on the {split} split of {questions.name}")
     engine = None
-    reused = reusable_eval(kb, questions, split, DEMO_MODES, settings)
+    reused = reusable_eval(kb, questions, split, modes, settings)
     if reused:
         folder = reused
         runs.append(StageRun("eval", "skipped", 0.0))
         echo(f"[eval] skipped: inputs unchanged, reused {folder.relative_to(kb.root)}")
     else:
         engine = make_engine(settings)
-        run = timed("eval", lambda: door("eval")(kb, questions, DEMO_MODES, settings, split=split, progress=True, engine=engine))
+        run = timed("eval", lambda: door("eval")(kb, questions, modes, settings, split=split, progress=True, engine=engine))
         folder = run.report.dir
         runs.append(run)
         echo(f"[eval] ran in {run.seconds:.1f} s")
@@ -146,6 +147,7 @@ def serve_kb(kb: KB, settings: Settings, engine, echo: Callable[[str], None]) ->
     """Serve the KB's API and UI on loopback until interrupted (Ctrl-C)."""
     import uvicorn
 
+    from kinject.core.answer import model_id
     from kinject.recipes.serve import service_app, url_host
     from kinject.service.guards import refuse_open_bind
 
@@ -155,7 +157,7 @@ def serve_kb(kb: KB, settings: Settings, engine, echo: Callable[[str], None]) ->
     base = f"http://{url_host(settings.serve.host)}:{sock.getsockname()[1]}"
     echo("")
     state = api.state.kinject
-    echo(f"API: {base}/v1   (OpenAI-compatible; models: {', '.join(state.model_id(m) for m in state.answerer.available_modes())})")
+    echo(f"API: {base}/v1   (OpenAI-compatible; models: {', '.join(model_id(m) for m in state.answerer.available_modes())})")
     echo(f"UI:  {base}/ui")
     echo("Ctrl-C stops the server.")
     try:

@@ -40,6 +40,7 @@ def serve_cmd(
 
     import uvicorn
 
+    from kinject.core.answer import model_id
     from kinject.core.settings import settings_from
     from kinject.service.guards import is_loopback, refuse_open_bind
 
@@ -60,9 +61,9 @@ def serve_cmd(
     state = api.state.kinject
     base = f"http://{url_host(settings.serve.host)}:{bound}"
     typer.echo(f"kinject serving KB {kb!r} on the {state.answerer.engine.name} engine")
-    typer.echo(f"  models: {', '.join(state.model_id(m) for m in state.answerer.available_modes())}")
+    typer.echo(f"  models: {', '.join(model_id(m) for m in state.answerer.available_modes())}")
     for mode, why in state.answerer.unavailable().items():
-        typer.echo(f"  not available: {state.model_id(mode)} ({why})")
+        typer.echo(f"  not available: {model_id(mode)} ({why})")
     typer.echo(f"  API: {base}/v1")
     typer.echo(f"  UI:  {base}/ui")
     if settings.serve.api_key.get_secret_value():

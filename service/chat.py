@@ -19,7 +19,8 @@ from fastapi.responses import JSONResponse
 
 from kinject.core.answer import Prepared, source_dict, with_seed
 from kinject.core.engines import SamplingParams
-from kinject.service.errors import bad_request, log
+from kinject.core.policy import Slot
+from kinject.service.errors import bad_request
 from kinject.service.protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,
@@ -33,9 +34,9 @@ from kinject.service.protocol import (
     new_id,
     now,
 )
-from kinject.service.sampling import check_choices, fit_context, max_new_tokens, sampling_params
-from kinject.service.state import ServiceState, Slot, get_state
-from kinject.service.streaming import SSEResponse, closing_events, in_thread, sse, unless_gone
+from kinject.service.sampling import check_choices, max_new_tokens, sampling_params
+from kinject.service.state import ServiceState, get_state
+from kinject.service.streaming import SSEResponse, closing_events, in_thread, sse, stream_error, unless_gone
 
 router = APIRouter()
 
@@ -66,14 +67,10 @@ def checked_params(state: ServiceState, req: ChatCompletionRequest) -> SamplingP
 
 
 async def prepare(state: ServiceState, req: ChatCompletionRequest, conv: list[dict], params: SamplingParams) -> Prepared:
-    limit = min(state.settings.serve.max_prompt_tokens, state.settings.engine.max_model_len - 1)
-
     def run() -> Prepared:  # reads the manifest, may load a new adapter, retrieves: off the event loop
-        return state.answerer.prepare(state.mode_for(req.model), conv, params, max_prompt_tokens=limit)
+        return state.answerer.prepare(state.mode_for(req.model), conv, params)
 
-    prepared = await anyio.to_thread.run_sync(run)
-    fit_context(prepared.request.params, prepared.prompt_tokens, state.settings)
-    return prepared
+    return await anyio.to_thread.run_sync(run)
 
 
 def sources_of(prepared: Prepared) -> list[Source]:
@@ -126,7 +123,7 @@ async def stream_chat(state: ServiceState, req: ChatCompletionRequest, prepared:
         return sse(data)
 
     prompt_tokens = completion_tokens = 0
-    failed = False
+    error = None
     try:
         for i in range(req.n):
             first = {"sources": sources_of(prepared), "kinject_mode": prepared.mode, "kinject_route": prepared.route_reason or None} if i == 0 else {}
@@ -143,9 +140,8 @@ async def stream_chat(state: ServiceState, req: ChatCompletionRequest, prepared:
                         prompt_tokens = piece.prompt_tokens
                         completion_tokens += piece.completion_tokens
             yield chunk(i, DeltaMessage(), finish)
-    except Exception:  # headers are sent: report in the stream, as OpenAI does
-        log.exception("streamed generation failed")
-        failed = True
+    except Exception as e:  # headers are sent: report in the stream, as OpenAI does
+        error = stream_error(e)
     finally:
         slot.release()  # before the last events, so a client that reads [DONE] finds the slot free
 
@@ -153,5 +149,5 @@ async def stream_chat(state: ServiceState, req: ChatCompletionRequest, prepared:
         usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
         return sse(ChatCompletionStreamResponse(id=rid, created=created, model=req.model, choices=[], usage=usage), exclude={"sources", "kinject_mode", "kinject_route"})
 
-    for event in closing_events(failed, usage_chunk if include_usage else None):
+    for event in closing_events(error, usage_chunk if include_usage else None):
         yield event

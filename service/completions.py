@@ -25,9 +25,10 @@ import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from kinject.core.answer import AUTO, MODES, PromptTooLong, with_seed
+from kinject.core.answer import AUTO, MODES, with_seed
 from kinject.core.engines import Generation, GenRequest, SamplingParams, TokenLogprob
-from kinject.service.errors import APIError, bad_request, log
+from kinject.core.policy import PromptTooLong, Slot, check_prompt, fit_answer
+from kinject.service.errors import APIError, bad_request
 from kinject.service.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -38,9 +39,9 @@ from kinject.service.protocol import (
     new_id,
     now,
 )
-from kinject.service.sampling import check_choices, fit_context, max_new_tokens, sampling_params
-from kinject.service.state import ServiceState, Slot, get_state
-from kinject.service.streaming import SSEResponse, closing_events, in_thread, sse, unless_gone
+from kinject.service.sampling import check_choices, max_new_tokens, sampling_params
+from kinject.service.state import ServiceState, get_state
+from kinject.service.streaming import SSEResponse, closing_events, in_thread, sse, stream_error, unless_gone
 
 router = APIRouter()
 
@@ -94,7 +95,6 @@ async def completions(req: CompletionRequest, request: Request, state: ServiceSt
     check_choices(len(prompts) * req.n, state.settings)
     params = sampling_params(req, max_new_tokens(req.max_tokens, state.settings, allow_zero=req.echo), state.settings)
     engine = state.answerer.engine
-    limit = min(state.settings.serve.max_prompt_tokens, state.settings.engine.max_model_len - 1)
     async with state.slots.slot() as slot:  # reading the manifest, loading an adapter, tokenizing: model work too
 
         def resolve() -> tuple[str, str | None, list[int]]:
@@ -103,11 +103,12 @@ async def completions(req: CompletionRequest, request: Request, state: ServiceSt
             return mode, adapter, [engine.prompt_tokens(GenRequest(prompt=p, adapter=adapter)) for p in prompts]
 
         mode, adapter, counts = await anyio.to_thread.run_sync(resolve)
-        for n_tokens in counts:
-            if n_tokens > limit:
-                e = PromptTooLong(n_tokens, limit)
-                raise APIError(400, str(e), param="prompt", code="context_length_exceeded")
-        fit_context(params, max(counts), state.settings)
+        try:
+            for n_tokens in counts:
+                check_prompt(n_tokens, state.settings)
+        except PromptTooLong as e:
+            raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
+        params = fit_answer(params, max(counts), state.settings)
         headers = {"x-kinject-mode": mode}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -154,7 +155,7 @@ async def stream_completion(
         return sse(body, exclude=skip | ({"kinject_mode"} if body.kinject_mode is None else set()))
 
     completion_tokens = 0
-    failed = False
+    error = None
     try:
         for pi, prompt in enumerate(prompts):
             for j in range(req.n):
@@ -178,9 +179,8 @@ async def stream_completion(
                             finish = piece.finish_reason
                             completion_tokens += piece.completion_tokens
                 yield chunk(index, "", finish, **first)
-    except Exception:
-        log.exception("streamed completion failed")
-        failed = True
+    except Exception as e:
+        error = stream_error(e)
     finally:
         slot.release()  # before the last events, so a client that reads [DONE] finds the slot free
 
@@ -188,5 +188,5 @@ async def stream_completion(
         usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
         return sse(CompletionStreamResponse(id=rid, created=created, model=req.model, choices=[], usage=usage), exclude={"kinject_mode"})
 
-    for event in closing_events(failed, usage_chunk if include_usage else None):
+    for event in closing_events(error, usage_chunk if include_usage else None):
         yield event

@@ -5,7 +5,7 @@ exactly as documents are embedded for retrieval (core.retrieval.Retriever.embed_
 mode of a KB shares one embedder. `encoding_format: base64` returns little-endian float32 bytes,
 as OpenAI does. `dimensions` is accepted only when it equals the embedder's size (truncating a
 non-Matryoshka embedding would silently degrade it). Embedding is model work: it runs in one of
-the slots generation uses (service.state), so it queues, or is refused with a 503, like them.
+the slots generation uses (core.policy.Slots), so it queues, or is refused with a 503, like them.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import anyio
 import numpy as np
 from fastapi import APIRouter, Depends
 
-from kinject.core.answer import ALL_MODES
+from kinject.core.answer import ALL_MODES, MODEL_PREFIX
 from kinject.service.errors import APIError, bad_request
-from kinject.service.protocol import MODEL_PREFIX, EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from kinject.service.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from kinject.service.state import ServiceState, get_state
 
 router = APIRouter()

@@ -17,8 +17,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kinject.core.answer import ModeUnavailable, PromptTooLong
+from kinject.core.answer import ModeUnavailable
 from kinject.core.errors import KinjectError
+from kinject.core.policy import Busy, PromptTooLong
 from kinject.service.protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger("kinject.service")
@@ -82,6 +83,8 @@ def from_kinject(e: KinjectError) -> APIError:
         return APIError(404, str(e), param="model", code="model_not_found")
     if isinstance(e, PromptTooLong):
         return APIError(400, str(e), param="messages", code="context_length_exceeded")
+    if isinstance(e, Busy):
+        return APIError(503, str(e), code="server_busy", headers={"Retry-After": str(e.retry_after_s)})
     return APIError(400, str(e))
 
 

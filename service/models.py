@@ -5,6 +5,7 @@ from __future__ import annotations
 import anyio
 from fastapi import APIRouter, Depends
 
+from kinject.core.answer import model_id
 from kinject.service.errors import APIError
 from kinject.service.protocol import ModelCard, ModelList
 from kinject.service.state import ServiceState, get_state
@@ -13,7 +14,7 @@ router = APIRouter()
 
 
 def cards(state: ServiceState) -> list[ModelCard]:
-    return [ModelCard(id=state.model_id(m), kinject_mode=m, description=state.describe(m)) for m in state.answerer.available_modes()]
+    return [ModelCard(id=model_id(m), kinject_mode=m, description=state.describe(m)) for m in state.answerer.available_modes()]
 
 
 @router.get("/v1/models", response_model=ModelList)

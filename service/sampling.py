@@ -2,9 +2,9 @@
 
 - `temperature` defaults to 0 (greedy): a knowledge service should give the same answer twice.
 - `max_tokens` < 1 is a 400 (except 0 with `echo` on /v1/completions, for log-likelihood
-  scoring). Above `serve.max_new_tokens` it is clamped to that limit, as it is to the room left
-  in the engine's context (`engine.max_model_len` minus the prompt); a clamped answer that runs
-  out of room ends with finish_reason "length", which tells the client.
+  scoring); left out, it is `serve.max_new_tokens`. The answering policy (core.policy) then clamps
+  it to `serve.max_new_tokens` and to the room the prompt leaves in `engine.max_model_len`; a
+  clamped answer that runs out of room ends with finish_reason "length", which tells the client.
 - `n` answers use seeds seed, seed+1, ...; answer i is the same streamed or not and whatever n is
   (see core.answer.Answerer.generate). One request asks for at most `serve.max_choices` answers
   (n, times the prompts on /v1/completions): they all run in the one slot it holds.
@@ -23,19 +23,13 @@ DEFAULT_TEMPERATURE = 0.0
 
 
 def max_new_tokens(requested: int | None, settings: Settings, *, allow_zero: bool = False, param: str = "max_tokens") -> int:
-    limit = settings.serve.max_new_tokens
+    """The new tokens a request asks for, before the policy clamps them."""
     if requested is None:
-        return limit
+        return settings.serve.max_new_tokens
     if requested < (0 if allow_zero else 1):
         floor = "0 (with echo)" if allow_zero else "1"
         raise bad_request(f"{param} must be at least {floor}, got {requested}", param=param, code="invalid_value")
-    return min(requested, limit)
-
-
-def fit_context(params: SamplingParams, prompt_tokens: int, settings: Settings) -> None:
-    """Leave the engine room for the prompt: prompt + new tokens <= engine.max_model_len."""
-    room = settings.engine.max_model_len - prompt_tokens
-    params.max_new_tokens = max(1, min(params.max_new_tokens, room))
+    return requested
 
 
 def check_choices(count: int, settings: Settings) -> None:

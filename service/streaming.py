@@ -20,8 +20,8 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from kinject.service.errors import ClientGone, internal_error
-from kinject.service.state import Slot
+from kinject.core.policy import Busy, Slot
+from kinject.service.errors import APIError, ClientGone, from_kinject, internal_error, log
 
 T = TypeVar("T")
 DONE = "data: [DONE]\n\n"
@@ -58,12 +58,23 @@ def sse(payload: BaseModel | dict, exclude: set[str] | None = None) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def closing_events(failed: bool, usage: Callable[[], str] | None) -> Iterator[str]:
+def stream_error(e: Exception) -> APIError:
+    """What a reader is told when an answer fails once it has started (an API stream whose
+    headers are sent, or an answer on the UI's page): a full queue as it is; anything else is a
+    bug or an engine failure whose text can hold paths and settings, so the log gets the details
+    and the reader the internal error."""
+    if isinstance(e, Busy):
+        return from_kinject(e)
+    log.error("streamed generation failed", exc_info=e)
+    return internal_error()
+
+
+def closing_events(error: APIError | None, usage: Callable[[], str] | None) -> Iterator[str]:
     """A stream's last events, after its slot is released: the error event if generation failed
     (headers are sent, so it is reported in the stream, as OpenAI does), else the usage chunk when
     the client asked for one, then [DONE]."""
-    if failed:
-        yield sse(internal_error().payload())
+    if error is not None:
+        yield sse(error.payload())
     elif usage is not None:
         yield usage()
     yield DONE

@@ -14,13 +14,13 @@ from kinject.core.answer import (
     SYSTEM_PROMPT,
     Answerer,
     ModeUnavailable,
-    PromptTooLong,
     build_messages,
     retrieval_queries,
 )
 from kinject.core.engines import SamplingParams
 from kinject.core.errors import KinjectError
 from kinject.core.kb import KB
+from kinject.core.policy import PromptTooLong
 from kinject.core.retrieval import Hit
 from tests.conftest import REPO, attach_untrained_lora
 
@@ -175,16 +175,20 @@ def test_auto_routes_by_real_retrieval_scores(demo_kb, demo_settings, engine):
 
 # ---- prompt fitting, n answers, adapters ----------------------------------------------------------
 def test_prepare_drops_passages_to_fit_and_refuses_what_cannot(demo_kb, demo_settings, engine):
-    a = Answerer(demo_kb, demo_settings, engine)
+    from kinject.core.settings import load_settings
+
+    def limited(max_prompt_tokens: int) -> Answerer:
+        return Answerer(demo_kb, load_settings({"kb_root": str(demo_settings.kb_root), "serve": {"max_prompt_tokens": max_prompt_tokens}}), engine)
+
     conv = [{"role": "user", "content": "Who founded Vaskarra and when?"}]
-    full = a.prepare("rag", conv, SamplingParams(), max_prompt_tokens=10_000)
+    full = Answerer(demo_kb, demo_settings, engine).prepare("rag", conv, SamplingParams())
     assert len(full.hits) == demo_settings.retrieval.top_k and full.prompt_tokens > 0
     assert full.prompt_tokens == engine.count_tokens(engine.render(full.request))
-    tight = a.prepare("rag", conv, SamplingParams(), max_prompt_tokens=full.prompt_tokens - 1)
+    tight = limited(full.prompt_tokens - 1).prepare("rag", conv, SamplingParams())
     assert 0 < len(tight.hits) < len(full.hits) and tight.prompt_tokens <= full.prompt_tokens - 1
     assert [h.chunk_id for h in tight.hits] == [h.chunk_id for h in full.hits[: len(tight.hits)]]  # lowest scored dropped
     with pytest.raises(PromptTooLong, match="serve.max_prompt_tokens") as e:
-        a.prepare("base", [{"role": "user", "content": "word " * 400}], SamplingParams(), max_prompt_tokens=100)
+        limited(100).prepare("base", [{"role": "user", "content": "word " * 400}], SamplingParams())
     assert e.value.tokens > 100 and e.value.limit == 100
 
 

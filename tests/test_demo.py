@@ -87,19 +87,20 @@ def test_build_runs_three_stages_then_reuses_them(capsys, subset, kb_root):
 
 @pytest.mark.slow
 def test_demo_prints_table_and_reuses_every_stage(capsys, subset, kb_root):
-    from kinject.recipes.demo import DEMO_MODES, demo_settings, run_demo
+    from kinject.core.answer import MODES
+    from kinject.recipes.demo import demo_settings, run_demo
     from kinject.core.settings import parse_overrides
 
     corpus, questions = subset
     settings = demo_settings(parse_overrides(TINY))
     first = run_demo(settings, "sub", serve=False, corpus=corpus, questions=questions)
     out = capsys.readouterr().out
-    for mode in DEMO_MODES:
+    for mode in MODES:
         assert f"| {mode} |" in out
     assert "synthetic data:" in out and "demo stage times" in out
     assert (Path(first["eval_dir"]) / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((Path(first["eval_dir"]) / "report.json").read_text())
-    assert report["split"] == "test" and report["modes"] == DEMO_MODES
+    assert report["split"] == "test" and report["modes"] == list(MODES)
 
     second = run_demo(settings, "sub", serve=False, corpus=corpus, questions=questions)
     assert second["eval_dir"] == first["eval_dir"]

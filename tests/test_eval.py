@@ -194,13 +194,13 @@ def test_mc_acc_and_acc_norm_on_a_crafted_quality_case(engine):
     """Hand-checked: after a QuALITY question, a two-word reply beats a long repetitive one on
     summed log-likelihood, but the long one is far more predictable per character, so acc and
     acc_norm pick different options; both equal argmaxes of the engine's own log-likelihoods."""
-    from kinject.core.answer import build_messages, render_prompt
+    from kinject.core.answer import build_messages
     from kinject.core.engines import GenRequest
     from kinject.eval.mc import continuation, score_choices
     from kinject.eval.questions import load_questions
 
     q = load_questions(shared_dataset("quality_mc") / "questions.jsonl", split="dev")[0]
-    context = render_prompt(engine, GenRequest(messages=build_messages([{"role": "user", "content": q.question}], None)))
+    context = engine.render(GenRequest(messages=build_messages([{"role": "user", "content": q.question}], None)))
     assert context.endswith("assistant\n")
     long = "I do not know. " * 12
     choices = ["I do not know.", long.strip(), "Purple elephants."]

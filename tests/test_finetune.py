@@ -139,16 +139,16 @@ def test_replay_adds_offline_generic_text_in_the_asked_share(tokenizer, settings
 
 def test_rank_outside_vllms_set_is_rejected_with_the_allowed_list(tmp_path, capsys):
     from kinject.cli import main
-    from kinject.finetune.lora import LoraSettingsError, check_rank
 
-    with pytest.raises(SettingsError, match=r"8, 16, 32, 64"):
+    with pytest.raises(SettingsError, match=r"1, 8, 16, 32, 64"):
         load_settings({"train": {"lora_rank": 12}})
-    with pytest.raises(LoraSettingsError, match=r"allowed|use one of 8, 16"):
-        check_rank(12)
+    s = load_settings()
+    with pytest.raises(ValueError, match=r"1, 8, 16, 32, 64"):  # a rank set later is checked too
+        s.train.lora_rank = 12
     with pytest.raises(SystemExit) as exit_:
         main(["--set", f"kb_root={tmp_path}", "--set", "train.lora_rank=12", "train", "--kb", "x"])
     assert exit_.value.code == 2
-    assert "8, 16, 32, 64" in capsys.readouterr().err
+    assert "1, 8, 16, 32, 64" in capsys.readouterr().err
 
 
 def test_lora_config_is_loadable_by_vllm(settings):

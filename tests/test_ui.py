@@ -117,7 +117,8 @@ def test_unbuilt_modes_are_labelled_and_refused(squad_kb, engine):
     from gradio_client import Client
 
     from kinject.core.answer import Answerer
-    from kinject.ui.app import build_ui, mode_choices
+    from kinject.ui.app import build_ui
+    from kinject.ui.chat import mode_choices
 
     kb, settings = squad_kb
     answerer = Answerer(kb, settings, engine)
@@ -217,7 +218,7 @@ def test_kb_tab_shows_the_training_report_and_loss_curve(settings):
 
     from kinject.core.kb import KB
     from kinject.finetune.report import write_loss_png, write_report
-    from kinject.ui.app import kb_info
+    from kinject.ui.kb_tab import kb_info
 
     kb = KB.create(settings, "tab")
     folder = kb.dir("train")

@@ -110,7 +110,7 @@ def indexed(kb_root: Path) -> dict[str, str]:
 
 # ---- the upload handler's own check (no server) ----------------------------------------------
 def test_only_regular_uploaded_files_within_the_limit_are_accepted_and_discarded(tmp_path):
-    from kinject.ui.app import accepted_upload, discard_upload
+    from kinject.ui.upload import accepted_upload, discard_upload
 
     uploads, outside = tmp_path / "gradio", tmp_path / "private"
     (uploads / "a1b2").mkdir(parents=True)

@@ -67,10 +67,7 @@ from kinject.core.engines.batch_gate import BatchGate
 from kinject.core.engines.event_loop_thread import EventLoopThread
 from kinject.core.errors import KinjectError
 from kinject.core.models import load_tokenizer, resolve_model
-from kinject.core.settings import Settings
-
-# The values vLLM accepts for max_lora_rank.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+from kinject.core.settings import VLLM_LORA_RANKS, Settings
 
 
 class VLLMEngineError(KinjectError):

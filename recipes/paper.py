@@ -17,10 +17,10 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from kinject.recipes.build import build, door, reusable_eval
 from kinject.core.errors import KinjectError
 from kinject.core.kb import KB, work_seconds
 from kinject.core.settings import _deep_merge, load_settings
+from kinject.recipes.build import build
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -53,6 +53,9 @@ def _read_json(path: Path) -> dict:
 
 def run_set(name: str, overrides: dict, echo: Callable[[str], None] = typer.echo) -> dict:
     """Build and evaluate one set; the numbers its section of the report needs."""
+    from kinject.eval.reuse import reused_eval
+    from kinject.eval.run import evaluate
+
     folder = SHARED_DATA / name
     corpus, questions = folder / "corpus.jsonl", folder / "questions.jsonl"
     if not corpus.exists() or not questions.exists():
@@ -65,25 +68,20 @@ def run_set(name: str, overrides: dict, echo: Callable[[str], None] = typer.echo
     t0 = time.perf_counter()
     built = build(kb, corpus, settings, echo=echo)
     echo(f"== eval {', '.join(MODES)} on the {SPLIT} split")
-    report_dir = reusable_eval(kb, questions, SPLIT, MODES, settings, limit)
-    if report_dir is not None:
-        echo(f"[eval] skipped: inputs unchanged, reused {report_dir.name}")
-        rec = kb.stage("eval") or {}
-        same = rec.get("outputs", {}).get("report") == str(report_dir.relative_to(kb.root))
-        eval_seconds = rec["outputs"].get("seconds") if same else None
-    else:
-        t_eval = time.perf_counter()
-        report_dir = door("eval")(kb, questions, MODES, settings, split=SPLIT, limit=limit, progress=True).dir
-        eval_seconds = round(time.perf_counter() - t_eval, 1)
-        echo(f"[eval] ran in {eval_seconds:.1f} s")
+    evaluated = reused_eval(kb, questions, SPLIT, MODES, settings, limit)
+    if evaluated is None:
+        evaluated = evaluate(kb, questions, MODES, settings, split=SPLIT, limit=limit, progress=True)
+    echo(evaluated.status_line())
+    report_dir = evaluated.dir
     this_run = round(time.perf_counter() - t0, 1)
 
     # A reused stage counts with the wall time of the run that produced it.
-    stage_seconds = {s: work_seconds(kb.stage(s)) for s in ("ingest", "augment", "train")}
-    for r in built.runs:
-        if r.status != "skipped":
-            stage_seconds[r.stage] = r.seconds
-    stage_seconds["eval"] = eval_seconds
+    stage_seconds = {r.stage: work_seconds(kb.stage(r.stage)) if r.status == "skipped" else r.seconds for r in built}
+    stage_seconds["eval"] = evaluated.seconds
+    if evaluated.status == "skipped":  # the eval record keeps its run's time while it names this report
+        rec = kb.stage("eval") or {}
+        same = rec.get("outputs", {}).get("report") == str(report_dir.relative_to(kb.root))
+        stage_seconds["eval"] = rec["outputs"].get("seconds") if same else None
     report = _read_json(report_dir / "report.json")
     synthetic = _read_json(kb.dir("augment") / "report.json")
     train_report = _read_json(kb.dir("train") / "report.json")
@@ -111,7 +109,7 @@ def run_set(name: str, overrides: dict, echo: Callable[[str], None] = typer.echo
 
 # ---- the report -------------------------------------------------------------------------------
 def primary_metric(report: dict) -> str:
-    from kinject.eval.run import PRIMARY
+    from kinject.eval.scoring import PRIMARY
 
     kinds = report.get("kinds") or {}
     kind = max(kinds, key=kinds.get) if kinds else "short"

@@ -54,9 +54,4 @@ def augment_cmd(
     )
     result = augment(KB.open(settings, kb), settings, progress=progress)
     result.print()
-    r = result.report
-    if result.new_samples:
-        typer.echo(f"generated {result.new_samples} samples ({result.new_tokens} tokens) in {result.generate_seconds:.0f} s of generation ({result.tokens_per_s} tok/s; {result.seconds:.0f} s in all)")
-    else:
-        typer.echo("nothing to generate: the budget was already met")
-    typer.echo(f"kept {r['kept']} of {r['samples']} samples ({r['kept_tokens']} tokens) -> {result.folder}/curated.jsonl")
+    typer.echo(result.summary())

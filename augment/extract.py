@@ -224,14 +224,6 @@ def restatements(document: str, rng: random.Random) -> list[str]:
     return [rng.choice(_RESTATE_LEADS).format(title=title) + s for s in sentences]
 
 
-def shuffled_document(document: str, rng: random.Random) -> str:
-    """The document with its sentences in another order and each naming its subject: the same
-    facts in a new context, which plain repetition of the document does not give."""
-    title, sentences = resolved_sentences(document)
-    rng.shuffle(sentences)
-    return f"{title}\n" + " ".join(sentences)
-
-
 def qa_text(pairs: list[tuple[str, str]]) -> str:
     """Pairs in the `Q: ... A: ...` form that training reads (finetune.data.qa_pairs)."""
     return "\n".join(f"Q: {q}\nA: {a}" for q, a in pairs)

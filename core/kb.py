@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import threading
-import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -287,14 +286,3 @@ def work_seconds(record: dict | None) -> float | None:
         return None
     return round((end - start).total_seconds(), 3)
 
-
-class StageTimer:
-    """Start time of a stage, for its manifest record."""
-
-    def __init__(self) -> None:
-        self.started_at = now_iso()
-        self._t0 = time.perf_counter()
-
-    @property
-    def seconds(self) -> float:
-        return round(time.perf_counter() - self._t0, 3)

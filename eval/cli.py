@@ -39,9 +39,7 @@ def eval_cmd(
     report = evaluate(
         KB.open(settings, kb), questions, modes, settings, split=split, limit=limit, endpoint=endpoint, progress=not quiet
     )
-    typer.echo(report.table)
-    typer.echo(f"report: {report.dir}")
-    typer.echo(f"chart:  {report.dir / 'chart.png'}")
+    typer.echo(report.summary())
 
 
 def _report_path(ref: str, kb: str | None, settings):

@@ -20,13 +20,8 @@ from kinject.eval.questions import Question
 @dataclass
 class ChoiceScores:
     logprobs: list[float]
-    choice_chars: list[int]
     pred: int  # argmax of the summed log-probability
     pred_norm: int  # argmax of the log-probability per character
-
-    @property
-    def norm_logprobs(self) -> list[float]:
-        return [lp / n for lp, n in zip(self.logprobs, self.choice_chars)]
 
 
 @dataclass
@@ -59,7 +54,7 @@ def continuation(context: str, choice: str) -> str:
 def pick(logprobs: list[float], choices: Sequence[str]) -> ChoiceScores:
     chars = [max(1, len(c)) for c in choices]
     norm = [lp / n for lp, n in zip(logprobs, chars)]
-    return ChoiceScores(list(logprobs), chars, _argmax(logprobs), _argmax(norm))
+    return ChoiceScores(list(logprobs), _argmax(logprobs), _argmax(norm))
 
 
 def score_choices(engine, context: str, choices: Sequence[str], adapter: str | None = None) -> ChoiceScores:

@@ -1,16 +1,20 @@
-"""The eval report on disk: report.json, per_question.jsonl, table.md and chart.png in one
-folder of the KB's eval/ (named dataset-split-time, written atomically), and `compare`.
+"""The eval report: `EvalReport`, and on disk report.json, per_question.jsonl, table.md and
+chart.png in one folder of the KB's eval/ (named dataset-split-time, written atomically), and
+`compare`.
 """
 from __future__ import annotations
 
 import io
 import json
 import math
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import ClassVar
 
 from kinject.core.errors import KinjectError
 from kinject.core.files import atomic_dir, read_jsonl
+from kinject.core.stage import StageResult
 from kinject.eval import metrics as M
 
 LABELS = {
@@ -23,6 +27,63 @@ IN_SAMPLE_MARK = "†"  # auto scored on the questions its router was fitted on
 
 class ReportError(KinjectError):
     pass
+
+
+@dataclass(kw_only=True)
+class EvalReport(StageResult):
+    """Status "skipped" when an earlier report answered the same questions with the same
+    settings, index and adapter, and is reused."""
+
+    stage: ClassVar[str] = "eval"
+    dataset: str
+    split: str | None
+    modes: list[str]
+    stats: dict  # mode -> metric -> {mean, lo, hi, n}; report.json's "summary"
+    cost: dict  # mode -> latency / token numbers
+    paired: list[dict]  # one paired test per metric and pair of modes
+    router: dict | None
+    per_question: list[dict]
+    info: dict  # settings, models and their hashes, backend, questions file...
+    dir: Path | None = None
+    table: str = ""
+    skipped: dict = field(default_factory=dict)  # question kinds left out, with the reason
+
+    def to_json(self) -> dict:
+        return {
+            "dataset": self.dataset,
+            "split": self.split,
+            "modes": self.modes,
+            "summary": self.stats,
+            "cost": self.cost,
+            "paired": self.paired,
+            "router": self.router,
+            "skipped": self.skipped,
+            **self.info,
+        }
+
+    @classmethod
+    def load(cls, folder: Path, **result) -> "EvalReport":
+        """The report written to `folder`; `result`: this call's StageResult fields."""
+        data, per_question = load_report(folder)
+        own = {"dataset", "split", "modes", "summary", "cost", "paired", "router", "skipped"}
+        return cls(
+            dataset=data["dataset"],
+            split=data["split"],
+            modes=data["modes"],
+            stats=data["summary"],
+            cost=data["cost"],
+            paired=data["paired"],
+            router=data["router"],
+            per_question=per_question,
+            info={k: v for k, v in data.items() if k not in own},
+            dir=folder,
+            table=(folder / "table.md").read_text(),
+            skipped=data.get("skipped", {}),
+            **result,
+        )
+
+    def summary(self) -> str:
+        return f"{self.table}\nreport: {self.dir}\nchart:  {self.dir / 'chart.png'}"
 
 
 def label(metric: str, k: int) -> str:

@@ -12,15 +12,14 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from kinject.core.errors import KinjectError
 from kinject.core.files import atomic_dir, sha256_file, sha256_text
-from kinject.core.kb import KB, StageTimer
+from kinject.core.kb import KB
 from kinject.core.settings import Settings
+from kinject.core.stage import StageResult, StageTimer
 from kinject.finetune import data, loop
 from kinject.finetune.report import write_loss_png, write_report
 
@@ -32,13 +31,12 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _NOT_IN_RUN_KEY = {"save_every", "gradient_checkpointing", "micro_batch_size"}
 
 
-class TrainError(KinjectError):
-    pass
+@dataclass(kw_only=True)
+class TrainReport(StageResult):
+    """Status "skipped" when the adapter is up to date with its inputs, "resumed" when training
+    continued from a checkpoint of an interrupted run."""
 
-
-@dataclass
-class TrainReport:
-    skipped: bool
+    stage: ClassVar[str] = "train"
     adapter_dir: str
     steps: int = 0
     epochs: float = 0.0
@@ -47,7 +45,6 @@ class TrainReport:
     blocks: int = 0
     final_loss: float | None = None
     loss_curve: list[list[float]] = field(default_factory=list)
-    wall_seconds: float = 0.0
     tokens_per_second: float = 0.0
     resumed_from_step: int | None = None
     perplexity_base: float | None = None
@@ -60,7 +57,7 @@ class TrainReport:
     memory: dict = field(default_factory=dict)  # the same plan in numbers (bytes)
 
     def summary(self) -> str:
-        if self.skipped:
+        if self.status == "skipped":
             return f"adapter is up to date in {self.adapter_dir} (inputs unchanged; use --force to retrain)"
         ppl = ""
         if self.perplexity_base is not None:
@@ -111,27 +108,31 @@ def train(
     on_step: loop.OnStep | None = None,
 ) -> TrainReport:
     """Train (or skip, when nothing changed) the KB's adapter and record the `train` stage."""
+    timer = StageTimer()
     with kb.lock():
         key, inputs = run_key(kb, settings)
         folder = kb.dir("train")
         if not force and is_up_to_date(kb, key):
-            rec = kb.stage("train")
-            report = TrainReport(skipped=True, adapter_dir=str(folder), base_model=rec.get("base_model", ""))
+            merged = None
             if merge and not (folder / "merged" / "config.json").exists():
-                report.merged_dir = str(_merge(folder, settings))
-            return report
-        return _train(kb, settings, key, inputs, progress, merge, on_step)
+                merged = str(_merge(folder, settings))
+            return TrainReport(
+                status="skipped",
+                adapter_dir=str(folder),
+                base_model=kb.stage("train").get("base_model", ""),
+                merged_dir=merged,
+                **timer.elapsed(),
+            )
+        return _train(kb, settings, key, inputs, progress, merge, on_step, timer)
 
 
-def _train(kb: KB, settings: Settings, key: str, inputs: dict, progress: bool, merge: bool, on_step) -> TrainReport:
+def _train(kb: KB, settings: Settings, key: str, inputs: dict, progress: bool, merge: bool, on_step, timer: StageTimer) -> TrainReport:
     import torch
 
     from kinject.core.models import load_causal_lm
     from kinject.finetune.lora import trainable_model
     from kinject.finetune.perplexity import perplexity
 
-    timer = StageTimer()
-    wall0 = time.perf_counter()
     folder = kb.dir("train")
     checkpoints = folder / "checkpoints"
     warnings: list[str] = []
@@ -154,10 +155,9 @@ def _train(kb: KB, settings: Settings, key: str, inputs: dict, progress: bool, m
         ppl_base = round(perplexity(model, documents, adapter=None, tokenizer=tokenizer), 4)
         ppl_adapted = round(perplexity(model, documents, adapter="default", tokenizer=tokenizer), 4)
 
-    wall = round(time.perf_counter() - wall0, 3)
     per_step = settings.train.batch_size * settings.train.grad_accum
     report = TrainReport(
-        skipped=False,
+        status="resumed" if result.resumed_from else "ran",
         adapter_dir=str(folder),
         steps=result.steps,
         epochs=round(result.steps * per_step / len(packed), 3),
@@ -166,7 +166,6 @@ def _train(kb: KB, settings: Settings, key: str, inputs: dict, progress: bool, m
         blocks=len(packed),
         final_loss=result.curve[-1][1] if result.curve else None,
         loss_curve=result.curve,
-        wall_seconds=wall,
         tokens_per_second=round(result.tokens_this_run / max(result.train_seconds, 1e-9), 1),
         resumed_from_step=result.resumed_from,
         perplexity_base=ppl_base,
@@ -176,6 +175,7 @@ def _train(kb: KB, settings: Settings, key: str, inputs: dict, progress: bool, m
         base_model=settings.models.llm,
         memory_plan=result.memory_plan.get("line", ""),
         memory={k: v for k, v in result.memory_plan.items() if k != "line"},
+        **timer.elapsed(),
     )
 
     files = _publish(kb, folder, model, tokenizer, settings)
@@ -187,7 +187,7 @@ def _train(kb: KB, settings: Settings, key: str, inputs: dict, progress: bool, m
         "tokens_seen": report.tokens_seen,
         "final_loss": report.final_loss,
         "tokens_per_second": report.tokens_per_second,
-        "wall_seconds": wall,
+        "seconds": report.seconds,
     }
     if ppl_base is not None:
         metrics.update(perplexity_base=ppl_base, perplexity_adapted=ppl_adapted)

@@ -140,7 +140,3 @@ class Chunker:
                 out.append(text)
             start = end
         return out
-
-
-def chunk_documents(docs: list[Document], chunker: Chunker) -> list[Chunk]:
-    return [c for doc in docs for c in chunker.chunk(doc)]

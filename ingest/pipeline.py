@@ -13,44 +13,46 @@ from __future__ import annotations
 import base64
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
 from kinject.core.files import append_jsonl, atomic_copy, read_jsonl, sha256_text
-from kinject.core.kb import KB, StageTimer, work_seconds
+from kinject.core.kb import KB, work_seconds
 from kinject.core.settings import Settings
-from kinject.ingest.chunking import CHUNKER_VERSION, Chunker
+from kinject.core.stage import StageResult, StageTimer
+from kinject.ingest.chunking import CHUNKER_VERSION, Chunk, Chunker
 from kinject.core.index import Document, IndexState, VectorIndex, load_documents, load_state, read_meta, write_state
 from kinject.ingest.readers import CorpusError, Findings, Skipped, Trimmed, read_corpus, read_files
 
 __all__ = ["IngestReport", "ingest", "add_files", "CorpusError"]
 
 
-@dataclass
-class IngestReport:
+@dataclass(kw_only=True)
+class IngestReport(StageResult):
+    """Status "skipped" when the index already matched the documents, "resumed" when some vectors
+    came from the checkpoint of a run that was interrupted while embedding."""
+
+    stage: ClassVar[str] = "ingest"
     kb: str
     corpus: str
     added: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     unchanged: int = 0
-    skipped: list[Skipped] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)  # files and lines left out, with the reason
     trimmed: list[Trimmed] = field(default_factory=list)
     documents: int = 0  # in the index after the run
     chunks: int = 0  # in the index after the run
     chunks_embedded: int = 0
     chunks_from_checkpoint: int = 0  # vectors a crashed earlier run had already computed
-    seconds: float = 0.0
     embed_seconds: float = 0.0
     chunks_per_s: float = 0.0  # chunks embedded per second of embedding
     rebuilt: str = ""  # why the whole index was rebuilt, if it was
     generation: str | None = None
     fingerprint: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def summary(self) -> str:
         lines = [
@@ -73,6 +75,16 @@ class IngestReport:
         return "\n".join(lines)
 
 
+@dataclass
+class Incoming:
+    """The documents one ingest brings, and what reading them left out."""
+
+    source: str  # the corpus, or the uploaded files, as the report names them
+    docs: list[Document]
+    found: Findings
+    complete: bool  # the whole corpus: an indexed document it lacks is removed
+
+
 def ingest(kb: KB, corpus_path: str | Path, settings: Settings, progress: bool = True) -> IngestReport:
     """Make the KB's index match the corpus plus the KB's uploads: add new, replace changed,
     delete removed documents. A corpus document wins over an upload with the same doc_id."""
@@ -92,7 +104,7 @@ def ingest(kb: KB, corpus_path: str | Path, settings: Settings, progress: bool =
     if not docs:
         detail = f"{len(found.skipped)} file(s) or line(s) skipped, e.g. {found.skipped[0]}" if found.skipped else "it holds no files"
         raise CorpusError(f"no documents to index in {corpus}: {detail}")
-    return _update(kb, docs, found, settings, progress, timer, corpus=str(corpus), remove_missing=True)
+    return _update(kb, Incoming(str(corpus), docs, found, complete=True), settings, progress, timer)
 
 
 def add_files(kb: KB, paths: list[str | Path], settings: Settings, progress: bool = False) -> IngestReport:
@@ -130,11 +142,14 @@ def add_files(kb: KB, paths: list[str | Path], settings: Settings, progress: boo
         corpus = ", ".join(map(str, paths))
         if not docs:  # nothing readable: leave the index and the manifest as they are
             meta = read_meta(kb.root / "index") or {}
-            return IngestReport(kb=kb.name, corpus=corpus, skipped=found.skipped, trimmed=found.trimmed, documents=meta.get("documents", 0), chunks=meta.get("chunks", 0), seconds=timer.seconds)
+            return IngestReport(
+                status="skipped", kb=kb.name, corpus=corpus, skipped=found.skipped, trimmed=found.trimmed,
+                documents=meta.get("documents", 0), chunks=meta.get("chunks", 0), **timer.elapsed(),
+            )
         for name, p in keep.items():
             atomic_copy(p, kb.uploads / name)
         try:
-            return _update(kb, docs, found, settings, progress, timer, corpus=corpus, remove_missing=False)
+            return _update(kb, Incoming(corpus, docs, found, complete=False), settings, progress, timer)
         except BaseException:
             for name in keep:  # not indexed: the same upload may be tried again
                 (kb.uploads / name).unlink(missing_ok=True)
@@ -183,109 +198,175 @@ def fingerprint(documents: dict[str, Document] | list[Document], build: dict) ->
     return sha256_text(json.dumps({"documents": pairs, "build": build}, sort_keys=True))
 
 
-def _update(
-    kb: KB,
-    docs: list[Document],
-    found: Findings,
-    settings: Settings,
-    progress: bool,
-    timer: StageTimer,
-    corpus: str,
-    remove_missing: bool,
-) -> IngestReport:
-    from kinject.core.retrieval import get_embedder
+@dataclass
+class Plan:
+    """What an ingest will change in the index, worked out before anything is embedded or written."""
 
-    report = IngestReport(kb=kb.name, corpus=corpus, skipped=found.skipped, trimmed=found.trimmed)
+    state: IndexState  # the current index (emptied when it is rebuilt), its meta set to `build`
+    build: dict  # what the vectors depend on
+    old: dict[str, Document]  # the documents the index held
+    new: dict[str, Document]  # the documents read now
+    added: list[str]
+    changed: list[str]
+    removed: list[str]
+    unchanged: int
+    rebuilt: str  # why the whole index is embedded again, if it is
+    embedder: Any  # loaded only when there is something to embed
+
+    @property
+    def to_embed(self) -> list[Document]:
+        return [self.new[i] for i in self.added + self.changed]
+
+
+@dataclass
+class Embedded:
+    chunks: list[Chunk]
+    vectors: np.ndarray | None
+    from_checkpoint: int = 0  # vectors a crashed earlier run had already computed
+    seconds: float = 0.0
+
+
+def _update(kb: KB, incoming: Incoming, settings: Settings, progress: bool, timer: StageTimer) -> IngestReport:
     with kb.lock():
         folder = kb.dir("ingest")
         previous = kb.stage("ingest")
-        build = _build_settings(settings)
-        state = load_state(folder)
-        if state is not None:
-            differs = [k for k in build if state.meta.get(k) != build[k]]
-            if differs:
-                report.rebuilt = "changed " + ", ".join(f"{k} ({state.meta.get(k)} -> {build[k]})" for k in differs)
-                if not remove_missing:  # an upload keeps the other documents: they are embedded again too
-                    docs = [d for d in state.documents.values() if d.doc_id not in {x.doc_id for x in docs}] + docs
-                state = IndexState(meta={"next_id": state.meta.get("next_id", 0)}, index=None, chunks={}, generation=state.generation)
-        if state is None:
-            state = IndexState(meta={"next_id": 0}, index=None, chunks={})
-        known = state.documents
-        embedder = None
-        if state.index is None or any(d.doc_id not in known or known[d.doc_id].content_hash != d.content_hash for d in docs):
-            embedder = get_embedder(settings.models.embedder, settings)  # loaded only when there is work for it
-            build.update(dim=embedder.dim, max_seq_length=embedder.max_seq_length)
-            if state.index is None:
-                state.index = VectorIndex.empty(embedder.dim)
-        else:
-            build.update(dim=state.meta["dim"], max_seq_length=state.meta["max_seq_length"])
-        state.meta.update(build)
-        old = state.documents
-        incoming = {d.doc_id: d for d in docs}
-        report.added = [d.doc_id for d in docs if d.doc_id not in old]
-        report.changed = [d.doc_id for d in docs if d.doc_id in old and old[d.doc_id].content_hash != d.content_hash]
-        report.removed = [i for i in old if i not in incoming] if remove_missing else []
-        report.unchanged = len(docs) - len(report.added) - len(report.changed)
-
-        # Drop the chunks of changed and removed documents: exactly their ids.
-        gone = set(report.changed) | set(report.removed)
-        drop = [cid for cid, rec in state.chunks.items() if rec["doc_id"] in gone]
-        state.index.remove(drop)
-        for cid in drop:
-            del state.chunks[cid]
-
-        # Chunk and embed the new and changed documents.
-        todo = [incoming[i] for i in report.added + report.changed]
-        chunks = []
-        if todo:
-            chunker = Chunker(embedder.tokenizer, embedder.max_seq_length, settings.ingest.chunk_size, settings.ingest.chunk_overlap, settings.ingest.metadata_in_text)
-            chunks = [c for d in todo for c in chunker.chunk(d)]
-            t0 = time.perf_counter()
-            vectors, report.chunks_from_checkpoint = _embed_with_checkpoint(embedder, chunks, folder, settings, progress)
-            report.embed_seconds = round(time.perf_counter() - t0, 3)
-        next_id = int(state.meta.get("next_id", 0))
-        ids = np.arange(next_id, next_id + len(chunks), dtype=np.int64)
-        if chunks:
-            state.index.add(ids, vectors)
-        for cid, c in zip(ids.tolist(), chunks):
-            state.chunks[cid] = {"id": cid, "chunk_id": c.chunk_id, "doc_id": c.doc_id, "title": c.title, "text": c.text, "page": c.page, "metadata": c.metadata}
-
-        if remove_missing:
-            state.documents = dict(incoming)
-        else:
-            state.documents = {**old, **incoming}
-        fp = fingerprint(state.documents, build)
-        state.meta.update(next_id=next_id + len(chunks), documents=len(state.documents), chunks=len(state.chunks), fingerprint=fp)
-        did_work = bool(chunks or drop or report.removed or state.generation is None or report.rebuilt or old != state.documents)
-        if did_work:
-            write_state(folder, state)
-        (folder / CHECKPOINT).unlink(missing_ok=True)  # its vectors are in the index now
-        report.generation = state.generation
-        report.fingerprint = fp
-        report.documents = len(state.documents)
-        report.chunks = len(state.chunks)
-        report.chunks_embedded = len(chunks) - report.chunks_from_checkpoint
-        report.chunks_per_s = round(report.chunks_embedded / report.embed_seconds, 1) if report.embed_seconds > 0 else 0.0
-        report.seconds = timer.seconds
-        kb.record_stage(
-            "ingest",
-            fingerprint=fp,
-            outputs={"index": f"index/{state.generation}", "documents": report.documents, "chunks": report.chunks},
-            metrics={
-                "added": len(report.added),
-                "changed": len(report.changed),
-                "removed": len(report.removed),
-                "unchanged": report.unchanged,
-                "skipped": len(report.skipped),
-                "chunks_embedded": report.chunks_embedded,
-                "seconds": report.seconds,
-                "chunks_per_s": report.chunks_per_s,
-            },
-            started_at=timer.started_at,
-            work_seconds=None if did_work else work_seconds(previous),
-            corpus=corpus,
-            build=build,
-            skipped=[{"path": s.path, "reason": s.reason} for s in report.skipped],
-            trimmed=[{"path": t.path, "what": t.what} for t in report.trimmed],
+        plan = _plan(load_state(folder), incoming, settings)
+        embedded = _embed(plan, folder, settings, progress)
+        did_work = _commit(plan, embedded, folder, incoming.complete)
+        state = plan.state
+        found = incoming.found
+        chunks_embedded = len(embedded.chunks) - embedded.from_checkpoint
+        report = IngestReport(
+            status="skipped" if not did_work else "resumed" if embedded.from_checkpoint else "ran",
+            kb=kb.name,
+            corpus=incoming.source,
+            added=plan.added,
+            changed=plan.changed,
+            removed=plan.removed,
+            unchanged=plan.unchanged,
+            skipped=found.skipped,
+            trimmed=found.trimmed,
+            documents=len(state.documents),
+            chunks=len(state.chunks),
+            chunks_embedded=chunks_embedded,
+            chunks_from_checkpoint=embedded.from_checkpoint,
+            embed_seconds=embedded.seconds,
+            chunks_per_s=round(chunks_embedded / embedded.seconds, 1) if embedded.seconds > 0 else 0.0,
+            rebuilt=plan.rebuilt,
+            generation=state.generation,
+            fingerprint=state.meta["fingerprint"],
+            **timer.elapsed(),
         )
+        _record(kb, report, plan.build, timer, previous)
     return report
+
+
+def _plan(state: IndexState | None, incoming: Incoming, settings: Settings) -> Plan:
+    """Compare the documents read with the index: which to add, replace and remove, and whether
+    a changed setting means embedding everything again."""
+    from kinject.core.retrieval import get_embedder
+
+    docs = incoming.docs
+    build = _build_settings(settings)
+    rebuilt = ""
+    if state is not None:
+        differs = [k for k in build if state.meta.get(k) != build[k]]
+        if differs:
+            rebuilt = "changed " + ", ".join(f"{k} ({state.meta.get(k)} -> {build[k]})" for k in differs)
+            if not incoming.complete:  # an upload keeps the other documents: they are embedded again too
+                docs = [d for d in state.documents.values() if d.doc_id not in {x.doc_id for x in docs}] + docs
+            state = IndexState(meta={"next_id": state.meta.get("next_id", 0)}, index=None, chunks={}, generation=state.generation)
+    if state is None:
+        state = IndexState(meta={"next_id": 0}, index=None, chunks={})
+    old = state.documents
+    embedder = None
+    if state.index is None or any(d.doc_id not in old or old[d.doc_id].content_hash != d.content_hash for d in docs):
+        embedder = get_embedder(settings.models.embedder, settings)  # loaded only when there is work for it
+        build.update(dim=embedder.dim, max_seq_length=embedder.max_seq_length)
+        if state.index is None:
+            state.index = VectorIndex.empty(embedder.dim)
+    else:
+        build.update(dim=state.meta["dim"], max_seq_length=state.meta["max_seq_length"])
+    state.meta.update(build)
+    new = {d.doc_id: d for d in docs}
+    added = [d.doc_id for d in docs if d.doc_id not in old]
+    changed = [d.doc_id for d in docs if d.doc_id in old and old[d.doc_id].content_hash != d.content_hash]
+    return Plan(
+        state=state,
+        build=build,
+        old=old,
+        new=new,
+        added=added,
+        changed=changed,
+        removed=[i for i in old if i not in new] if incoming.complete else [],
+        unchanged=len(docs) - len(added) - len(changed),
+        rebuilt=rebuilt,
+        embedder=embedder,
+    )
+
+
+def _embed(plan: Plan, folder: Path, settings: Settings, progress: bool) -> Embedded:
+    """Chunk and embed the new and changed documents."""
+    todo = plan.to_embed
+    if not todo:
+        return Embedded(chunks=[], vectors=None)
+    cfg, embedder = settings.ingest, plan.embedder
+    chunker = Chunker(embedder.tokenizer, embedder.max_seq_length, cfg.chunk_size, cfg.chunk_overlap, cfg.metadata_in_text)
+    chunks = [c for d in todo for c in chunker.chunk(d)]
+    t0 = time.perf_counter()
+    vectors, from_checkpoint = _embed_with_checkpoint(embedder, chunks, folder, settings, progress)
+    return Embedded(chunks, vectors, from_checkpoint, round(time.perf_counter() - t0, 3))
+
+
+def _commit(plan: Plan, embedded: Embedded, folder: Path, complete: bool) -> bool:
+    """Apply the plan to the index and write it as a new generation when anything changed.
+    Returns whether anything did."""
+    state = plan.state
+    # Drop the chunks of changed and removed documents: exactly their ids.
+    gone = set(plan.changed) | set(plan.removed)
+    drop = [cid for cid, rec in state.chunks.items() if rec["doc_id"] in gone]
+    state.index.remove(drop)
+    for cid in drop:
+        del state.chunks[cid]
+
+    chunks = embedded.chunks
+    next_id = int(state.meta.get("next_id", 0))
+    ids = np.arange(next_id, next_id + len(chunks), dtype=np.int64)
+    if chunks:
+        state.index.add(ids, embedded.vectors)
+    for cid, c in zip(ids.tolist(), chunks):
+        state.chunks[cid] = {"id": cid, "chunk_id": c.chunk_id, "doc_id": c.doc_id, "title": c.title, "text": c.text, "page": c.page, "metadata": c.metadata}
+
+    state.documents = dict(plan.new) if complete else {**plan.old, **plan.new}
+    fp = fingerprint(state.documents, plan.build)
+    state.meta.update(next_id=next_id + len(chunks), documents=len(state.documents), chunks=len(state.chunks), fingerprint=fp)
+    did_work = bool(chunks or drop or plan.removed or state.generation is None or plan.rebuilt or plan.old != state.documents)
+    if did_work:
+        write_state(folder, state)
+    (folder / CHECKPOINT).unlink(missing_ok=True)  # its vectors are in the index now
+    return did_work
+
+
+def _record(kb: KB, report: IngestReport, build: dict, timer: StageTimer, previous: dict | None) -> None:
+    kb.record_stage(
+        "ingest",
+        fingerprint=report.fingerprint,
+        outputs={"index": f"index/{report.generation}", "documents": report.documents, "chunks": report.chunks},
+        metrics={
+            "added": len(report.added),
+            "changed": len(report.changed),
+            "removed": len(report.removed),
+            "unchanged": report.unchanged,
+            "skipped": len(report.skipped),
+            "chunks_embedded": report.chunks_embedded,
+            "seconds": report.seconds,
+            "chunks_per_s": report.chunks_per_s,
+        },
+        started_at=timer.started_at,
+        # a run that changed nothing keeps the time of the run that built the index
+        work_seconds=work_seconds(previous) if report.status == "skipped" else None,
+        corpus=report.corpus,
+        build=build,
+        skipped=[{"path": s.path, "reason": s.reason} for s in report.skipped],
+        trimmed=[{"path": t.path, "what": t.what} for t in report.trimmed],
+    )

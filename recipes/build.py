@@ -1,112 +1,23 @@
 """`kinject build CORPUS --kb NAME`: ingest → augment → train in one go.
 
-Each stage's door owns its skip/resume logic (it compares its inputs with its manifest record);
-build only calls the doors in order, times them, and tells which ones did work. A stage counts
-as reused when its manifest record is untouched by the call, or when its report says so.
+Each stage skips or resumes on its own (it compares its inputs with its manifest record) and
+says which in the StageResult it returns; build calls them in order and prints what each did.
 """
 from __future__ import annotations
 
-import importlib
-import json
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import typer
 
 from kinject.core.errors import KinjectError
 from kinject.core.kb import KB
 from kinject.core.settings import Settings
-
-BUILD_STAGES = ("ingest", "augment", "train")
-
-# stage -> (module, function): the one public door of each stage.
-DOORS: dict[str, tuple[str, str]] = {
-    "ingest": ("ingest.pipeline", "ingest"),
-    "augment": ("ingest.augment", "augment"),
-    "train": ("finetune.train", "train"),
-    "eval": ("eval.run", "evaluate"),
-}
+from kinject.core.stage import StageResult
 
 
 class BuildError(KinjectError):
     pass
-
-
-def door(stage: str) -> Callable[..., Any]:
-    module, name = DOORS[stage]
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise BuildError(f"the {stage} stage is not installed ({module}.{name}: {e})") from None
-
-
-@dataclass
-class StageRun:
-    stage: str
-    status: str  # "ran", "resumed" or "skipped"
-    seconds: float  # wall time
-    report: Any = None
-    cpu_seconds: float = 0.0  # this process's CPU time, all threads: wall time inflates on a busy machine, this less so
-
-
-def timed(stage: str, fn: Callable[[], Any], status: str = "ran") -> StageRun:
-    """Call fn and return its result in a StageRun with its wall and CPU time."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    result = fn()
-    return StageRun(stage, status, round(time.perf_counter() - t0, 1), result, round(time.process_time() - c0, 1))
-
-
-@dataclass
-class BuildReport:
-    kb: str
-    runs: list[StageRun] = field(default_factory=list)
-
-    @property
-    def seconds(self) -> float:
-        return round(sum(r.seconds for r in self.runs), 1)
-
-    def run_of(self, stage: str) -> Optional[StageRun]:
-        return next((r for r in self.runs if r.stage == stage), None)
-
-
-def _flag(report: Any, name: str) -> Any:
-    return report.get(name) if isinstance(report, dict) else getattr(report, name, None)
-
-
-def _status(before: dict | None, after: dict | None, report: Any) -> str:
-    """What a door did: its report's own flags when it has them, else the manifest's evidence."""
-    same_output = before is not None and after is not None and before.get("fingerprint") == after.get("fingerprint")
-    skipped = _flag(report, "skipped")
-    if isinstance(skipped, bool):  # (ingest's `skipped` is its list of skipped files, not a flag)
-        if skipped:
-            return "skipped"
-    elif _flag(report, "added") is not None:  # an incremental ingest that found nothing to do
-        if not any(_flag(report, k) for k in ("added", "changed", "removed", "rebuilt")):
-            return "skipped"
-    elif _flag(report, "new_samples") == 0 and same_output:  # augment: nothing left to generate
-        return "skipped"
-    if _flag(report, "resumed") or _flag(report, "resumed_from_step"):
-        return "resumed"
-    if same_output and before.get("finished_at") == after.get("finished_at"):
-        return "skipped"
-    return "ran"
-
-
-def run_stage(kb: KB, stage: str, call: Callable[[], Any], echo: Callable[[str], None] = typer.echo) -> StageRun:
-    """Run one stage door, timed, and say whether it did work."""
-    before = kb.stage(stage)
-    run = timed(stage, call)
-    report, seconds = run.report, run.seconds
-    run.status = _status(before, kb.stage(stage), report)
-    if callable(getattr(report, "summary", None)):
-        echo(report.summary())
-    elif callable(getattr(report, "print", None)):  # augment prints its quality report itself
-        report.print()
-    note = "skipped: inputs unchanged, reused" if run.status == "skipped" else run.status
-    echo(f"[{stage}] {note} in {seconds:.1f} s")
-    return run
 
 
 def build(
@@ -115,59 +26,38 @@ def build(
     settings: Settings,
     progress: bool = True,
     echo: Callable[[str], None] = typer.echo,
-) -> BuildReport:
-    """ingest → augment → train on one KB; each door skips or resumes on its own."""
+) -> list[StageResult]:
+    """ingest → augment → train on one KB; what each stage did, in that order."""
+    from kinject.augment import augment
+    from kinject.finetune.train import train
+    from kinject.ingest.pipeline import ingest
+
     corpus = Path(corpus)
     if not corpus.exists():
         raise BuildError(f"corpus not found: {corpus}")
-    report = BuildReport(kb.name)
     with kb.lock():
-        calls = {
-            "ingest": lambda: door("ingest")(kb, corpus, settings, progress=progress),
-            "augment": lambda: door("augment")(kb, settings, progress=progress),
-            "train": lambda: door("train")(kb, settings, progress=progress),
-        }
-        for i, stage in enumerate(BUILD_STAGES, 1):
-            echo(f"== [{i}/{len(BUILD_STAGES)}] {stage}")
-            report.runs.append(run_stage(kb, stage, calls[stage], echo))
-    return report
+        echo("== [1/3] ingest")
+        ingested = ingest(kb, corpus, settings, progress=progress)
+        echo(ingested.summary())
+        echo(ingested.status_line())
+
+        echo("== [2/3] augment")
+        augmented = augment(kb, settings, progress=progress)
+        augmented.print()  # the synthetic corpus' quality tables
+        echo(augmented.status_line())
+
+        echo("== [3/3] train")
+        trained = train(kb, settings, progress=progress)
+        echo(trained.summary())
+        echo(trained.status_line())
+    return [ingested, augmented, trained]
 
 
-def reusable_eval(
-    kb: KB, questions: Path, split: str | None, modes: list[str], settings: Settings, limit: int | None = None
-) -> Optional[Path]:
-    """The newest eval report folder of the KB that answered the same questions in the same modes
-    with the same settings against the current index and adapter; None when there is none."""
-    from kinject.core.files import sha256_file
-
-    current = kb.answer_inputs()
-    questions_sha = sha256_file(questions)
-    wanted = settings.public_dict()
-    for folder in sorted(kb.dir("eval").glob("*/report.json"), key=lambda p: p.stat().st_mtime, reverse=True):
-        try:
-            report = json.loads(folder.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        models = report.get("models") or {}
-        if (
-            report.get("split") == split
-            and report.get("modes") == modes
-            and report.get("questions_sha256") == questions_sha
-            and report.get("limit") == limit
-            and models.get("index_fingerprint") == current["ingest"]
-            and models.get("adapter_fingerprint") == current["train"]
-            and report.get("settings") == wanted
-            and (folder.parent / "table.md").exists()
-        ):
-            return folder.parent
-    return None
-
-
-def timing_table(runs: list[StageRun], title: str = "stage times") -> str:
-    """A markdown table of the stages' status and wall time, with the total."""
+def timing_table(results: list[StageResult], title: str = "stage times") -> str:
+    """A markdown table of the stages' status and wall and CPU time, with the totals."""
     lines = [f"{title}:", "", "| stage | status | wall s | cpu s |", "|---|---|---:|---:|"]
-    lines += [f"| {r.stage} | {r.status} | {r.seconds:.1f} | {r.cpu_seconds:.1f} |" for r in runs]
-    lines.append(f"| **total** | | **{sum(r.seconds for r in runs):.1f}** | {sum(r.cpu_seconds for r in runs):.1f} |")
+    lines += [f"| {r.stage} | {r.status} | {r.seconds:.1f} | {r.cpu_seconds:.1f} |" for r in results]
+    lines.append(f"| **total** | | **{sum(r.seconds for r in results):.1f}** | {sum(r.cpu_seconds for r in results):.1f} |")
     return "\n".join(lines)
 
 
@@ -183,6 +73,6 @@ def build_cmd(
 
     settings = settings_from(ctx, **{"augment.budget_tokens": budget, "train.max_steps": max_steps})
     kb = KB.open(settings, kb_name, create=True)
-    report = build(kb, corpus, settings)
+    results = build(kb, corpus, settings)
     typer.echo("")
-    typer.echo(timing_table(report.runs, f"build of KB {kb_name!r}"))
+    typer.echo(timing_table(results, f"build of KB {kb_name!r}"))

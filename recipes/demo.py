@@ -10,15 +10,17 @@ import json
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import typer
 
-from kinject.recipes.build import StageRun, build, door, reusable_eval, timed, timing_table
 from kinject.core.errors import KinjectError
 from kinject.core.kb import KB
 from kinject.core.settings import Settings, _deep_merge, load_settings
+from kinject.core.stage import StageResult, StageTimer
+from kinject.recipes.build import build, timing_table
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO / "demo"
@@ -48,12 +50,23 @@ def demo_settings(overrides: dict) -> Settings:
     return load_settings(_deep_merge(DEMO_SETTINGS, overrides))
 
 
-def prepare_models(settings: Settings) -> list[str]:
+@dataclass(kw_only=True)
+class ModelsReady(StageResult):
+    stage: ClassVar[str] = "models"
+    folders: list[str]
+
+    def summary(self) -> str:
+        return "models in " + ", ".join(self.folders)
+
+
+def prepare_models(settings: Settings) -> ModelsReady:
     """Resolve (and on first use convert) the LLM and the embedder, so the first stage's time is
-    its own. Returns the model folders."""
+    its own."""
     from kinject.core.models import resolve_model
 
-    return [str(resolve_model(ref, settings)) for ref in (settings.models.llm, settings.models.embedder)]
+    timer = StageTimer()
+    folders = [str(resolve_model(ref, settings)) for ref in (settings.models.llm, settings.models.embedder)]
+    return ModelsReady(status="ran", folders=folders, **timer.elapsed())
 
 
 def print_synthetic_report(kb: KB, echo: Callable[[str], None]) -> None:
@@ -92,36 +105,30 @@ def run_demo(
 ) -> dict:
     if not corpus.exists() or not questions.exists():
         raise DemoError(f"the demo corpus is missing ({corpus}, {questions}): run from a clone of kinject")
-    t_start = time.perf_counter()
-    runs: list[StageRun] = []
+    from kinject.core.answer import MODES
+    from kinject.core.engines import make_engine
+    from kinject.eval.reuse import reused_eval
+    from kinject.eval.run import evaluate
 
+    t_start = time.perf_counter()
     echo("== models")
-    run = timed("models", lambda: prepare_models(settings))
-    runs.append(run)
-    echo(f"[models] ready in {run.seconds:.1f} s")
+    models = prepare_models(settings)
+    echo(f"[models] ready in {models.seconds:.1f} s")
 
     kb = KB.open(settings, kb_name, create=True)
     echo(f"KB {kb_name!r} at {kb.root}")
-    report = build(kb, corpus, settings, echo=echo)
-    runs += report.runs
-
-    from kinject.core.answer import MODES
-    from kinject.core.engines import make_engine
+    built = build(kb, corpus, settings, echo=echo)
 
     modes = list(MODES)
     echo(f"== eval: {', '.join(modes)} on the {split} split of {questions.name}")
-    engine = None
-    reused = reusable_eval(kb, questions, split, modes, settings)
-    if reused:
-        folder = reused
-        runs.append(StageRun("eval", "skipped", 0.0))
-        echo(f"[eval] skipped: inputs unchanged, reused {folder.relative_to(kb.root)}")
-    else:
+    engine = None  # loaded only when the eval runs; serving makes its own otherwise
+    evaluated = reused_eval(kb, questions, split, modes, settings)
+    if evaluated is None:
         engine = make_engine(settings)
-        run = timed("eval", lambda: door("eval")(kb, questions, modes, settings, split=split, progress=True, engine=engine))
-        folder = run.report.dir
-        runs.append(run)
-        echo(f"[eval] ran in {run.seconds:.1f} s")
+        evaluated = evaluate(kb, questions, modes, settings, split=split, progress=True, engine=engine)
+    echo(evaluated.status_line())
+    folder = evaluated.dir
+    results = [models, *built, evaluated]
 
     echo("")
     echo((folder / "table.md").read_text())
@@ -131,11 +138,11 @@ def run_demo(
     echo("synthetic data:")
     print_synthetic_report(kb, echo)
     echo("")
-    echo(timing_table(runs, "demo stage times"))
+    echo(timing_table(results, "demo stage times"))
     total = round(time.perf_counter() - t_start, 1)
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     echo(f"demo wall time: {total:.1f} s (load average now {load} on {os.cpu_count()} cores)")
-    result = {"kb": kb.name, "eval_dir": str(folder), "runs": runs, "seconds": total}
+    result = {"kb": kb.name, "eval_dir": str(folder), "runs": results, "seconds": total}
     if serve:
         serve_kb(kb, settings, engine, echo)
     elif engine is not None:

@@ -63,7 +63,7 @@ def test_budget_is_met_across_all_seven_types_and_recorded(reference):
     kb, settings, result = reference
     r = result.report
     samples = read_jsonl(kb.dir("augment") / "samples.jsonl")
-    assert result.new_samples == len(samples) == r["samples"]
+    assert result.new_samples == len(samples) == r["samples"] and result.status == "ran"
     assert 600 <= r["generated_tokens"] == sum(s["tokens"] for s in samples) < 600 + 7 * 48
     assert all(r["per_type"][t]["samples"] >= 1 for t in settings.augment.types) and len(r["per_type"]) == 7
     assert sum(row["generated_tokens"] for row in r["per_doc"].values()) == r["generated_tokens"]
@@ -99,17 +99,19 @@ def test_same_settings_generate_nothing_and_a_larger_budget_adds(reference, inge
     path = kb.dir("augment") / "samples.jsonl"
     before, generated_in = path.read_bytes(), work_seconds(kb.stage("augment"))
     again = augment(kb, settings, progress=False)  # no engine: nothing to generate, none is started
-    assert again.new_samples == 0 and path.read_bytes() == before
+    assert again.new_samples == 0 and path.read_bytes() == before and again.status == "skipped"
     assert again.report["kept"] == first.report["kept"]
     assert work_seconds(kb.stage("augment")) == generated_in > again.seconds  # the record keeps the generating run's time
 
     bigger = load_settings({"kb_root": str(settings.kb_dir), "augment": {**SMALL, "budget_tokens": first.report["generated_tokens"] + 60}})
     more = augment(kb, bigger, progress=False, engine=engine)
     assert more.new_samples > 0 and more.report["generated_tokens"] >= first.report["generated_tokens"] + 60
+    assert more.status == "ran"  # a larger budget continues a finished run, not an interrupted one
     assert path.read_bytes().startswith(before)
     assert len(set(_keys(kb))) == len(_keys(kb))
     assert work_seconds(kb.stage("augment")) == pytest.approx(more.seconds, abs=0.5)
-    augment(kb, settings, progress=False)  # back to the smaller budget: the extra samples stay unused
+    smaller = augment(kb, settings, progress=False)  # back to the smaller budget: the extra samples stay unused
+    assert smaller.status == "ran"  # nothing generated, but fewer samples curated
     assert work_seconds(kb.stage("augment")) == pytest.approx(more.seconds, abs=0.5)
     assert json.loads((kb.dir("augment") / "report.json").read_text())["unused_samples"] == more.new_samples
 
@@ -124,7 +126,7 @@ def test_stale_and_torn_samples_are_regenerated_exactly(reference, ingested, tmp
     lines = [json.dumps(s) + "\n" for s in ref[:-1]] + [json.dumps(bad) + "\n", json.dumps(ref[0])[:40]]
     (folder / "samples.jsonl").write_text("".join(lines))  # ...and a torn last line from a kill
     result = augment(kb, settings, progress=False, engine=engine)
-    assert result.new_samples == 1
+    assert result.new_samples == 1 and result.status == "resumed"
     assert read_jsonl(folder / "stale.jsonl") == [bad]
     fixed = read_jsonl(folder / "samples.jsonl")
     assert sorted(map(json.dumps, fixed)) == sorted(map(json.dumps, ref))  # same texts, nothing twice
@@ -151,6 +153,7 @@ def test_cli_resumes_after_kill_9_without_loss_or_duplicates(reference, ingested
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "faithfulness" in done.stdout and "kept" in done.stdout  # the printed report
+    assert "continuing an interrupted run" in done.stdout
     keys = _keys(kb)
     assert keys[: len(partial)] == partial and len(keys) == len(set(keys))
     ref_keys = [(s["doc_id"], s["type"], s["sample_index"]) for s in read_jsonl(reference[0].dir("augment") / "samples.jsonl")]

@@ -70,13 +70,13 @@ def test_build_runs_three_stages_then_reuses_them(capsys, subset, kb_root):
     assert manifest["stages"]["train"]["inputs"]["augment"] == manifest["stages"]["augment"]["fingerprint"]
     assert (kb_root / "sub" / "adapter" / "adapter_config.json").exists()
     for stage in ("ingest", "augment", "train"):
-        assert f"| {stage} | ran |" in out
+        assert f"| {stage} | ran |" in out and f"[{stage}] ran in " in out
     assert "| **total** |" in out
 
     curated = (kb_root / "sub" / "synthetic" / "curated.jsonl").read_bytes()
     again = kinject(capsys, *tiny_args(), "build", str(corpus), "--kb", "sub")
     for stage in ("ingest", "augment", "train"):
-        assert f"| {stage} | skipped |" in again, again
+        assert f"| {stage} | skipped |" in again and f"[{stage}] skipped: inputs unchanged, reused in " in again, again
     after = json.loads((kb_root / "sub" / "manifest.json").read_text())
     for stage in ("ingest", "augment", "train"):
         assert after["stages"][stage]["fingerprint"] == manifest["stages"][stage]["fingerprint"]
@@ -115,6 +115,20 @@ def test_demo_prints_table_and_reuses_every_stage(capsys, subset, kb_root):
     assert t["ft_gain"] == pytest.approx(m["ft"] - m["base"])
     assert t["ft_target_met"] == (m["ft"] - m["base"] >= (m["rag"] - m["base"]) / 2)
     assert t["ftrag_target_met"] == (m["ft-rag"] >= m["rag"])
+
+
+def test_a_stage_result_says_what_it_did_and_refuses_other_statuses():
+    from kinject.recipes.build import timing_table
+    from kinject.recipes.demo import ModelsReady
+
+    ready = ModelsReady(status="skipped", folders=["m"], seconds=2.04, cpu_seconds=1.5)
+    assert ready.status_line() == "[models] skipped: inputs unchanged, reused in 2.0 s"
+    resumed = ModelsReady(status="resumed", folders=["m"], seconds=3.0, cpu_seconds=0.5)
+    assert resumed.status_line() == "[models] resumed in 3.0 s"
+    table = timing_table([ready, resumed], "t")
+    assert "| models | skipped | 2.0 | 1.5 |" in table and "| **total** | | **5.0** | 2.0 |" in table
+    with pytest.raises(ValueError, match="not 'done'"):
+        ModelsReady(status="done", folders=[])
 
 
 def test_demo_settings_yield_to_user_overrides():

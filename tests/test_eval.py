@@ -15,7 +15,7 @@ from tests.conftest import running
 pytestmark = pytest.mark.shared_data
 
 FOUR = ["base", "rag", "ft", "ft-rag"]
-N_DEV = 20  # enough for the router's grid search (eval.run.MIN_ROUTER_QUESTIONS)
+N_DEV = 20  # enough for the router's grid search (eval.router.MIN_ROUTER_QUESTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def four_modes(eval_kb, squad_questions, engine):
 
 
 def test_rag_beats_base_by_a_measured_margin(four_modes):
-    s = four_modes.summary
+    s = four_modes.stats
     for mode in FOUR:
         assert s[mode]["f1"]["n"] == N_DEV and s[mode]["em"]["lo"] <= s[mode]["em"]["mean"] <= s[mode]["em"]["hi"]
     gain = s["rag"]["f1"]["mean"] - s["base"]["f1"]["mean"]
@@ -116,7 +116,7 @@ def test_eval_stage_records_the_router(four_modes, eval_kb, engine):
     assert rec["fingerprint"] == sha256_file(four_modes.dir / "report.json")
     assert rec["inputs"] == {"ingest": kb.stage("ingest")["fingerprint"], "train": kb.stage("train")["fingerprint"]}
     router = rec["metrics"]["router"]
-    best = max(["rag", "ft-rag"], key=lambda m: (four_modes.summary[m]["f1"]["mean"], m == "rag"))
+    best = max(["rag", "ft-rag"], key=lambda m: (four_modes.stats[m]["f1"]["mean"], m == "rag"))
     assert router["with_context"] == best and router["closed_book"] == "ft" and router["basis"].startswith("grid search")
     top1 = [max(s["score"] for s in r["sources"]) for r in four_modes.per_question if r["mode"] == best]
     assert min(top1) - 0.01 <= router["min_score"] <= max(top1) + 0.01
@@ -125,7 +125,7 @@ def test_eval_stage_records_the_router(four_modes, eval_kb, engine):
     # The service's auto mode now routes with it.
     cfg = Answerer(kb, settings, engine=engine).router_config()
     assert (cfg.min_score, cfg.with_context, cfg.source) == (router["min_score"], best, "eval report")
-    assert rec["metrics"]["best_mode"] in FOUR and rec["metrics"]["modes"]["rag"]["f1"] == round(four_modes.summary["rag"]["f1"]["mean"], 4)
+    assert rec["metrics"]["best_mode"] in FOUR and rec["metrics"]["modes"]["rag"]["f1"] == round(four_modes.stats["rag"]["f1"]["mean"], 4)
 
 
 def test_auto_on_heldout_uses_the_dev_router_and_on_dev_is_flagged(four_modes, eval_kb, squad_questions, engine):
@@ -169,7 +169,7 @@ def test_endpoint_gives_the_same_numbers_as_in_process(four_modes, eval_kb, squa
         assert answers(remote.per_question) == answers(local_rows)
         for metric in ("em", "f1", "contains", "recall", "mrr"):
             local = M.summarize([r["scores"][metric] for r in local_rows], settings.eval.bootstrap_samples, settings.seed)
-            assert remote.summary["rag"][metric] == local, metric
+            assert remote.stats["rag"][metric] == local, metric
 
         # The optional judge goes through any OpenAI-compatible endpoint; here the server's
         # adapter model grades in-process base answers (plumbing only: a 135M judge is no judge).
@@ -268,8 +268,8 @@ def test_mixed_file_resumes_after_a_crash(eval_kb, squad_questions, engine, tmp_
     monkeypatch.setattr(backends.LocalBackend, "answer", counting)
     calls.clear()
     report = run.evaluate(kb, path, ["base", "auto"], settings, progress=False, engine=engine)
-    assert calls == ["auto"]  # base came from the partial file
-    s = report.summary
+    assert calls == ["auto"] and report.status == "resumed"  # base came from the partial file
+    s = report.stats
     assert s["base"]["acc"]["n"] == 2 and s["base"]["f1"]["n"] == 2 and s["auto"]["acc_norm"]["n"] == 2
     # auto routes each question with the router the KB's last eval recorded (or the defaults).
     used = report.info["auto_router_used"]
@@ -288,13 +288,12 @@ def test_mixed_file_resumes_after_a_crash(eval_kb, squad_questions, engine, tmp_
 def test_compare_and_cli_errors(four_modes, eval_kb, tmp_path):
     from typer.testing import CliRunner
 
-    from kinject.cli import _register_stages, app
+    from kinject.cli import app
     from kinject.eval.report import compare
 
     d = four_modes.dir
     text = compare(d, d)
     assert "| rag | F1 |" in text and "+0.0 | 1.000" in text
-    _register_stages()
     kb, settings = eval_kb
     env = {"KINJECT_KB_ROOT": str(settings.kb_dir)}
     r = CliRunner().invoke(app, ["eval", "--kb", kb.name, "--compare", d.name, str(d)], env=env)
@@ -339,27 +338,28 @@ def test_a_kb_changed_during_the_run_is_refused(eval_kb, squad_questions, engine
 def test_an_ingest_after_the_final_check_leaves_the_eval_stale(eval_kb, squad_questions, engine, monkeypatch):
     """The eval stage records the index and adapter its answers were made with, so an ingest that
     lands between the end-of-run check and the record does not pass for the one evaluated."""
-    from kinject.recipes.build import reusable_eval
-    from kinject.eval import report as report_module
-    from kinject.eval.run import evaluate
+    from kinject.eval import run
+    from kinject.eval.reuse import reused_eval
 
     kb, settings = eval_kb
     ingest = kb.stage("ingest")
-    real = report_module.write_report
+    real = run.write_report
 
     def ingest_lands(*a, **kw):
         out = real(*a, **kw)
         kb.record_stage("ingest", **{**ingest, "fingerprint": "a-new-index"})
         return out
 
-    monkeypatch.setattr(report_module, "write_report", ingest_lands)
+    monkeypatch.setattr(run, "write_report", ingest_lands)
     try:
-        report = evaluate(kb, squad_questions, ["base"], settings, split="dev", limit=1, progress=False, engine=engine)
-        assert kb.stage("eval")["inputs"]["ingest"] == ingest["fingerprint"]
-        assert reusable_eval(kb, squad_questions, "dev", ["base"], settings, 1) is None
+        report = run.evaluate(kb, squad_questions, ["base"], settings, split="dev", limit=1, progress=False, engine=engine)
+        assert report.status == "ran" and kb.stage("eval")["inputs"]["ingest"] == ingest["fingerprint"]
+        assert reused_eval(kb, squad_questions, "dev", ["base"], settings, 1) is None
     finally:
         kb.record_stage("ingest", **ingest)
-    assert reusable_eval(kb, squad_questions, "dev", ["base"], settings, 1) == report.dir
+    reused = reused_eval(kb, squad_questions, "dev", ["base"], settings, 1)
+    assert reused.status == "skipped" and reused.dir == report.dir
+    assert (reused.stats, reused.per_question, reused.info, reused.table) == (report.stats, report.per_question, report.info, report.table)
 
 
 def test_an_endpoint_gets_only_the_key_given_for_it():

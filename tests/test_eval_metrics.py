@@ -121,7 +121,7 @@ def _rows(mode: str, primaries: list[float], top1: list[float] | None = None) ->
 def test_router_calibration_finds_the_threshold_where_retrieval_stops_helping():
     from kinject.core.settings import load_settings
     from kinject.eval.questions import Question
-    from kinject.eval.run import calibrate_router, question_keys
+    from kinject.eval.router import calibrate_router, question_keys
 
     s = load_settings()
     n = 24
@@ -169,7 +169,9 @@ def test_auto_knows_whether_its_router_was_fitted_on_the_questions_it_scores():
     from kinject.core.settings import load_settings
     from kinject.eval.questions import Question
     from kinject.eval.report import render_table
-    from kinject.eval.run import EvalReport, calibrate_router, headline, router_in_use
+    from kinject.eval.report import EvalReport
+    from kinject.eval.router import calibrate_router, router_in_use
+    from kinject.eval.run import headline
 
     s = load_settings()
     n = 24
@@ -197,7 +199,10 @@ def test_auto_knows_whether_its_router_was_fitted_on_the_questions_it_scores():
         stat = {m: {"f1": {"mean": v, "lo": v, "hi": v, "n": 1}} for m, v in scores.items()}
         cost = {m: {"answered_by": {"rag": 1} if m == "auto" else {m: 1}, "batch_p50_s": 2.0, "batch_p95_s": 3.0, "questions_per_s": 0.5, "completion_tokens_mean": 4.0} for m in scores}
         info = {"n_questions": 5, "backend": {"backend": "in-process"}, "top_k": 2, "auto_router_used": used}
-        return EvalReport("set", "dev", list(scores), stat, cost, [], None, per_question, info)
+        return EvalReport(
+            status="ran", dataset="set", split="dev", modes=list(scores), stats=stat, cost=cost, paired=[], router=None,
+            per_question=per_question, info=info,
+        )
 
     flagged = report(on_dev, 0.9)
     table = render_table(flagged.to_json())
@@ -214,7 +219,7 @@ def test_cost_is_batch_time_and_throughput():
     """latency_s is the wall time of the batch a question was answered in; q/s is the questions
     over the summed answering wall time (each row carries its share of its chunk's)."""
     from kinject.eval.report import render_table
-    from kinject.eval.run import cost_of
+    from kinject.eval.scoring import cost_of
 
     # Two batches: 3 questions in 6 s, then 1 in 2 s -> 4 questions in 8 s.
     rows = [{"latency_s": 6.0, "wall_share_s": 2.0, "completion_tokens": 3, "answered_by": "rag"} for _ in range(3)]

@@ -197,7 +197,7 @@ def test_outputs_report_png_and_manifest(trained):
     saved = json.loads((folder / "report.json").read_text())
     assert saved["steps"] == 30 and saved["tokens_seen"] == 30 * 64
     assert saved["final_loss"] == saved["loss_curve"][-1][1] and saved["tokens_per_second"] > 0
-    assert saved["epochs"] > 1 and saved["wall_seconds"] > 0
+    assert saved["epochs"] > 1 and saved["seconds"] > 0 and saved["status"] == "ran"
     rec = kb.stage("train")
     assert rec["inputs"] == {"augment": kb.stage("augment")["fingerprint"]}
     assert rec["base_model"] == settings.models.llm
@@ -254,7 +254,7 @@ def test_unchanged_inputs_skip_training_and_merge_matches_the_adapter(trained):
     kb, settings, _ = trained
     t0 = time.perf_counter()
     again = train(kb, settings, progress=False, merge=True)
-    assert again.skipped and again.merged_dir
+    assert again.status == "skipped" and again.merged_dir
     merged = AutoModelForCausalLM.from_pretrained(again.merged_dir)
     assert time.perf_counter() - t0 < 60
     other = settings.model_copy(update={"train": settings.train.model_copy(update={"lr": 1e-4})})
@@ -301,7 +301,7 @@ def test_resume_after_an_interruption_continues_with_the_same_data_order(tmp_pat
     assert kb.stage("train") is None
 
     resumed = train(kb, settings, progress=False)
-    assert resumed.resumed_from_step == 4 and resumed.steps == 6
+    assert resumed.status == "resumed" and resumed.resumed_from_step == 4 and resumed.steps == 6
     assert [s for s, _ in resumed.loss_curve] == [1, 2, 3, 4, 5, 6]
     for (_, a), (_, b) in zip(resumed.loss_curve, reference.loss_curve):
         assert a == pytest.approx(b, abs=1e-3)
@@ -331,7 +331,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
 
     monkeypatch.undo()
     resumed = train(kb, settings, progress=False)
-    assert resumed.resumed_from_step == 2 and resumed.steps == 6
+    assert resumed.status == "resumed" and resumed.resumed_from_step == 2 and resumed.steps == 6
 
 
 @pytest.mark.slow

@@ -73,7 +73,7 @@ def test_incremental_updates_answer_like_a_fresh_build(tmp_path, settings):
     corpus = copy_demo(tmp_path / "corpus", names[:6])
     kb = KB.create(settings, "inc")
     first = ingest(kb, corpus, settings, progress=False)
-    assert len(first.added) == 6 and first.chunks_embedded == first.chunks > 6
+    assert len(first.added) == 6 and first.chunks_embedded == first.chunks > 6 and first.status == "ran"
 
     # change one document, delete one, add one
     changed, removed, added = names[0], names[1], names[6]
@@ -119,6 +119,7 @@ def test_incremental_updates_answer_like_a_fresh_build(tmp_path, settings):
     built = kb.stage("ingest")
     third = ingest(kb, corpus, settings, progress=False)
     assert third.chunks_embedded == 0 and not (third.added or third.changed or third.removed)
+    assert third.status == "skipped" and second.status == "ran"
     assert third.generation == second.generation
     assert work_seconds(kb.stage("ingest")) == work_seconds(built) == pytest.approx(second.seconds, abs=0.1)
 
@@ -332,6 +333,7 @@ def test_a_run_killed_while_embedding_resumes_from_its_checkpoint(tmp_path, sett
 
     resumed = pipeline.ingest(kb, corpus, s, progress=False)
     assert resumed.chunks_from_checkpoint == 4 and resumed.chunks_embedded == resumed.chunks - 4
+    assert resumed.status == "resumed"
     assert "resumed: 4 of those vectors" in resumed.summary()
     assert not (kb.root / "index" / pipeline.CHECKPOINT).exists()
     fresh_kb = KB.create(s, "unkilled")

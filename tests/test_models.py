@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -56,10 +54,11 @@ def test_missing_hf_id_fails_clearly(settings, monkeypatch):
     assert "nobody/no-such-model-7b" in msg and "offline" in msg and "local" in msg
 
 
-def test_cli_reports_unknown_model_on_one_line(tmp_path):
-    env_run = subprocess.run(
-        [sys.executable, "-m", "kinject.cli", "--set", "models.llm=/nonexistent/m.gguf", "config"],
-        capture_output=True, text=True, cwd=tmp_path,
-    )
-    assert env_run.returncode == 2
-    assert env_run.stderr.strip().startswith("error: invalid setting models")
+def test_cli_reports_unknown_model_on_one_line(tmp_path, monkeypatch, capsys):
+    from kinject.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no .env from the repository
+    with pytest.raises(SystemExit) as e:
+        main(["--set", "models.llm=/nonexistent/m.gguf", "config"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("error: invalid setting models")

@@ -2,6 +2,7 @@
 transformers engine and, unchanged, on the vLLM engine (vllm-cpu here)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -37,38 +38,76 @@ def kb_root(squad_kb, tmp_path_factory):
     return root
 
 
-@contextmanager
-def kinject_serve(kb_root, *sets: str, start_timeout: float = 300):
-    """Run `kinject serve --kb squad --port 0`; yield (base URL, start-up lines)."""
-    env = {**os.environ, "KINJECT_KB_ROOT": str(kb_root), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "kinject.cli", *[a for s in sets for a in ("--set", s)], "serve", "--kb", "squad", "--port", "0"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    try:
+class ServeChild:
+    """`kinject serve --kb squad --port 0`, started at once; its output goes to a log file (a pipe
+    nobody reads while other tests run could fill and stall it)."""
+
+    def __init__(self, kb_root, log, *sets: str):
+        env = {**os.environ, "KINJECT_KB_ROOT": str(kb_root), "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "kinject.cli", *[a for s in sets for a in ("--set", s)], "serve", "--kb", "squad", "--port", "0"]
+        self.log = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def ready(self, start_timeout: float = 300) -> tuple[str, str]:
+        """Wait for the URLs (the UI line comes last) and a healthy app: (base URL, start-up text)."""
         deadline = time.monotonic() + start_timeout
-        while not lines or "UI:" not in lines[-1]:  # the UI line comes last
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, "kinject serve exited:\n" + "".join(lines)
-            lines.append(line)
-            assert time.monotonic() < deadline, "no URLs printed:\n" + "".join(lines)
-        url = re.search(r"API: (http://127\.0\.0\.1:\d+)/v1", "".join(lines)).group(1)
+        while "UI:" not in (text := self.log.read_text(errors="replace")):
+            assert self.proc.poll() is None, "kinject serve exited:\n" + text
+            assert time.monotonic() < deadline, "no URLs printed:\n" + text
+            time.sleep(0.2)
+        text = text[: text.index("\n", text.index("UI:")) + 1]
+        url = re.search(r"API: (http://127\.0\.0\.1:\d+)/v1", text).group(1)
         while True:  # the URL is printed once the socket is bound; wait for the app to be up
             try:
                 if httpx.get(url + "/health", timeout=5).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up:\n" + "".join(lines)
+            assert self.proc.poll() is None and time.monotonic() < deadline, "server did not come up:\n" + self.log.read_text(errors="replace")
             time.sleep(0.5)
-        yield url, lines
+        return url, text
+
+    def stop(self) -> int:
+        """Ctrl-C, as a user stops it; its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@contextmanager
+def kinject_serve(kb_root, *sets: str, start_timeout: float = 300):
+    """Run `kinject serve --kb squad --port 0`; yield (base URL, start-up text)."""
+    child = ServeChild(kb_root, kb_root.parent / f"serve-{time.monotonic_ns()}.log", *sets)
+    try:
+        yield child.ready(start_timeout)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, "".join(lines) + proc.stdout.read()
+        child.stop()
+    assert child.proc.returncode == 0, child.log.read_text(errors="replace")
+
+
+VLLM_SETS = ("engine.backend=vllm", "engine.vllm_cpu_kvcache_gb=1", "engine.max_model_len=1024", "serve.max_prompt_tokens=768", "retrieval.top_k=2")
+
+
+@pytest.fixture(scope="module")
+def vllm_child(kb_root, request):
+    """`kinject serve` on the vLLM engine, started as the module starts when its test is selected:
+    its start-up (most of a minute, much of it one process importing) runs beside the first test.
+    None without vLLM."""
+    wanted = any(item.name == "test_kinject_serve_on_vllm" for item in request.session.items)
+    if not wanted or importlib.util.find_spec("vllm") is None:
+        yield None
+        return
+    child = ServeChild(kb_root, kb_root.parent / "serve-vllm.log", *VLLM_SETS)
+    try:
+        yield child
+    finally:
+        child.stop()
 
 
 def chat_both_ways(client: openai.OpenAI, model: str) -> dict:
@@ -80,9 +119,9 @@ def chat_both_ways(client: openai.OpenAI, model: str) -> dict:
     return r.model_extra
 
 
+@pytest.mark.usefixtures("vllm_child")  # starts the vLLM server now, for the next test
 def test_kinject_serve_prints_urls_and_answers(kb_root):
-    with kinject_serve(kb_root, "retrieval.top_k=2") as (url, lines):
-        text = "".join(lines)
+    with kinject_serve(kb_root, "retrieval.top_k=2") as (url, text):
         assert "models: kinject-base, kinject-rag, kinject-ft, kinject-ft-rag, kinject-auto" in text
         assert re.search(r"UI: +(http://127\.0\.0\.1:\d+/ui|not installed)", text)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
@@ -91,11 +130,11 @@ def test_kinject_serve_prints_urls_and_answers(kb_root):
 
 
 @pytest.mark.vllm
-def test_kinject_serve_on_vllm(kb_root):
+def test_kinject_serve_on_vllm(vllm_child):
     pytest.importorskip("vllm")
-    sets = ("engine.backend=vllm", "engine.vllm_cpu_kvcache_gb=1", "engine.max_model_len=1024", "serve.max_prompt_tokens=768", "retrieval.top_k=2")
-    with kinject_serve(kb_root, *sets, start_timeout=600) as (url, lines):
-        assert "on the vllm engine" in "".join(lines)
+    url, text = vllm_child.ready(start_timeout=600)
+    try:
+        assert "on the vllm engine" in text
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
         rag = chat_both_ways(client, "kinject-rag")
         assert rag["kinject_mode"] == "rag" and rag["sources"][0]["doc_id"] == GOLD
@@ -103,3 +142,6 @@ def test_kinject_serve_on_vllm(kb_root):
         assert ft["kinject_mode"] == "ft" and ft["sources"] == []
         scored = client.completions.create(model="kinject-ft", prompt="The capital of France is Paris", max_tokens=0, echo=True, logprobs=0)
         assert scored.choices[0].logprobs.token_logprobs[0] is None and scored.choices[0].logprobs.token_logprobs[-1] < 0
+    finally:
+        rc = vllm_child.stop()
+    assert rc == 0, vllm_child.log.read_text(errors="replace")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 import time
 from contextlib import contextmanager
@@ -17,10 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import REPO
+from conftest import copy_kb
 from test_api_abuse import kinject_serve
 
-DOCS = ["brightwater-glassworks.md", "harbour-wardens.txt", "night-of-drifting-lanterns.html"]
 CANARY = "The vault code of the Quillon archive is 7341-ZEBRA."
 LONG = "Count from 1 to 200, separated by commas."  # answered up to serve.max_new_tokens
 CHAT = {"model": "kinject-base", "messages": [{"role": "user", "content": LONG}], "max_tokens": 64}
@@ -35,19 +33,11 @@ SETS = (
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    """(url, kb_root, gradio temp dir): the demo documents indexed, served by `kinject serve`."""
-    from kinject.core.kb import KB
-    from kinject.core.settings import load_settings
-    from kinject.ingest.pipeline import ingest
-
+def site(demo_index, tmp_path_factory):
+    """(url, kb_root, gradio temp dir): the demo documents indexed (a copy of the session's demo
+    index, no adapter), served by `kinject serve`."""
     root = tmp_path_factory.mktemp("ui-abuse")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for doc in DOCS:
-        shutil.copy(REPO / "demo" / "corpus" / doc, corpus / doc)
-    settings = load_settings({"kb_root": str(root / "kbs")})
-    ingest(KB.create(settings, "demo"), corpus, settings, progress=False)
+    copy_kb(demo_index, root / "kbs", "demo")
     gradio_tmp = root / "gradio"
     with kinject_serve(root / "kbs", root / "serve.log", *SETS, env={"GRADIO_TEMP_DIR": str(gradio_tmp)}) as (url, _):
         yield url, root / "kbs", gradio_tmp

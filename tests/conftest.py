@@ -84,24 +84,39 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
+_UNTRAINED_LORAS: dict[tuple[str, int], Path] = {}
+
+
 def attach_untrained_lora(kb, settings, seed: int = 0) -> None:
     """Give a KB a real (peft, rank-8, all-linear) adapter with small random weights, recorded as
-    its "train" stage: enough to exercise the ft modes without spending a training run."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
+    its "train" stage: enough to exercise the ft modes without spending a training run. The
+    adapter for a (model, seed) is made once per session and copied: the same files each time."""
     from kinject.core.files import sha256_tree
-    from kinject.core.models import load_causal_lm
 
-    torch.manual_seed(seed)
-    model, _ = load_causal_lm(settings.models.llm, settings)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=True))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
+    key = (settings.models.llm, seed)
+    if key not in _UNTRAINED_LORAS:
+        import atexit
+        import tempfile
+
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        from kinject.core.models import load_causal_lm
+
+        torch.manual_seed(seed)
+        model, _ = load_causal_lm(settings.models.llm, settings)
+        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=True))
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+        folder = tempfile.mkdtemp(prefix="kinject-test-lora-")
+        atexit.register(shutil.rmtree, folder, True)
+        made = Path(folder) / "adapter"
+        peft_model.save_pretrained(made)
+        _UNTRAINED_LORAS[key] = made
     out = kb.dir("train")
-    peft_model.save_pretrained(out)
+    shutil.copytree(_UNTRAINED_LORAS[key], out, dirs_exist_ok=True)
     kb.record_stage("train", fingerprint=sha256_tree(out), inputs={}, metrics={"untrained": True})
 
 

@@ -20,6 +20,7 @@ of a fresh interpreter, so kills meant to land there use `python tests/crashpoin
 """
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import multiprocessing
@@ -129,15 +130,29 @@ def _child(argv: list[str], env: dict, log: str, cwd: str, crash: str | None) ->
     main(argv)
 
 
+_started: list = []
+
+
+def _kill_leftovers() -> None:
+    """At exit, SIGKILL the children a failed test left behind, stopped ones included (a stopped
+    child ignores the SIGTERM multiprocessing sends, and its join would then never end)."""
+    for proc in _started:
+        if proc.exitcode is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(10)
+
+
 class Forked:
     """`kinject ARGV` forked from the preloaded server, output appended to `log`; the parts of
     subprocess.Popen the tests use."""
 
     def __init__(self, argv: list[str], env: dict, log: Path, cwd: Path, crash: str | None = None):
-        # daemon: a child a failed test leaves behind is ended when the session ends
         self._proc = _context().Process(target=_child, args=(list(argv), dict(env), str(log), str(cwd), crash), daemon=True)
         self._proc.start()
         self.pid = self._proc.pid
+        if not _started:
+            atexit.register(_kill_leftovers)  # after multiprocessing's own exit handler, so it runs first
+        _started.append(self._proc)
 
     def poll(self) -> int | None:
         """None while running; then the exit status, or -N for a death by signal N."""

@@ -339,7 +339,7 @@ def test_kill_9_during_training_then_rerun_resumes(tmp_path):
 
     kb, settings = make_kb(tmp_path, "killed", _texts() * 3, block_size=32, batch_size=1)
     argv = [
-        "--set", f"kb_root={tmp_path}", "--set", "train.max_steps=40", "--set", "train.save_every=3",
+        "--set", f"kb_root={tmp_path}", "--set", "train.max_steps=20", "--set", "train.save_every=3",
         "--set", "train.block_size=32", "--set", "train.batch_size=1",
         "train", "--kb", "killed", "--quiet",
     ]  # fmt: skip
@@ -362,8 +362,8 @@ def test_kill_9_during_training_then_rerun_resumes(tmp_path):
     assert done.wait(600) == 0, done_log.read_text()
     assert f"resumed from step {killed_at}" in done_log.read_text()
     report = json.loads((kb.root / "adapter" / "report.json").read_text())
-    assert report["steps"] == 40 and report["resumed_from_step"] == killed_at
-    assert [s for s, _ in report["loss_curve"]] == list(range(1, 41))
+    assert report["steps"] == 20 and report["resumed_from_step"] == killed_at
+    assert [s for s, _ in report["loss_curve"]] == list(range(1, 21))
     assert not ckpts.exists()
 
 

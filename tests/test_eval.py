@@ -353,7 +353,7 @@ def test_an_ingest_after_the_final_check_leaves_the_eval_stale(eval_kb, squad_qu
     monkeypatch.setattr(run, "write_report", ingest_lands)
     try:
         report = run.evaluate(kb, squad_questions, ["base"], settings, split="dev", limit=1, progress=False, engine=engine)
-        assert report.status == "ran" and kb.stage("eval")["inputs"]["ingest"] == ingest["fingerprint"]
+        assert kb.stage("eval")["inputs"]["ingest"] == ingest["fingerprint"]
         assert reused_eval(kb, squad_questions, "dev", ["base"], settings, 1) is None
     finally:
         kb.record_stage("ingest", **ingest)

@@ -147,12 +147,14 @@ class Forked:
     subprocess.Popen the tests use."""
 
     def __init__(self, argv: list[str], env: dict, log: Path, cwd: Path, crash: str | None = None):
-        self._proc = _context().Process(target=_child, args=(list(argv), dict(env), str(log), str(cwd), crash), daemon=True)
-        self._proc.start()
+        ctx = _context()
+        with _start_lock:  # one fork request at a time, whichever thread asks
+            self._proc = ctx.Process(target=_child, args=(list(argv), dict(env), str(log), str(cwd), crash), daemon=True)
+            self._proc.start()
+            if not _started:
+                atexit.register(_kill_leftovers)  # after multiprocessing's own exit handler, so it runs first
+            _started.append(self._proc)
         self.pid = self._proc.pid
-        if not _started:
-            atexit.register(_kill_leftovers)  # after multiprocessing's own exit handler, so it runs first
-        _started.append(self._proc)
 
     def poll(self) -> int | None:
         """None while running; then the exit status, or -N for a death by signal N."""

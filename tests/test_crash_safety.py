@@ -9,8 +9,12 @@ from-scratch build. The manifest is also read continually while the children run
 The exact kill points come from tests/crashpoint.py (the CLI with a SIGKILL at the N-th rename
 onto a file, or halfway through the N-th append), in children forked from a server that has the
 heavy libraries imported already; the early kills are plain SIGKILLs of a fresh interpreter after
-a seeded random delay, so they land in its start-up. Two runs at once on one KB: the second fails fast naming the holder's pid,
-and the lock a killed holder leaves behind does not block the next run.
+a seeded random delay, so they land in its start-up. Two runs at once on one KB: the second fails
+fast naming the holder's pid, and the lock a killed holder leaves behind does not block the next
+run.
+
+The three stages' sequences run side by side (`side_by_side`), each on KBs of its own, with every
+child on one thread.
 
 Tiny sizes: 3 demo documents, a 200-token augment budget, 6 training steps of 64-token blocks.
 """
@@ -23,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +176,7 @@ def scratch(demo_index, tmp_path_factory):
 
 
 # ---- ingest -----------------------------------------------------------------------------------
-def test_ingest_killed_anywhere_ends_as_the_from_scratch_index(corpus, scratch, tmp_path):
+def ingest_killed_anywhere(corpus, scratch, tmp_path):
     from kinject.core.kb import KB
     from kinject.core.retrieval import Retriever
     from kinject.core.settings import load_settings
@@ -247,7 +252,7 @@ def record_curated(kb_dir: Path, texts: list[str]) -> str:
     return fingerprint
 
 
-def test_augment_killed_anywhere_loses_and_repeats_no_sample_and_the_lock_holds(scratch, tmp_path):
+def augment_killed_anywhere(corpus, scratch, tmp_path):
     root = tmp_path / "kbs"
     kb_dir = copy_kb(scratch[0].root, root, "a")
     # An earlier run's finished work, which this run replaces.
@@ -305,7 +310,7 @@ def test_augment_killed_anywhere_loses_and_repeats_no_sample_and_the_lock_holds(
 
 
 # ---- train ------------------------------------------------------------------------------------
-def test_train_killed_anywhere_trains_each_step_once(scratch, tmp_path):
+def train_killed_anywhere(corpus, scratch, tmp_path):
     root = tmp_path / "kbs"
     kb_dir = copy_kb(scratch[0].root, root, "t")
     record_curated(kb_dir, [f"Brightwater\nLedger {i}: furnace {i % 4} of the Brightwater glassworks made {40 + i} green bottles in {1820 + i}." for i in range(24)])
@@ -334,3 +339,33 @@ def test_train_killed_anywhere_trains_each_step_once(scratch, tmp_path):
     assert [step for step, _ in report["loss_curve"]] == [1, 2, 3, 4, 5, 6]  # each step once, none lost
     assert report["tokens_seen"] == 6 * 64 and report["resumed_from_step"] == 4
     assert "adapter is up to date" in finish(root, TRAIN, **fmt).output
+
+
+# ---- the tests: the three sequences side by side -------------------------------------------------
+SEQUENCES = {"ingest": ingest_killed_anywhere, "augment": augment_killed_anywhere, "train": train_killed_anywhere}
+
+
+@pytest.fixture(scope="module")
+def side_by_side(request, corpus, scratch, tmp_path_factory):
+    """The kill sequence of each selected test below, all started at once in threads. They share
+    nothing but the read-only fixtures, and each child runs on one thread (OMP_NUM_THREADS=1), so
+    on two cores they take little longer together than the longest alone. Each test waits for
+    its own sequence and re-raises what failed in it."""
+    names = {item.name for item in request.session.items}
+    wanted = [stage for stage in SEQUENCES if any(n.startswith(f"test_{stage}_killed_anywhere") for n in names)]
+    pool = ThreadPoolExecutor(max(1, len(wanted)))
+    runs = {stage: pool.submit(SEQUENCES[stage], corpus, scratch, tmp_path_factory.mktemp(f"{stage}-killed")) for stage in wanted}
+    yield runs
+    pool.shutdown(wait=True)
+
+
+def test_ingest_killed_anywhere_ends_as_the_from_scratch_index(side_by_side):
+    side_by_side["ingest"].result()
+
+
+def test_augment_killed_anywhere_loses_and_repeats_no_sample_and_the_lock_holds(side_by_side):
+    side_by_side["augment"].result()
+
+
+def test_train_killed_anywhere_trains_each_step_once(side_by_side):
+    side_by_side["train"].result()

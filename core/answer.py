@@ -339,7 +339,7 @@ class Answerer:
         params: SamplingParams,
         progress: Callable[[int], None] | None = None,
     ) -> list[Answer]:
-        """Answer many conversations in one engine call (batched), as eval does."""
+        """Answer many conversations in one engine call, so the engine can batch them."""
         prepared = [self.prepare(mode, c, params) for c in conversations]
         gens = self.engine.generate([p.request for p in prepared], progress=progress)
         return [self._answer(p, g) for p, g in zip(prepared, gens)]

@@ -95,7 +95,9 @@ def test_report_files_parse_and_chart_is_a_png(four_modes, eval_kb):
     for mode in FOUR:
         c = report["cost"][mode]
         assert 0 < c["batch_p50_s"] <= c["batch_p95_s"] and c["questions_per_s"] > 0
-    assert sum(r["wall_share_s"] for r in rows if r["mode"] == "rag") == pytest.approx(N_DEV / report["cost"]["rag"]["questions_per_s"], rel=1e-3)
+    # q/s is rounded to 4 decimals, which under load is more than 0.1 % of a small rate
+    rag_wall = sum(r["wall_share_s"] for r in rows if r["mode"] == "rag")
+    assert report["cost"]["rag"]["questions_per_s"] == round(N_DEV / rag_wall, 4)
     png = (d / "chart.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     img = matplotlib.image.imread(d / "chart.png")

@@ -172,6 +172,7 @@ def render(results: list[dict], load: str) -> str:
         "| set | metric | base | rag | ft | ft-rag | ft − base | ½ (rag − base) | ft target | ft-rag − rag | ft-rag target |",
         "|---|---|---:|---:|---:|---:|---:|---:|:-:|---:|:-:|",
     ]
+    missing = [n for n in PAPER_SETS if n not in {r["name"] for r in results}]
     for r in results:
         t = target_check(r["report"])
         if "ft_gain" not in t:
@@ -183,6 +184,8 @@ def render(results: list[dict], load: str) -> str:
             f"{t['ft_gain']:+.1f} | {t['half_rag_gain']:+.1f} | {'met' if t['ft_target_met'] else 'missed by %.1f' % t['ft_gap']} | "
             f"{t['ftrag_minus_rag']:+.1f} | {'met' if t['ftrag_target_met'] else 'missed'} |"
         )
+    if missing:
+        lines += ["", f"Not in this report yet: {', '.join(missing)} (`kinject paper --sets {','.join(missing)}` adds them)."]
     for r in results:
         t = target_check(r["report"])
         secs = r["stage_seconds"]
@@ -192,6 +195,7 @@ def render(results: list[dict], load: str) -> str:
             "",
             f"## {r['name']}",
             "",
+            *([f"- Run finished {r['finished']}."] if r.get("finished") else []),
             f"- Models: `{r['settings']['llm']}` answering, `{r['settings']['embedder']}` retrieving the top {r['top_k']} chunks.",
             f"- Questions: {r['report'].get('n_questions', '–')} of the dev split"
             + (f" (the first {r['eval_limit']}, to keep the set near eight minutes)." if r["eval_limit"] else "."),
@@ -216,15 +220,27 @@ def render(results: list[dict], load: str) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def results_store(out: Path) -> Path:
+    """Each set's last numbers, kept beside the report so a run of some sets keeps the others'."""
+    return out.with_suffix(".json")
+
+
 def run_paper(names: list[str], overrides: dict, out: Path = RESULTS, echo: Callable[[str], None] = typer.echo) -> list[dict]:
-    from kinject.core.files import atomic_write_text
+    from kinject.core.files import atomic_write_json, atomic_write_text
 
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    store = results_store(out)
+    kept = {n: r for n, r in _read_json(store).items() if n in PAPER_SETS}
     results = []
     for name in names:
-        results.append(run_set(name, overrides, echo))
-        atomic_write_text(out, render(results, load))  # after each set, so a long run shows progress
-        echo(f"wrote {out} ({len(results)}/{len(names)} sets)")
+        result = run_set(name, overrides, echo)
+        result["finished"] = datetime.now().strftime("%Y-%m-%d %H:%M")
+        results.append(result)
+        kept[name] = result
+        atomic_write_json(store, kept)
+        # after each set, so a long run shows progress; sets in the report's order
+        atomic_write_text(out, render([kept[n] for n in PAPER_SETS if n in kept], load))
+        echo(f"wrote {out} ({len(results)}/{len(names)} sets of this run)")
     return results
 
 

@@ -36,3 +36,19 @@ def test_results_name_the_preset_that_ran():
     text = render([_result("paper")], "0.1 0.2 0.3")
     assert "with the `paper` preset" in text and "`local`" not in text
     assert "with the `local` preset" in render([_result("local")], "0.1 0.2 0.3")
+
+
+def test_a_run_of_some_sets_keeps_the_others_numbers(tmp_path, monkeypatch):
+    from kinject.recipes import paper
+
+    def fake_run_set(name, overrides, echo):  # the building and evaluating is tested in test_demo
+        return {**_result("local"), "name": name}
+
+    monkeypatch.setattr(paper, "run_set", fake_run_set)
+    out = tmp_path / "results.md"
+    paper.run_paper(["multihop_rag"], {}, out, echo=lambda _: None)
+    assert "Not in this report yet: squad_short, quality_mc" in out.read_text()
+    paper.run_paper(["squad_short"], {}, out, echo=lambda _: None)
+    text = out.read_text()
+    assert text.index("## squad_short") < text.index("## multihop_rag")  # the report's order, not the runs'
+    assert "Not in this report yet: quality_mc" in text and text.count("- Run finished") == 2

@@ -52,3 +52,16 @@ def test_a_run_of_some_sets_keeps_the_others_numbers(tmp_path, monkeypatch):
     text = out.read_text()
     assert text.index("## squad_short") < text.index("## multihop_rag")  # the report's order, not the runs'
     assert "Not in this report yet: quality_mc" in text and text.count("- Run finished") == 2
+
+
+def test_short_answer_sets_are_checked_on_f1_and_contains_gold():
+    from kinject.recipes.paper import render
+
+    r = _result("local")
+    contains = {"base": 0.02, "rag": 0.24, "ft": 0.10, "ft-rag": 0.20}
+    for mode, v in contains.items():
+        r["report"]["summary"][mode]["contains"] = {"mean": v, "lo": v, "hi": v, "n": 4}
+    text = render([r], "0.1 0.2 0.3")
+    assert "| squad_short | f1 | 10.0 | 30.0 | 22.0 | 31.0 | +12.0 | +10.0 | met | +1.0 | met |" in text
+    assert "| squad_short | contains | 2.0 | 24.0 | 10.0 | 20.0 | +8.0 | +11.0 | missed by 3.0 | -4.0 | missed |" in text
+    assert "- contains: ft − base = +8.0 points; half of rag − base = +11.0: target missed by 3.0 points." in text

@@ -36,6 +36,12 @@ class _Group(BaseModel):
 class ModelSettings(_Group):
     llm: str = Field("smollm2-135m", description="Generator/answer model: HF id, folder, .gguf file or bundled alias")
     embedder: str = Field("minilm-l6", description="sentence-transformers embedder: HF id, folder or bundled alias")
+    embedder_backend: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        "auto",
+        description="What runs the embedder: torch; onnx (ONNX Runtime, exported once from the local weights into the cache; "
+        "same vectors as torch); onnx-int8 (int8 weights: faster, different vectors, so an index built with it is "
+        "re-embedded when this changes); auto = onnx on CPU, torch on CUDA",
+    )
     query_instruction: str = Field("", description="Prefix applied to queries only (bge's instruction)")
     reranker: str = Field("", description="Optional cross-encoder for reranking; empty = off")
     augment_llm: str = Field("", description="Model that writes synthetic data; empty = same as llm")

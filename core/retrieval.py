@@ -43,6 +43,8 @@ class Embedder:
         self.backend = embedder_backend(settings, backend)
         self.numerics = EMBEDDER_NUMERICS[self.backend]  # backends with equal numerics make interchangeable vectors
         self.model = load_embedder(ref, settings, self.backend)
+        if self.backend == "onnx" and not hasattr(self.model, "session"):
+            self.backend = "torch"  # auto fell back: the model's pipeline has more than ONNX runs
         self.model.eval()
         dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = dim_of()
@@ -251,6 +253,7 @@ def get_retriever(kb: KB, settings: Settings | None = None) -> Retriever:
         str(Path(kb.root).resolve()),
         settings.models.query_instruction,
         settings.models.reranker,
+        settings.models.embedder_backend,
         settings.retrieval.top_k,
         settings.retrieval.rerank_candidates,
         settings.engine.device,

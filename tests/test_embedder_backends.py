@@ -170,3 +170,24 @@ def test_an_index_from_before_backends_were_recorded_counts_as_fp32(tmp_path, se
     again = ingest(kb, docs, settings, progress=False)
     assert again.status == "skipped" and not again.rebuilt and again.fingerprint == first.fingerprint
     assert Retriever(kb, backend_settings(settings, "onnx-int8")).embedder.numerics == "fp32"
+
+
+def test_auto_falls_back_to_torch_for_a_pipeline_onnx_does_not_run(tmp_path, settings):
+    """Max pooling: sentence-transformers runs it, the ONNX runner does not. `auto` uses torch
+    for it; an explicit `onnx` says why it cannot."""
+    from kinject.core.models import resolve_model
+    from kinject.core.onnx_embedder import OnnxUnsupported
+    from kinject.core.retrieval import Embedder
+
+    src = resolve_model("minilm-l6", settings)
+    folder = tmp_path / "maxpool"
+    folder.mkdir()
+    for p in src.iterdir():
+        if p.is_file():
+            (folder / p.name).symlink_to(p)
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 384, "pooling_mode_max_tokens": True}))
+    auto = Embedder(str(folder), settings)
+    assert auto.backend == "torch" and auto.numerics == "fp32" and auto.encode(TEXTS[:2]).shape == (2, 384)
+    with pytest.raises(OnnxUnsupported, match="mean or CLS"):
+        Embedder(str(folder), backend_settings(settings, "onnx"))

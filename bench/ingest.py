@@ -3,7 +3,10 @@
 Embedding: kinject's `ingest()` vs `VectorStoreIndex.from_documents` with `HuggingFaceEmbedding`
 pointed at the same bundled MiniLM folder (nothing downloads), every other llama-index setting at
 its default. Both models are loaded before the clock starts; chunks/s = chunks embedded and
-indexed per second of wall time.
+indexed per second of wall time. kinject's ingest is timed once per embedder backend (torch, onnx,
+onnx-int8); the ratio is the default backend's. Recall: squad_short's dev questions searched
+in a KB of squad_short built by each backend (recall@1/@4 and MRR of the gold document); the
+default backend's recall@4 must stay within 0.5 point of torch's.
 Retrieval: 100k random normalized 384-d vectors; kinject's search path (a persisted KB index
 loaded by `Retriever`, `search_vectors`) vs llama-index's `SimpleVectorStore.query`; queries/s
 and p50 latency for one query at a time.
@@ -53,16 +56,29 @@ def bench_embedding(quick: bool, workdir: Path) -> dict:
     from kinject.core.index import load_state
     from kinject.ingest.pipeline import ingest
 
+    from kinject.core.models import embedder_backend
+
     records, name = corpus_records(quick)
     corpus = workdir / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
     settings = load_settings({"kb_root": str(workdir / "kbs")})
-    get_embedder(settings.models.embedder, settings)  # load before timing, as for the baseline
-
-    t0 = time.perf_counter()
-    report = ingest(KB.create(settings, "bench"), corpus, settings, progress=False)
-    kinject_s = time.perf_counter() - t0
-    kinject_cps = report.chunks_embedded / kinject_s
+    default = embedder_backend(settings)
+    # Every backend: load (and on first use export to ONNX) before timing, as for the baseline;
+    # then the same ingest into a KB of its own. The ratio is the default backend's.
+    backends: dict[str, dict] = {}
+    for backend in [default, *(b for b in BACKENDS if b != default)]:
+        t0 = time.perf_counter()
+        get_embedder(settings.models.embedder, settings, backend)
+        backends[backend] = {"load_seconds": round(time.perf_counter() - t0, 2)}
+    for backend, row in backends.items():
+        bsettings = load_settings({"kb_root": str(workdir / "kbs"), "models": {"embedder_backend": backend}})
+        t0 = time.perf_counter()
+        report = ingest(KB.create(bsettings, f"bench-{backend}"), corpus, bsettings, progress=False)
+        seconds = time.perf_counter() - t0
+        row.update(chunks=report.chunks_embedded, seconds=round(seconds, 2), chunks_per_s=round(report.chunks_embedded / seconds, 1))
+        row.update(squad_dev_recall(bsettings, workdir / f"recall-{backend}"))
+    kinject_s, kinject_cps = backends[default]["seconds"], backends[default]["chunks_per_s"]
+    report_chunks = backends[default]["chunks"]
 
     embed_model = HuggingFaceEmbedding(model_name=str(resolve_model(settings.models.embedder, settings)))
     li_docs = [LIDocument(text=r["text"], doc_id=r["doc_id"], metadata={k: v for k, v in r.items() if k not in ("text", "doc_id")}) for r in records]
@@ -77,14 +93,16 @@ def bench_embedding(quick: bool, workdir: Path) -> dict:
     embedder = get_embedder(settings.models.embedder, settings)
     limit = embedder.max_seq_length
     count = lambda text: len(embedder.tokenizer(text, truncation=False, verbose=False)["input_ids"])
-    kb_state = load_state(KB.open(settings, "bench").root / "index")
+    kb_state = load_state(KB.open(settings, f"bench-{default}").root / "index")
     chunker = Chunker(embedder.tokenizer, limit, settings.ingest.chunk_size, settings.ingest.chunk_overlap, settings.ingest.metadata_in_text)
     kinject_tokens = [count(c.embed_text) for d in kb_state.documents.values() for c in chunker.chunk(d)]
     llama_tokens = [count(n.get_content(metadata_mode=MetadataMode.EMBED)) for n in index.docstore.docs.values()]
+    torch_recall, default_recall = backends["torch"].get("recall_at_4"), backends[default].get("recall_at_4")
     return {
         "corpus": name,
         "documents": len(records),
-        "kinject_chunks": report.chunks_embedded,
+        "backend": default,
+        "kinject_chunks": report_chunks,
         "kinject_seconds": round(kinject_s, 2),
         "kinject_chunks_per_s": round(kinject_cps, 1),
         "llamaindex_chunks": llama_chunks,
@@ -92,11 +110,45 @@ def bench_embedding(quick: bool, workdir: Path) -> dict:
         "llamaindex_chunks_per_s": round(llama_cps, 1),
         "ratio": round(kinject_cps / llama_cps, 2),
         "target": ">=2",
+        # squad_short dev, R@4 of the default backend against torch's (today's), in points
+        "recall_drop_points": None if torch_recall is None else round(100 * (torch_recall - default_recall), 2),
+        "recall_drop_points_target": "<=0.5",
+        "backends": backends,
         "kinject_tokens_read_per_s": round(sum(min(t, limit) for t in kinject_tokens) / kinject_s, 1),
         "llamaindex_tokens_read_per_s": round(sum(min(t, limit) for t in llama_tokens) / llama_s, 1),
         "kinject_chunks_truncated": sum(t > limit for t in kinject_tokens),
         "llamaindex_chunks_truncated": sum(t > limit for t in llama_tokens),
         "llamaindex_tokens_lost_to_truncation": sum(max(t - limit, 0) for t in llama_tokens),
+    }
+
+
+BACKENDS = ("torch", "onnx", "onnx-int8")
+
+
+def squad_dev_recall(settings, workdir: Path) -> dict:
+    """Recall@1, recall@4 and MRR of the gold document over squad_short's dev questions, with the
+    whole squad_short corpus indexed by `settings` (its embedder backend). Empty without shared/."""
+    from kinject.core.kb import KB
+    from kinject.core.retrieval import Retriever
+    from kinject.eval.metrics import ranked_doc_ids, recall_at_k, reciprocal_rank
+    from kinject.eval.questions import load_questions
+    from kinject.ingest.pipeline import ingest
+
+    folder = SHARED / "squad_short"
+    if not (folder / "corpus.jsonl").exists():
+        return {}
+    settings = settings.model_copy(update={"kb_root": workdir})
+    kb = KB.create(settings, "squad")
+    ingest(kb, folder / "corpus.jsonl", settings, progress=False)
+    questions = load_questions(folder / "questions.jsonl", split="dev")
+    hits = Retriever(kb, settings).search_many([q.question for q in questions], 10)
+    ranked = [ranked_doc_ids([{"doc_id": h.doc_id} for h in row]) for row in hits]
+    n = len(questions)
+    return {
+        "recall_questions": n,
+        "recall_at_1": round(sum(recall_at_k(r, q.doc_ids, 1) for r, q in zip(ranked, questions)) / n, 4),
+        "recall_at_4": round(sum(recall_at_k(r, q.doc_ids, 4) for r, q in zip(ranked, questions)) / n, 4),
+        "mrr": round(sum(reciprocal_rank(r, q.doc_ids) for r, q in zip(ranked, questions)) / n, 4),
     }
 
 
@@ -196,6 +248,10 @@ if __name__ == "__main__":
         f"kinject {e['kinject_chunks_truncated']}, llama-index {e['llamaindex_chunks_truncated']} "
         f"({e['llamaindex_tokens_lost_to_truncation']} tokens never embedded)"
     )
+    for backend, b in e["backends"].items():
+        recall = f"; squad_short dev R@1 {b['recall_at_1']:.3f} R@4 {b['recall_at_4']:.3f} MRR {b['mrr']:.3f}" if "recall_at_4" in b else ""
+        print(f"  {backend:9s} {b['chunks_per_s']:7.1f} chunks/s (loaded in {b['load_seconds']} s){recall}" + ("  <- default" if backend == e["backend"] else ""))
+    print(f"  recall@4 drop of the default backend vs torch: {e['recall_drop_points']} points (target <= 0.5)")
     print(
         f"retrieval ({r['vectors']} x {r['dim']}, k={r['k']}): kinject {r['kinject_qps']} q/s, p50 {r['kinject_p50_ms']} ms; "
         f"llama-index SimpleVectorStore {r['llamaindex_qps']} q/s, p50 {r['llamaindex_p50_ms']} ms; "

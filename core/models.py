@@ -196,7 +196,28 @@ def load_causal_lm(ref: str, settings: Settings):
     return model, load_tokenizer(path)
 
 
-def load_embedder(ref: str, settings: Settings):
+def embedder_backend(settings: Settings, backend: str | None = None) -> str:
+    """The embedder backend that runs: `auto` is ONNX Runtime on CPU, torch on CUDA."""
+    backend = backend or settings.models.embedder_backend
+    if backend == "auto":
+        return "torch" if pick_device(settings.engine.device).startswith("cuda") else "onnx"
+    return backend
+
+
+def load_embedder(ref: str, settings: Settings, backend: str | None = None):
+    """A SentenceTransformer, or an OnnxSentenceEncoder with the same `encode`, for `backend`
+    (default: the settings' one)."""
+    backend = embedder_backend(settings, backend)
+    folder = resolve_model(ref, settings)
+    if backend in ("onnx", "onnx-int8"):
+        from kinject.core.onnx_embedder import OnnxSentenceEncoder, OnnxUnsupported
+
+        try:
+            return OnnxSentenceEncoder(folder, settings.model_cache, "int8" if backend == "onnx-int8" else "fp32")
+        except OnnxUnsupported:
+            if settings.models.embedder_backend != "auto" or backend != "onnx":
+                raise
+            # auto: a pipeline the ONNX runner does not reproduce runs on torch (same fp32 vectors)
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(resolve_model(ref, settings)), device=pick_device(settings.engine.device))
+    return SentenceTransformer(str(folder), device=pick_device(settings.engine.device))

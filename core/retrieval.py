@@ -32,13 +32,19 @@ class Hit:
 
 # ---- embedder -----------------------------------------------------------------------------
 class Embedder:
-    """A sentence-transformers model producing L2-normalized float32 vectors."""
+    """A sentence-transformers model producing L2-normalized float32 vectors, run by torch or by
+    ONNX Runtime (`backend`, see settings.models.embedder_backend)."""
 
-    def __init__(self, ref: str, settings: Settings):
-        from kinject.core.models import load_embedder
+    def __init__(self, ref: str, settings: Settings, backend: str | None = None):
+        from kinject.core.models import embedder_backend, load_embedder
+        from kinject.core.onnx_embedder import EMBEDDER_NUMERICS
 
         self.ref = ref
-        self.model = load_embedder(ref, settings)
+        self.backend = embedder_backend(settings, backend)
+        self.numerics = EMBEDDER_NUMERICS[self.backend]  # backends with equal numerics make interchangeable vectors
+        self.model = load_embedder(ref, settings, self.backend)
+        if self.backend == "onnx" and not hasattr(self.model, "session"):
+            self.backend = "torch"  # auto fell back: the model's pipeline has more than ONNX runs
         self.model.eval()
         dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = dim_of()
@@ -72,19 +78,34 @@ class Embedder:
         return out
 
 
-_embedders: dict[tuple[str, str], Embedder] = {}
+_embedders: dict[tuple[str, str, str], Embedder] = {}
 _embedders_guard = threading.Lock()
 
 
-def get_embedder(ref: str, settings: Settings) -> Embedder:
-    """One loaded embedder per (model, device) in this process."""
-    from kinject.core.models import pick_device
+def get_embedder(ref: str, settings: Settings, backend: str | None = None) -> Embedder:
+    """One loaded embedder per (model, device, backend) in this process; `backend` defaults to
+    the settings' one."""
+    from kinject.core.models import embedder_backend, pick_device
 
-    key = (ref, pick_device(settings.engine.device))
+    key = (ref, pick_device(settings.engine.device), embedder_backend(settings, backend))
     with _embedders_guard:
         if key not in _embedders:
-            _embedders[key] = Embedder(ref, settings)
+            _embedders[key] = Embedder(ref, settings, key[2])
         return _embedders[key]
+
+
+def index_backend(meta: dict, settings: Settings) -> str:
+    """The embedder backend to query an index with: the settings' one when its vectors are
+    interchangeable with the index's (same numerics: torch and onnx are), else one that makes the
+    numerics the index was built with. An index from before backends were recorded is fp32."""
+    from kinject.core.models import embedder_backend
+    from kinject.core.onnx_embedder import EMBEDDER_NUMERICS
+
+    wanted = embedder_backend(settings)
+    built = meta.get("embedder_numerics", "fp32")
+    if EMBEDDER_NUMERICS[wanted] == built:
+        return wanted
+    return meta.get("embedder_backend") if EMBEDDER_NUMERICS.get(meta.get("embedder_backend")) == built else embedder_backend(settings, "auto") if built == "fp32" else "onnx-int8"
 
 
 # ---- retriever ----------------------------------------------------------------------------
@@ -139,12 +160,13 @@ class Retriever:
 
     @property
     def embedder(self) -> Embedder:
-        """The embedder the index was built with (the settings' one before any ingest)."""
+        """The embedder the index was built with, on a backend whose vectors match the index's
+        (the settings' embedder and backend before any ingest)."""
         try:
-            ref = self._state().meta["embedder"]
+            meta = self._state().meta
         except KBError:
-            ref = self.settings.models.embedder
-        return get_embedder(ref, self.settings)
+            return get_embedder(self.settings.models.embedder, self.settings)
+        return get_embedder(meta["embedder"], self.settings, index_backend(meta, self.settings))
 
     def embed_queries(self, texts: list[str]) -> np.ndarray:
         instruction = self.settings.models.query_instruction
@@ -231,6 +253,7 @@ def get_retriever(kb: KB, settings: Settings | None = None) -> Retriever:
         str(Path(kb.root).resolve()),
         settings.models.query_instruction,
         settings.models.reranker,
+        settings.models.embedder_backend,
         settings.retrieval.top_k,
         settings.retrieval.rerank_candidates,
         settings.engine.device,

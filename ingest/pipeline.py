@@ -159,14 +159,25 @@ def add_files(kb: KB, paths: list[str | Path], settings: Settings, progress: boo
 def _build_settings(settings: Settings) -> dict:
     """What the vectors depend on: if any of this changes, the index is rebuilt. (The model's
     dimension and sequence limit are added once it is loaded; they follow from its name.)"""
+    from kinject.core.models import embedder_backend
+    from kinject.core.onnx_embedder import EMBEDDER_NUMERICS
+
+    backend = embedder_backend(settings)
     return {
         "embedder": settings.models.embedder,
+        "embedder_backend": backend,  # recorded; a change of backend alone does not rebuild
+        "embedder_numerics": EMBEDDER_NUMERICS[backend],  # a change of numerics (fp32 <-> int8) does
         "chunk_size": settings.ingest.chunk_size,
         "chunk_overlap": settings.ingest.chunk_overlap,
         "metadata_in_text": settings.ingest.metadata_in_text,
         "chunker_version": CHUNKER_VERSION,
     }
 
+
+# Build keys that are recorded but whose change alone keeps the vectors (fp32 torch and fp32 ONNX
+# embed alike), and the value a key takes in an index written before it was recorded.
+_RECORDED_ONLY = {"embedder_backend"}
+_BEFORE_RECORDED = {"embedder_numerics": "fp32"}
 
 CHECKPOINT = "embedding-checkpoint.jsonl"
 
@@ -175,7 +186,8 @@ def _embed_with_checkpoint(embedder, chunks: list, folder: Path, settings: Setti
     """Embed chunks, appending each batch's vectors to a checkpoint file, so a run that crashed
     mid-way embeds only what it had not reached. Returns (vectors, how many came from the file)."""
     path = folder / CHECKPOINT
-    key = lambda text: sha256_text(f"{settings.models.embedder}\n{text}")
+    numerics = "" if embedder.numerics == "fp32" else f"{embedder.numerics}\n"
+    key = lambda text: sha256_text(f"{settings.models.embedder}\n{numerics}{text}")
     saved = {r["key"]: r["vector"] for r in read_jsonl(path)}
     keys = [key(c.embed_text) for c in chunks]
     known = [i for i, k in enumerate(keys) if k in saved]
@@ -195,6 +207,9 @@ def _embed_with_checkpoint(embedder, chunks: list, folder: Path, settings: Setti
 def fingerprint(documents: dict[str, Document] | list[Document], build: dict) -> str:
     docs = documents.values() if isinstance(documents, dict) else documents
     pairs = sorted((d.doc_id, d.content_hash) for d in docs)
+    # What the vectors do not depend on, or a key at the value it had before it was recorded, is
+    # left out: switching torch <-> onnx keeps an index's fingerprint, and so its later stages.
+    build = {k: v for k, v in build.items() if k not in _RECORDED_ONLY and _BEFORE_RECORDED.get(k, object()) != v}
     return sha256_text(json.dumps({"documents": pairs, "build": build}, sort_keys=True))
 
 
@@ -270,9 +285,9 @@ def _plan(state: IndexState | None, incoming: Incoming, settings: Settings) -> P
     build = _build_settings(settings)
     rebuilt = ""
     if state is not None:
-        differs = [k for k in build if state.meta.get(k) != build[k]]
+        differs = [k for k in build if k not in _RECORDED_ONLY and state.meta.get(k, _BEFORE_RECORDED.get(k)) != build[k]]
         if differs:
-            rebuilt = "changed " + ", ".join(f"{k} ({state.meta.get(k)} -> {build[k]})" for k in differs)
+            rebuilt = "changed " + ", ".join(f"{k} ({state.meta.get(k, _BEFORE_RECORDED.get(k))} -> {build[k]})" for k in differs)
             if not incoming.complete:  # an upload keeps the other documents: they are embedded again too
                 docs = [d for d in state.documents.values() if d.doc_id not in {x.doc_id for x in docs}] + docs
             state = IndexState(meta={"next_id": state.meta.get("next_id", 0)}, index=None, chunks={}, generation=state.generation)
@@ -281,7 +296,7 @@ def _plan(state: IndexState | None, incoming: Incoming, settings: Settings) -> P
     old = state.documents
     embedder = None
     if state.index is None or any(d.doc_id not in old or old[d.doc_id].content_hash != d.content_hash for d in docs):
-        embedder = get_embedder(settings.models.embedder, settings)  # loaded only when there is work for it
+        embedder = get_embedder(settings.models.embedder, settings, build["embedder_backend"])  # loaded only when there is work for it
         build.update(dim=embedder.dim, max_seq_length=embedder.max_seq_length)
         if state.index is None:
             state.index = VectorIndex.empty(embedder.dim)

@@ -60,12 +60,17 @@ class ModelsReady(StageResult):
 
 
 def prepare_models(settings: Settings) -> ModelsReady:
-    """Resolve (and on first use convert) the LLM and the embedder, so the first stage's time is
-    its own."""
-    from kinject.core.models import resolve_model
+    """Resolve (and on first use convert) the LLM and the embedder, and export the embedder to
+    ONNX when its backend runs it so, so the first stage's time is its own."""
+    from kinject.core.models import embedder_backend, resolve_model
 
     timer = StageTimer()
     folders = [str(resolve_model(ref, settings)) for ref in (settings.models.llm, settings.models.embedder)]
+    backend = embedder_backend(settings)
+    if backend.startswith("onnx"):
+        from kinject.core.onnx_embedder import export_onnx
+
+        export_onnx(resolve_model(settings.models.embedder, settings), settings.model_cache, "int8" if backend == "onnx-int8" else "fp32")
     return ModelsReady(status="ran", folders=folders, **timer.elapsed())
 
 

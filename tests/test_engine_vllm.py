@@ -210,3 +210,25 @@ def test_bad_input_is_a_clear_error(vllm_engine, tmp_path):
     with pytest.raises(VLLMEngineError, match="rank 64"):
         vllm_engine.add_adapter("big", tmp_path)
     assert vllm_engine.adapters == loaded  # neither refused adapter was added
+
+
+def test_submission_order_puts_shared_prefixes_together():
+    from kinject.core.engines.vllm_engine import submission_order
+
+    doc_a, doc_b = [1, 5, 5, 5], [1, 6, 6]
+    prompts = [doc_a + [9], doc_b + [9], doc_a + [7], doc_b + [7], doc_a + [9]]
+    order = submission_order(prompts)
+    assert order == [2, 0, 4, 3, 1]  # doc a's three, then doc b's two; equal prompts keep their order
+
+
+def test_prefix_caching_is_on_and_a_mixed_batch_answers_in_the_callers_order(vllm_engine):
+    assert vllm_engine.settings.engine.vllm_prefix_caching is True
+    assert vllm_engine._llm.vllm_config.cache_config.enable_prefix_caching is True
+    doc = lambda name: f"Title: {name}\n\n" + " ".join(f"{name} fact {i}." for i in range(40))
+    reqs = [
+        GenRequest(messages=[{"role": "user", "content": f"{doc(d)}\n\n{ask}"}], params=SamplingParams(max_new_tokens=4, temperature=1.0, seed=s))
+        for s, (d, ask) in enumerate([("Harbour", "List the key concepts."), ("Lighthouse", "Write a dialogue about it."), ("Harbour", "What follows from it?"), ("Lighthouse", "Explain it step by step.")])
+    ]
+    outs = vllm_engine.generate(reqs)
+    assert [g.prompt_tokens for g in outs] == [vllm_engine.prompt_tokens(r) for r in reqs]
+    assert outs[1].text == vllm_engine.generate([reqs[1]])[0].text  # seeded: the same alone

@@ -31,6 +31,12 @@ largest LoRA rank when the engine starts, so the engine starts lazily on its fir
 `start()`) with `max_lora_rank` = the largest of `train.lora_rank` and the ranks of the adapters
 added so far; a later adapter of a larger rank is refused with a clear error.
 
+Prefix caching (`engine.vllm_prefix_caching`, on by default): vLLM keeps the KV blocks of the
+prompts it has run and reuses them for a prompt with the same prefix. Augment's seven prompt types
+of one document share the system message and the document, which come first in the prompt, so
+`generate()` submits its requests sorted by prompt tokens: same-document prompts reach the
+scheduler together and only the first computes the shared prefix.
+
 Memory on CPU: the KV cache size comes from `engine.vllm_cpu_kvcache_gb` (vLLM reads it from the
 `VLLM_CPU_KVCACHE_SPACE` environment variable, set here before the engine starts).
 """
@@ -131,6 +137,7 @@ class VLLMEngine(Engine):
                 max_lora_rank=self.max_lora_rank,
                 max_loras=max(1, len(self._adapters)),
                 disable_log_stats=True,
+                enable_prefix_caching=e.vllm_prefix_caching,
                 **_cpu_prefill_args(current_platform, e.max_model_len),
             )
             loop_thread = EventLoopThread("kinject-vllm")
@@ -293,7 +300,14 @@ class VLLMEngine(Engine):
         if not requests:
             return []
         prepared = [self._prepare(r) for r in requests]
-        outs = self._run_all([self._final(*p) for p in prepared], progress, cancel)
+        # Submitted in prompt order, so prompts that share a prefix (augment's seven types of one
+        # document) reach the scheduler together and reuse its cached KV blocks; results come back
+        # in the callers' order. Seeded requests sample the same whatever their place.
+        order = submission_order([ids for ids, _, _ in prepared])
+        done = self._run_all([self._final(*prepared[i]) for i in order], progress, cancel)
+        outs = [None] * len(prepared)
+        for i, out in zip(order, done):
+            outs[i] = out
         gens = []
         for out in outs:
             o = out.outputs[0]
@@ -405,6 +419,12 @@ class VLLMEngine(Engine):
                 row.append(TokenLogprob(tokens[pos], entries[ids[pos]].logprob, tops))
             result.append(row)
         return result
+
+
+def submission_order(prompts: list[list[int]]) -> list[int]:
+    """Indices of the prompts sorted by their token ids, so prompts with a common prefix are
+    adjacent (a stable sort: equal prompts keep the callers' order)."""
+    return sorted(range(len(prompts)), key=lambda i: prompts[i])
 
 
 def _reraise(err: BaseException):

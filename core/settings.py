@@ -53,6 +53,11 @@ class EngineSettings(_Group):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch_size: int = Field(16, ge=1)
+    batching: Literal["continuous", "per_call"] = Field(
+        "continuous",
+        description="transformers engine: 'continuous' runs all concurrent requests (any adapter) in one batch, "
+        "joining and leaving between decode steps; 'per_call' runs one generate call at a time",
+    )
     max_model_len: int = Field(2048, ge=128)
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     tensor_parallel_size: int = Field(1, ge=1)

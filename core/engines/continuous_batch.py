@@ -198,9 +198,18 @@ class ContinuousBatcher:
 
     def _append(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Choose each row's next token from its logits (one row per line)."""
-        greedy = logits.argmax(dim=-1).tolist()
+        tokens = logits.argmax(dim=-1).tolist()
+        sampled: dict[tuple[float, float], list[int]] = {}
         for i, row in enumerate(rows):
-            token = greedy[i] if row.params.greedy else _sample(logits[i : i + 1], row)
+            if not row.params.greedy:
+                sampled.setdefault((row.params.temperature, row.params.top_p), []).append(i)
+        # The warpers work row by row, so rows with the same settings share one call (a top-p
+        # sort over the vocabulary per row and step would cost as much as the forward pass).
+        for (temperature, top_p), index in sampled.items():
+            probs = _probabilities(logits[index], temperature, top_p)
+            for line, i in enumerate(index):
+                tokens[i] = int(torch.multinomial(probs[line : line + 1], num_samples=1, generator=rows[i].generator))
+        for row, token in zip(rows, tokens):
             row.tokens.append(token)
             if row.sink is not None:
                 row.sink.put(token)
@@ -221,12 +230,12 @@ class ContinuousBatcher:
                 ended.append(row)
         if not ended:
             return
+        for row in ended:
+            _finish(row)
         gone = {id(r) for r in ended}
         keep = [i for i, r in enumerate(self._rows) if id(r) not in gone]
         if len(keep) < len(self._rows):
             self._select(keep)
-        for row in ended:
-            _finish(row)
 
     def _stop_string_ends(self, row: Row) -> bool:
         tail = (row.prompt + row.tokens)[-row.stop_criteria.maximum_token_len :]
@@ -247,19 +256,17 @@ class ContinuousBatcher:
         self._mask = mask[:, start:]
 
 
-def _sample(logits: torch.Tensor, row: Row) -> int:
-    """A draw as `generate(do_sample=True, temperature, top_p, top_k=0)` makes it, from the row's
-    own generator when it has a seed."""
+def _probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """What `generate(do_sample=True, temperature, top_p, top_k=0)` draws from: its warpers, in
+    its order, then a softmax."""
     from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
-    p = row.params
     scores = logits
-    if p.temperature != 1.0:
-        scores = TemperatureLogitsWarper(p.temperature)(None, scores)
-    if p.top_p < 1.0:
-        scores = TopPLogitsWarper(p.top_p)(None, scores)
-    probs = torch.nn.functional.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, num_samples=1, generator=row.generator)[0, 0])
+    if temperature != 1.0:
+        scores = TemperatureLogitsWarper(temperature)(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return torch.nn.functional.softmax(scores, dim=-1)
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:

@@ -58,6 +58,12 @@ class EngineSettings(_Group):
         description="transformers engine: 'continuous' runs all concurrent requests (any adapter) in one batch, "
         "joining and leaving between decode steps; 'per_call' runs one generate call at a time",
     )
+    bulk_batching: Literal["static", "continuous"] = Field(
+        "static",
+        description="With batching=continuous, a generate call of several requests: 'static' runs them in generate's "
+        "own batches between the shared batch's steps (answers identical to per_call); 'continuous' feeds them "
+        "into the shared batch (faster; a greedy token at a near-tie may differ from per_call's)",
+    )
     max_model_len: int = Field(2048, ge=128)
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     tensor_parallel_size: int = Field(1, ge=1)

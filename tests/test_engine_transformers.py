@@ -36,7 +36,9 @@ def mixed(tmp_path_factory):
     from kinject.core.kb import KB
     from kinject.core.settings import load_settings
 
-    settings = load_settings({"kb_root": str(tmp_path_factory.mktemp("mixed")), "engine": {"batching": "continuous"}})
+    # Bulk generate calls join the shared batch too (by default they keep generate's own batches).
+    engine = {"batching": "continuous", "bulk_batching": "continuous"}
+    settings = load_settings({"kb_root": str(tmp_path_factory.mktemp("mixed")), "engine": engine})
     eng = TransformersEngine(settings)
     for name, seed in (("a", 0), ("b", 1)):
         kb = KB.create(settings, name)

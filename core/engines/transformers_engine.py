@@ -146,9 +146,13 @@ class TransformersEngine(Engine):
         return (r.adapter or "", p.greedy, p.temperature, p.top_p, p.max_new_tokens, tuple(p.stop))
 
     def generate(self, requests: list[GenRequest], progress: Progress | None = None, cancel: threading.Event | None = None) -> list[Generation]:
-        if self._batcher is not None:
-            return self._generate_continuous(requests, progress, cancel)
-        return self._generate_per_call(requests, progress, cancel)
+        if self._batcher is None:
+            return self._generate_per_call(requests, progress, cancel)
+        if len(requests) > 1 and self.settings.engine.bulk_batching == "static":
+            # generate's own batches, between two steps of the shared batch: greedy answers are
+            # token for token what per_call gives (eval tables do not move with the traffic).
+            return self._batcher.run_exclusive(lambda: self._generate_per_call(requests, progress, cancel))
+        return self._generate_continuous(requests, progress, cancel)
 
     def stream(self, request: GenRequest, cancel: threading.Event | None = None) -> Iterator[StreamChunk]:
         if self._batcher is not None:

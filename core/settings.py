@@ -62,7 +62,7 @@ class EngineSettings(_Group):
         "static",
         description="With batching=continuous, a generate call of several requests: 'static' runs them in generate's "
         "own batches between the shared batch's steps (answers identical to per_call); 'continuous' feeds them "
-        "into the shared batch (faster; a greedy token at a near-tie may differ from per_call's)",
+        "into the shared batch (on the demo eval's rag rows its answers differed from per_call's report; not yet explained)",
     )
     max_model_len: int = Field(2048, ge=128)
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)

@@ -10,7 +10,7 @@ requests/s over one client at a time (measured in the overhead phase).
 Both on the transformers engine and, when vLLM is importable, on the vLLM engine. The server is
 the real one (uvicorn on a loopback port) on a KB built from the demo corpus.
 
-Run: `python -m bench.serve [--quick]`.
+Run: `python -m bench.serve [--quick] [--engines=transformers,vllm]`.
 """
 from __future__ import annotations
 
@@ -205,7 +205,8 @@ def bench_engine(backend: str, kb_name: str, overrides: dict, quick: bool) -> di
 
             httpx.post(server.url + "/v1/chat/completions", json=warm, timeout=600).raise_for_status()
             overhead = measure_overhead(server.url, answerer, qs, max_tokens)
-            conc = measure_concurrency(server.url, qs, 20 if quick else 60, 16 if quick else 32)
+            # The same answer length as the one-client phase, so the speed-up compares like with like.
+            conc = measure_concurrency(server.url, qs, 20 if quick else 60, max_tokens)
         conc["rps_speedup_vs_one_client"] = round(conc["requests_per_s"] / overhead["single_client_rps"], 2)
         return {"engine_load_s": round(load_s, 1), **overhead, "concurrency": conc}
     finally:
@@ -218,7 +219,7 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None and (REPO / "core" / "engines" / "vllm_engine.py").exists()
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, engines: tuple[str, ...] = ("transformers", "vllm")) -> dict:
     from kinject.core.kb import KB
     from kinject.core.settings import load_settings
     from kinject.ingest.pipeline import ingest
@@ -228,8 +229,11 @@ def run(quick: bool) -> dict:
         overrides = {"kb_root": str(Path(tmp) / "kbs"), "engine": {"vllm_cpu_kvcache_gb": 1}}  # RAM is shared
         settings = load_settings(overrides)
         ingest(KB.create(settings, "bench"), REPO / "demo" / "corpus", settings, progress=False)
-        result: dict = {"kb": "demo/corpus", "transformers": bench_engine("transformers", "bench", overrides, quick)}
-        if vllm_available():
+        result: dict = {"kb": "demo/corpus"}
+        result["transformers"] = bench_engine("transformers", "bench", overrides, quick) if "transformers" in engines else {"skipped": "not asked for"}
+        if "vllm" not in engines:
+            result["vllm"] = {"skipped": "not asked for"}
+        elif vllm_available():
             try:
                 result["vllm"] = bench_engine("vllm", "bench", overrides, quick)
             except Exception as e:  # reported, so the transformers numbers still count
@@ -257,6 +261,7 @@ def _print(name: str, r: dict) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
-    out = run(quick="--quick" in sys.argv)
+    asked = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--engines=")]
+    out = run(quick="--quick" in sys.argv, engines=tuple(asked[0].split(",")) if asked else ("transformers", "vllm"))
     for engine_name in ("transformers", "vllm"):
         _print(engine_name, out[engine_name])

@@ -59,6 +59,17 @@ class EngineSettings(_Group):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch_size: int = Field(16, ge=1)
+    batching: Literal["continuous", "per_call"] = Field(
+        "continuous",
+        description="transformers engine: 'continuous' runs all concurrent requests (any adapter) in one batch, "
+        "joining and leaving between decode steps; 'per_call' runs one generate call at a time",
+    )
+    bulk_batching: Literal["static", "continuous"] = Field(
+        "static",
+        description="With batching=continuous, a generate call of several requests: 'static' runs them in generate's "
+        "own batches between the shared batch's steps (answers identical to per_call); 'continuous' feeds them "
+        "into the shared batch (on the demo eval's rag rows its answers differed from per_call's report; not yet explained)",
+    )
     max_model_len: int = Field(2048, ge=128)
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     tensor_parallel_size: int = Field(1, ge=1)

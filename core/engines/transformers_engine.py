@@ -1,5 +1,11 @@
-"""transformers backend: one base model in memory, LoRA adapters attached with peft and switched
-per request (no second copy of the weights), batched left-padded generation, token streaming."""
+"""transformers backend: one base model in memory, LoRA adapters attached with peft (no second
+copy of the weights), token streaming.
+
+Two batching policies (`engine.batching`): "continuous" (default) hands every request, streamed or
+not, to one scheduler thread that runs them all in a shared batch, rows joining and leaving between
+decode steps, mixed adapters included (continuous_batch.py); "per_call" runs `model.generate` per
+call, one at a time behind a lock, batching only a call's own requests of the same adapter and
+sampling parameters."""
 from __future__ import annotations
 
 import threading
@@ -23,6 +29,7 @@ from kinject.core.engines.base import (
     render_prompt,
     truncate_at_stop,
 )
+from kinject.core.engines.continuous_batch import BASE, CancelGroup, ContinuousBatcher, Row
 from kinject.core.models import load_causal_lm
 from kinject.core.settings import Settings
 
@@ -48,6 +55,22 @@ class TransformersEngine(Engine):
         self.max_batch = settings.engine.max_batch_size
         self._lock = threading.RLock()  # the model serves one batch at a time
         self._adapters: dict[str, Path] = {}
+        self._stop_matchers: dict[tuple[str, ...], object] = {}
+        self._batcher: ContinuousBatcher | None = None
+        if settings.engine.batching == "continuous":
+            self._batcher = ContinuousBatcher(lambda: self.model, self.tokenizer.eos_token_id, self.max_batch)
+
+    def _exclusive(self, job):
+        """Run `job` with the model to itself: on the scheduler thread between two steps, or
+        under the lock when there is no scheduler."""
+        if self._batcher is not None:
+            return self._batcher.run_exclusive(job)
+        with self._lock:
+            return job()
+
+    def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
 
     # ---- prompts -------------------------------------------------------------------------
     def render(self, request: GenRequest) -> str:
@@ -61,6 +84,9 @@ class TransformersEngine(Engine):
 
     # ---- adapters ------------------------------------------------------------------------
     def add_adapter(self, name: str, path: Path) -> None:
+        self._exclusive(lambda: self._load_adapter(name, path))
+
+    def _load_adapter(self, name: str, path: Path) -> None:
         from peft import PeftModel
 
         with self._lock:
@@ -93,6 +119,15 @@ class TransformersEngine(Engine):
         self.model.set_adapter(adapter)
         return contextlib.nullcontext()
 
+    def _with_model(self, adapter: str | None, compute):
+        """compute() run with the model to itself, `adapter` active (scoring)."""
+
+        def job():
+            with self._lock, self._use(adapter), torch.inference_mode():
+                return compute()
+
+        return self._exclusive(job)
+
     # ---- generation ----------------------------------------------------------------------
     def _gen_kwargs(self, request: GenRequest) -> dict:
         p = request.params
@@ -111,6 +146,118 @@ class TransformersEngine(Engine):
         return (r.adapter or "", p.greedy, p.temperature, p.top_p, p.max_new_tokens, tuple(p.stop))
 
     def generate(self, requests: list[GenRequest], progress: Progress | None = None, cancel: threading.Event | None = None) -> list[Generation]:
+        if self._batcher is None:
+            return self._generate_per_call(requests, progress, cancel)
+        if len(requests) > 1 and self.settings.engine.bulk_batching == "static":
+            # generate's own batches, between two steps of the shared batch: greedy answers are
+            # token for token what per_call gives (eval tables do not move with the traffic).
+            return self._batcher.run_exclusive(lambda: self._generate_per_call(requests, progress, cancel))
+        return self._generate_continuous(requests, progress, cancel)
+
+    def stream(self, request: GenRequest, cancel: threading.Event | None = None) -> Iterator[StreamChunk]:
+        if self._batcher is not None:
+            return self._stream_continuous(request, cancel)
+        return self._stream_per_call(request, cancel)
+
+    # ---- continuous batching -------------------------------------------------------------
+    def _row(self, request: GenRequest, prompt: list[int], group: CancelGroup, sink=None) -> Row:
+        p = request.params
+        generator = None
+        if not p.greedy and p.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(p.seed)
+        return Row(prompt, p, self._adapter_name(request.adapter), group, self._stop_criteria(tuple(p.stop)), sink=sink, generator=generator)
+
+    def _adapter_name(self, adapter: str | None) -> str:
+        """The row's name for peft's mixed batches; unknown names fail here, in the caller."""
+        if adapter is None:
+            return BASE
+        if adapter not in self._adapters:
+            loaded = ", ".join(self._adapters) or "none is loaded"
+            raise KeyError(f"unknown adapter {adapter!r}; loaded: {loaded}")
+        return adapter
+
+    def _stop_criteria(self, stop: tuple[str, ...]):
+        """transformers' stop-string matcher (what `generate(stop_strings=...)` uses), built once
+        per set of strings: building one reads the whole vocabulary."""
+        from transformers import StopStringCriteria
+
+        stop = tuple(s for s in stop if s)
+        if not stop:
+            return None
+        if stop not in self._stop_matchers:
+            if len(self._stop_matchers) >= 64:
+                self._stop_matchers.clear()
+            self._stop_matchers[stop] = StopStringCriteria(self.tokenizer, list(stop))
+        return self._stop_matchers[stop]
+
+    def _generate_continuous(self, requests: list[GenRequest], progress: Progress | None, cancel: threading.Event | None) -> list[Generation]:
+        import concurrent.futures
+
+        group = CancelGroup(cancel)
+        prompts = [encode_request(self.tokenizer, r) for r in requests]
+        rows = [self._row(r, p, group) for r, p in zip(requests, prompts)]
+        # Admitted shortest first, so rows of similar lengths run together (less left padding).
+        self._batcher.submit(sorted(rows, key=lambda r: len(r.prompt)))
+        try:
+            for fut in concurrent.futures.as_completed([r.done for r in rows]):
+                fut.result()
+                if progress:
+                    progress(1)
+        finally:
+            if not all(r.done.done() for r in rows):
+                group.cancelled = True  # a failed row or a caller interrupted: the others stop too
+        if group.cancelled:
+            raise Cancelled()
+        return [self._generation(r) for r in rows]
+
+    def _generation(self, row: Row) -> Generation:
+        """A finished row as `_generate_batch` reports a row of `generate`'s output."""
+        special = (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
+        ended = any(t in special for t in row.tokens)
+        ids = [t for t in row.tokens if t not in special]
+        text, stopped = truncate_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), row.params.stop)
+        n = len(ids)
+        finish = "stop" if (ended or stopped or n < row.params.max_new_tokens) else "length"
+        return Generation(text, len(row.prompt), n, finish)
+
+    def _stream_continuous(self, request: GenRequest, cancel: threading.Event | None) -> Iterator[StreamChunk]:
+        import queue
+
+        prompt = encode_request(self.tokenizer, request)
+        cancel = cancel or threading.Event()
+        tokens: queue.SimpleQueue = queue.SimpleQueue()
+        row = self._row(request, prompt, CancelGroup(cancel), sink=tokens)
+        self._batcher.submit([row])
+        text_pieces = _Detokenizer(self.tokenizer)
+        text = ""
+        stopped = False
+        try:
+            while True:
+                item = tokens.get()
+                last = item is row.done
+                for piece in text_pieces.end() if last else text_pieces.feed(item):
+                    if stopped:
+                        continue  # drain; generation ends at the stop string's last token
+                    candidate, stopped = truncate_at_stop(text + piece, request.params.stop)
+                    delta = candidate[len(text) :]
+                    text = candidate
+                    if delta:
+                        yield StreamChunk(delta)
+                if last:
+                    break
+        finally:
+            if not row.done.done():  # the consumer left: stop the row, queued or running
+                cancel.set()
+                row.group.cancelled = True
+                _wait_for(row.done)
+        row.done.result()  # raises the generation's error, if any
+        eos = self.tokenizer.eos_token_id
+        n = len([t for t in row.tokens if t != eos])
+        finish = "stop" if (stopped or eos in row.tokens or n < request.params.max_new_tokens) else "length"
+        yield StreamChunk("", finish, len(prompt), n)
+
+    # ---- one call at a time (engine.batching = "per_call") --------------------------------
+    def _generate_per_call(self, requests: list[GenRequest], progress: Progress | None = None, cancel: threading.Event | None = None) -> list[Generation]:
         from transformers import StoppingCriteriaList
 
         results: list[Generation | None] = [None] * len(requests)
@@ -162,7 +309,7 @@ class TransformersEngine(Engine):
             gens.append(Generation(text, int(mask.sum()), n, finish))
         return gens
 
-    def stream(self, request: GenRequest, cancel: threading.Event | None = None) -> Iterator[StreamChunk]:
+    def _stream_per_call(self, request: GenRequest, cancel: threading.Event | None = None) -> Iterator[StreamChunk]:
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         enc = self._left_padded([encode_request(self.tokenizer, request)])
@@ -237,8 +384,7 @@ class TransformersEngine(Engine):
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
-        with self._lock, self._use(adapter), torch.inference_mode():
-            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+        logits = self._with_model(adapter, lambda: self.model(input_ids=ids, attention_mask=mask).logits.float())
         logp = torch.log_softmax(logits, dim=-1)
         out = []
         for row, (c, k) in enumerate(chunk):
@@ -251,11 +397,14 @@ class TransformersEngine(Engine):
         width = max(len(k) for k in continuations)
         ids = torch.tensor([k + [pad] * (width - len(k)) for k in continuations], device=self.device)
         mask = torch.tensor([[1] * (len(context) + len(k)) + [0] * (width - len(k)) for k in continuations], device=self.device)
-        with self._lock, self._use(adapter), torch.inference_mode():
+
+        def run():
             first = self.model(input_ids=torch.tensor([context], device=self.device), use_cache=True)
             cache = first.past_key_values
             cache.batch_repeat_interleave(len(continuations))
-            logits = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits.float()
+            return first, self.model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits.float()
+
+        first, logits = self._with_model(adapter, run)
         last = torch.log_softmax(first.logits[0, -1].float(), dim=-1)
         logp = torch.log_softmax(logits, dim=-1)
         out = []
@@ -273,8 +422,7 @@ class TransformersEngine(Engine):
             if not ids:
                 result.append([])
                 continue
-            with self._lock, self._use(adapter), torch.inference_mode():
-                logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits.float()
+            logits = self._with_model(adapter, lambda: self.model(input_ids=torch.tensor([ids], device=self.device)).logits.float())
             logp = torch.log_softmax(logits[0], dim=-1)
             row = [TokenLogprob(tokens[0], None)]
             for i in range(1, len(ids)):
@@ -285,6 +433,40 @@ class TransformersEngine(Engine):
                 row.append(TokenLogprob(tokens[i], logp[i - 1, ids[i]].item(), tops))
             result.append(row)
         return result
+
+
+class _Detokenizer:
+    """Token ids to text pieces, cut where TextIteratorStreamer cuts them (whole words)."""
+
+    def __init__(self, tokenizer):
+        from transformers import TextStreamer
+
+        pieces = self.pieces = []
+
+        class Collect(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                pieces.append(text)
+
+        self._streamer = Collect(tokenizer, skip_prompt=False, skip_special_tokens=True)
+
+    def feed(self, token: int) -> list[str]:
+        self._streamer.put(torch.tensor([token]))
+        return self._take()
+
+    def end(self) -> list[str]:
+        self._streamer.end()
+        return self._take()
+
+    def _take(self) -> list[str]:
+        out, self.pieces[:] = list(self.pieces), []
+        return out
+
+
+def _wait_for(fut) -> None:
+    """Wait for a future to end, whatever its outcome."""
+    import concurrent.futures
+
+    concurrent.futures.wait([fut])
 
 
 def _total_and_greedy(logp: torch.Tensor, target: torch.Tensor) -> tuple[float, bool]:

@@ -229,18 +229,13 @@ class TransformersEngine(Engine):
         row = self._row(request, prompt, CancelGroup(cancel), sink=tokens)
         self._batcher.submit([row])
         text_pieces = _Detokenizer(self.tokenizer)
-        text = ""
-        stopped = False
+        cut = _StopCut(request.params.stop)
         try:
             while True:
                 item = tokens.get()
                 last = item is row.done
                 for piece in text_pieces.end() if last else text_pieces.feed(item):
-                    if stopped:
-                        continue  # drain; generation ends at the stop string's last token
-                    candidate, stopped = truncate_at_stop(text + piece, request.params.stop)
-                    delta = candidate[len(text) :]
-                    text = candidate
+                    delta = cut.feed(piece)
                     if delta:
                         yield StreamChunk(delta)
                 if last:
@@ -253,7 +248,7 @@ class TransformersEngine(Engine):
         row.done.result()  # raises the generation's error, if any
         eos = self.tokenizer.eos_token_id
         n = len([t for t in row.tokens if t != eos])
-        finish = "stop" if (stopped or eos in row.tokens or n < request.params.max_new_tokens) else "length"
+        finish = "stop" if (cut.stopped or eos in row.tokens or n < request.params.max_new_tokens) else "length"
         yield StreamChunk("", finish, len(prompt), n)
 
     # ---- one call at a time (engine.batching = "per_call") --------------------------------
@@ -331,15 +326,10 @@ class TransformersEngine(Engine):
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        text = ""
-        stopped = False
+        cut = _StopCut(request.params.stop)
         try:
             for piece in streamer:
-                if stopped:
-                    continue  # drain; generation ends at the stop string's last token
-                candidate, stopped = truncate_at_stop(text + piece, request.params.stop)
-                delta = candidate[len(text) :]
-                text = candidate
+                delta = cut.feed(piece)
                 if delta:
                     yield StreamChunk(delta)
         finally:
@@ -352,7 +342,7 @@ class TransformersEngine(Engine):
         new = holder["out"][0, n_prompt:].tolist()
         eos = self.tokenizer.eos_token_id
         n = len([t for t in new if t != eos])
-        finish = "stop" if (stopped or eos in new or n < request.params.max_new_tokens) else "length"
+        finish = "stop" if (cut.stopped or eos in new or n < request.params.max_new_tokens) else "length"
         yield StreamChunk("", finish, n_prompt, n)
 
     # ---- scoring -------------------------------------------------------------------------
@@ -433,6 +423,23 @@ class TransformersEngine(Engine):
                 row.append(TokenLogprob(tokens[i], logp[i - 1, ids[i]].item(), tops))
             result.append(row)
         return result
+
+
+class _StopCut:
+    """Streamed text pieces cut at the first stop string: `feed` returns what to send on."""
+
+    def __init__(self, stop: list[str]):
+        self.stop = stop
+        self.text = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""  # drain; generation ends at the stop string's last token
+        candidate, self.stopped = truncate_at_stop(self.text + piece, self.stop)
+        delta = candidate[len(self.text) :]
+        self.text = candidate
+        return delta
 
 
 class _Detokenizer:

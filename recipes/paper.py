@@ -234,6 +234,17 @@ def results_store(out: Path) -> Path:
     return out.with_suffix(".json")
 
 
+# What the report needs from a set's result: the store holds no machine paths and none of the
+# question file's records (the eval report's settings and file names stay in the KB).
+_STORED_REPORT = ("kinds", "n_questions", "summary", "paired")
+_UNSTORED = ("kb", "report_dir", "report", "synthetic_report")
+
+
+def stored(result: dict) -> dict:
+    kept = {k: v for k, v in result.items() if k not in _UNSTORED}
+    return {**kept, "report": {k: result["report"][k] for k in _STORED_REPORT if k in result["report"]}}
+
+
 def run_paper(names: list[str], overrides: dict, out: Path = RESULTS, echo: Callable[[str], None] = typer.echo) -> list[dict]:
     from kinject.core.files import atomic_write_json, atomic_write_text
 
@@ -245,7 +256,7 @@ def run_paper(names: list[str], overrides: dict, out: Path = RESULTS, echo: Call
         result = run_set(name, overrides, echo)
         result["finished"] = datetime.now().strftime("%Y-%m-%d %H:%M")
         results.append(result)
-        kept[name] = result
+        kept[name] = stored(result)
         atomic_write_json(store, kept)
         # after each set, so a long run shows progress; sets in the report's order
         atomic_write_text(out, render([kept[n] for n in PAPER_SETS if n in kept], load))

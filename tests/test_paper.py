@@ -65,3 +65,18 @@ def test_short_answer_sets_are_checked_on_f1_and_contains_gold():
     assert "| squad_short | f1 | 10.0 | 30.0 | 22.0 | 31.0 | +12.0 | +10.0 | met | +1.0 | met |" in text
     assert "| squad_short | contains | 2.0 | 24.0 | 10.0 | 20.0 | +8.0 | +11.0 | missed by 3.0 | -4.0 | missed |" in text
     assert "- contains: ft − base = +8.0 points; half of rag − base = +11.0: target missed by 3.0 points." in text
+
+
+def test_the_store_keeps_no_machine_path_or_question_record(tmp_path, monkeypatch):
+    from kinject.recipes import paper
+
+    def fake_run_set(name, overrides, echo):
+        report = {**_result("local")["report"], "questions_file": "/data/q.jsonl", "settings": {"home": "/root/.kinject"}}
+        return {**_result("local"), "name": name, "kb": "paper-x", "report_dir": "/root/.kinject/kbs/x/eval/1", "report": report}
+
+    monkeypatch.setattr(paper, "run_set", fake_run_set)
+    out = tmp_path / "results.md"
+    paper.run_paper(["squad_short"], {}, out, echo=lambda _: None)
+    stored = paper.results_store(out).read_text()
+    assert "/root" not in stored and "/data" not in stored and "report_dir" not in stored
+    assert "| squad_short | f1 | 10.0 |" in out.read_text()

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
+from kinject.core.errors import KinjectError
+
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -160,6 +162,18 @@ def append_jsonl(path: Path, records: list[dict]) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    """The JSON value in `path`, or `default` when there is no such file. A file that is there
+    but not valid JSON is an error naming it: read as empty, the next write would replace it."""
+    path = Path(path)
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise KinjectError(f"{path} is not valid JSON ({e}): fix or remove it") from e
 
 
 def read_jsonl(path: Path) -> list[dict]:

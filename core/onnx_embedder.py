@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from kinject.core.errors import KinjectError
-from kinject.core.files import atomic_dir, sha256_file
+from kinject.core.files import atomic_dir, read_json, sha256_file
 
 _EXPORT_VERSION = 1  # bump when the exported folder's content changes
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -40,27 +40,23 @@ class OnnxUnsupported(KinjectError):
     """The model's sentence-transformers pipeline has a module this runner does not reproduce."""
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def pipeline_config(folder: Path) -> dict:
     """Pooling mode, lower-casing and max_seq_length of a sentence-transformers folder.
 
     Supports Transformer -> Pooling (mean or CLS) -> optional Normalize, the layout of MiniLM, bge,
     e5 and gte; a folder without modules.json is a plain transformer, which sentence-transformers
     mean-pools. Anything else (Dense layers, other poolings) raises OnnxUnsupported."""
-    modules = _read_json(folder / "modules.json") if (folder / "modules.json").is_file() else None
+    modules = read_json(folder / "modules.json")
     pooling = {"pooling_mode_mean_tokens": True}
     if modules is not None:
         kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
         if kinds[:2] != ["Transformer", "Pooling"] or any(k != "Normalize" for k in kinds[2:]) or modules[0].get("path", ""):
             raise OnnxUnsupported(f"the ONNX embedder backend runs Transformer -> Pooling [-> Normalize] pipelines; {folder} has {kinds}: use models.embedder_backend=torch")
-        pooling = _read_json(folder / modules[1]["path"] / "config.json")
+        pooling = read_json(folder / modules[1]["path"] / "config.json", {})
     modes = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v]
     if modes not in (["pooling_mode_mean_tokens"], ["pooling_mode_cls_token"]):
         raise OnnxUnsupported(f"the ONNX embedder backend supports mean or CLS pooling; {folder} uses {modes}: use models.embedder_backend=torch")
-    st = _read_json(folder / "sentence_bert_config.json")
+    st = read_json(folder / "sentence_bert_config.json", {})
     return {"pooling": "cls" if modes == ["pooling_mode_cls_token"] else "mean", "max_seq_length": st.get("max_seq_length"), "do_lower_case": bool(st.get("do_lower_case", False))}
 
 

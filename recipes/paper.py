@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from kinject.core.errors import KinjectError
+from kinject.core.files import read_json
 from kinject.core.kb import KB, work_seconds
 from kinject.core.settings import _deep_merge, load_settings
 from kinject.recipes.build import build
@@ -41,13 +42,6 @@ PAPER_SETS: dict[str, dict[str, Any]] = {
 
 class PaperError(KinjectError):
     pass
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def run_set(name: str, overrides: dict, echo: Callable[[str], None] = typer.echo) -> dict:
@@ -83,9 +77,9 @@ def run_set(name: str, overrides: dict, echo: Callable[[str], None] = typer.echo
         rec = kb.stage("eval") or {}
         same = rec.get("outputs", {}).get("report") == str(report_dir.relative_to(kb.root))
         stage_seconds["eval"] = rec["outputs"].get("seconds") if same else None
-    report = _read_json(report_dir / "report.json")
-    synthetic = _read_json(kb.dir("augment") / "report.json")
-    train_report = _read_json(kb.dir("train") / "report.json")
+    report = read_json(report_dir / "report.json", {})
+    synthetic = read_json(kb.dir("augment") / "report.json", {})
+    train_report = read_json(kb.dir("train") / "report.json", {})
     return {
         "name": name,
         "kb": kb.name,
@@ -250,7 +244,7 @@ def run_paper(names: list[str], overrides: dict, out: Path = RESULTS, echo: Call
 
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     store = results_store(out)
-    kept = {n: r for n, r in _read_json(store).items() if n in PAPER_SETS}
+    kept = {n: r for n, r in read_json(store, {}).items() if n in PAPER_SETS}
     results = []
     for name in names:
         result = run_set(name, overrides, echo)

@@ -1,6 +1,8 @@
 """recipes/paper.py: rendering docs/results.md from per-set results (no model needed)."""
 from __future__ import annotations
 
+import pytest
+
 from kinject.core.settings import load_settings
 
 
@@ -80,3 +82,18 @@ def test_the_store_keeps_no_machine_path_or_question_record(tmp_path, monkeypatc
     stored = paper.results_store(out).read_text()
     assert "/root" not in stored and "/data" not in stored and "report_dir" not in stored
     assert "| squad_short | f1 | 10.0 |" in out.read_text()
+
+
+def test_a_corrupt_store_is_an_error_and_is_not_overwritten(tmp_path, monkeypatch):
+    """Read as empty, the store would be replaced by this run's sets alone: every other set's
+    numbers lost."""
+    from kinject.core.errors import KinjectError
+    from kinject.recipes import paper
+
+    monkeypatch.setattr(paper, "run_set", lambda name, overrides, echo: {**_result("local"), "name": name})
+    out = tmp_path / "results.md"
+    store = paper.results_store(out)
+    store.write_text('{"squad_short": {"name": "squad_short", ')  # torn by hand or by an editor
+    with pytest.raises(KinjectError, match="not valid JSON"):
+        paper.run_paper(["multihop_rag"], {}, out, echo=lambda _: None)
+    assert store.read_text() == '{"squad_short": {"name": "squad_short", '

@@ -247,7 +247,7 @@ def _update(kb: KB, incoming: Incoming, settings: Settings, progress: bool, time
         previous = kb.stage("ingest")
         plan = _plan(load_state(folder), incoming, settings)
         embedded = _embed(plan, folder, settings, progress)
-        did_work = _commit(plan, embedded, folder, incoming.complete)
+        did_work = _commit(plan, embedded, folder, incoming.complete, settings)
         state = plan.state
         found = incoming.found
         chunks_embedded = len(embedded.chunks) - embedded.from_checkpoint
@@ -333,7 +333,7 @@ def _embed(plan: Plan, folder: Path, settings: Settings, progress: bool) -> Embe
     return Embedded(chunks, vectors, from_checkpoint, round(time.perf_counter() - t0, 3))
 
 
-def _commit(plan: Plan, embedded: Embedded, folder: Path, complete: bool) -> bool:
+def _commit(plan: Plan, embedded: Embedded, folder: Path, complete: bool, settings: Settings) -> bool:
     """Apply the plan to the index and write it as a new generation when anything changed.
     Returns whether anything did."""
     state = plan.state
@@ -352,10 +352,13 @@ def _commit(plan: Plan, embedded: Embedded, folder: Path, complete: bool) -> boo
     for cid, c in zip(ids.tolist(), chunks):
         state.chunks[cid] = {"id": cid, "chunk_id": c.chunk_id, "doc_id": c.doc_id, "title": c.title, "text": c.text, "page": c.page, "metadata": c.metadata}
 
+    refit = state.index.fit(settings.index)  # the index type for the new size; deleted vectors dropped
     state.documents = dict(plan.new) if complete else {**plan.old, **plan.new}
     fp = fingerprint(state.documents, plan.build)
-    state.meta.update(next_id=next_id + len(chunks), documents=len(state.documents), chunks=len(state.chunks), fingerprint=fp)
-    did_work = bool(chunks or drop or plan.removed or state.generation is None or plan.rebuilt or plan.old != state.documents)
+    state.meta.update(
+        next_id=next_id + len(chunks), documents=len(state.documents), chunks=len(state.chunks), fingerprint=fp, index_kind=state.index.kind
+    )
+    did_work = bool(chunks or drop or plan.removed or state.generation is None or plan.rebuilt or refit or plan.old != state.documents)
     if did_work:
         write_state(folder, state)
     (folder / CHECKPOINT).unlink(missing_ok=True)  # its vectors are in the index now

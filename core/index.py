@@ -86,6 +86,9 @@ class VectorIndex:
     """Normalized vectors by int64 id; inner product = cosine similarity. faiss-gpu searches a flat
     index on GPU."""
 
+    store_name = "faiss"
+    FILE = FAISS_FILE
+
     def __init__(self, store, deleted=()):
         self.store = store  # llama_index.vector_stores.faiss.FaissVectorStore
         self._gpu = None
@@ -266,12 +269,48 @@ class VectorIndex:
                 os.fsync(f.fileno())
 
 
+def new_index(cfg, folder: Path, dim: int, label: str):
+    """An empty index in the store settings.index names: a FAISS file in the KB's index folder
+    (`folder`), or a fresh Milvus collection named after the KB (`label`)."""
+    if cfg.store == "milvus":
+        from kinject.core.vector_db import MilvusIndex, require_milvus
+
+        require_milvus()
+        return MilvusIndex.create(cfg, folder, dim, label)
+    return VectorIndex.empty(dim)
+
+
+def fit_index(index, cfg, folder: Path, label: str) -> tuple[object, str, object | None]:
+    """(index, why it changed or "", the index it replaced or None): moved into the store
+    cfg.store names when it is in another one, then rebuilt as the type cfg wants for its size."""
+    moved, replaced = "", None
+    if index.store_name != cfg.store:
+        fresh = new_index(cfg, folder, index.dim, label)
+        ids = index.ids()
+        for start in range(0, len(ids), 10_000):
+            fresh.add(ids[start : start + 10_000], index.reconstruct_all(ids[start : start + 10_000]))
+        moved, replaced, index = f"moved {len(ids)} vectors from {index.store_name} to {cfg.store}", index, fresh
+    refit = index.fit(cfg)
+    return index, "; ".join(filter(None, [moved, refit])), replaced
+
+
+def load_index(gen_dir: Path):
+    """A generation's index: a FAISS file, or the Milvus collection its milvus.json names."""
+    from kinject.core.vector_db import STORE_FILE, MilvusIndex
+
+    if (gen_dir / STORE_FILE).exists():
+        return MilvusIndex.load(gen_dir / STORE_FILE)
+    if not (gen_dir / FAISS_FILE).exists():
+        raise FileNotFoundError(f"{gen_dir / FAISS_FILE} disappeared while loading")
+    return VectorIndex.load(gen_dir / FAISS_FILE)
+
+
 @dataclass
 class IndexState:
     """One generation of the index, fully in memory."""
 
     meta: dict
-    index: VectorIndex | None  # None until the embedder's dimension is known
+    index: VectorIndex | None  # or a MilvusIndex; None until the embedder's dimension is known
     chunks: dict[int, dict]  # faiss id -> chunk record
     documents: dict[str, Document] = field(default_factory=dict)
     generation: str | None = None
@@ -314,9 +353,7 @@ def load_state(folder: Path, with_documents: bool = True) -> IndexState | None:
         return None
     gen_dir = Path(folder) / gen
     meta = json.loads((gen_dir / META_FILE).read_text())
-    if not (gen_dir / FAISS_FILE).exists():
-        raise FileNotFoundError(f"{gen_dir / FAISS_FILE} disappeared while loading")
-    index = VectorIndex.load(gen_dir / FAISS_FILE)
+    index = load_index(gen_dir)
     docs = {d.doc_id: d for d in (Document(**r) for r in read_jsonl(gen_dir / DOCUMENTS_FILE))} if with_documents else {}
     chunks = read_chunks(gen_dir)
     if len(chunks) != len(index) or not gen_dir.exists():
@@ -331,7 +368,7 @@ def write_state(folder: Path, state: IndexState) -> str:
     number = int(previous[1:]) + 1 if previous else 1
     gen = f"g{number:06d}"
     with atomic_dir(folder / gen) as tmp:
-        state.index.save(tmp / FAISS_FILE)
+        state.index.save(tmp / state.index.FILE)
         atomic_write_text(tmp / CHUNKS_FILE, "".join(json.dumps(state.chunks[i], ensure_ascii=False) + "\n" for i in sorted(state.chunks)))
         atomic_write_text(tmp / DOCUMENTS_FILE, "".join(json.dumps(d.to_json(), ensure_ascii=False) + "\n" for d in state.documents.values()))
         atomic_write_json(tmp / META_FILE, state.meta)

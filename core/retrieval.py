@@ -197,9 +197,9 @@ class Retriever:
         for row_scores, row_ids in zip(scores, ids):
             hits = []
             for score, i in zip(row_scores, row_ids):
-                if i < 0:
+                rec = state.chunks.get(int(i))
+                if rec is None:  # -1 (fewer than k), or an id a vector database has from a newer write
                     continue
-                rec = state.chunks[int(i)]
                 hits.append(
                     Hit(
                         doc_id=rec["doc_id"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -128,6 +129,31 @@ class IndexSettings(_Group):
     max_deleted_fraction: float = Field(
         0.1, gt=0, le=1, description="HNSW keeps deleted vectors in the graph, skipped by searches, until they pass this share of it; then the graph is rebuilt"
     )
+    store: Literal["faiss", "milvus"] = Field(
+        "faiss",
+        description="Where the vectors live: faiss (a file per index generation) or milvus (a Milvus collection, through "
+        "llama-index; needs the milvus extra). A change moves the vectors at the next ingest, without re-embedding",
+    )
+    milvus_uri: str = Field(
+        "", description="milvus: empty = an embedded milvus-lite file in the KB's index folder; a path ending in .db = a "
+        "milvus-lite file there; http(s)://host:19530 = a Milvus server or cluster",
+    )
+    milvus_token: SecretStr = Field(SecretStr(""), description="milvus: the server's token (user:password or an API key)")
+    milvus_collection_prefix: str = Field("kinject", description="milvus: collections are named <prefix>_<kb>_<random>")
+
+    @field_validator("milvus_uri")
+    @classmethod
+    def _milvus_uri(cls, v: str) -> str:
+        if v and not (v.startswith(("http://", "https://", "tcp://")) or v.endswith(".db")):
+            raise ValueError("expected empty (a milvus-lite file in the KB), a path ending in .db, or http(s)://host:port")
+        return v
+
+    @field_validator("milvus_collection_prefix")
+    @classmethod
+    def _collection_prefix(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", v):
+            raise ValueError("a Milvus collection name starts with a letter or _ and holds only letters, digits and _")
+        return v
 
 
 class AugmentSettings(_Group):

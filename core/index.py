@@ -13,7 +13,8 @@ the graph is rebuilt from the live vectors once they pass `max_deleted_fraction`
 
 Layout inside the KB's index/ folder: each write makes a new generation folder
 `gNNNNNN/` (faiss.index, chunks.jsonl, documents.jsonl, meta.json), and only then points
-`current.json` at it. A crash leaves the previous generation current; readers never see a
+`current.json` at it. With index.store=milvus the vectors live in a Milvus collection instead
+(core/vector_db.py) and `milvus.json` takes faiss.index's place. A crash leaves the previous generation current; readers never see a
 half-written index. The previous generation is kept for readers that are still loading it.
 """
 from __future__ import annotations
@@ -287,8 +288,10 @@ def fit_index(index, cfg, folder: Path, label: str) -> tuple[object, str, object
     if index.store_name != cfg.store:
         fresh = new_index(cfg, folder, index.dim, label)
         ids = index.ids()
+        every = index.reconstruct_all(ids) if isinstance(index, VectorIndex) else None  # one pass over a FAISS file
         for start in range(0, len(ids), 10_000):
-            fresh.add(ids[start : start + 10_000], index.reconstruct_all(ids[start : start + 10_000]))
+            part = ids[start : start + 10_000]
+            fresh.add(part, every[start : start + 10_000] if every is not None else index.reconstruct_all(part))
         moved, replaced, index = f"moved {len(ids)} vectors from {index.store_name} to {cfg.store}", index, fresh
     refit = index.fit(cfg)
     return index, "; ".join(filter(None, [moved, refit])), replaced

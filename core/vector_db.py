@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +38,17 @@ class MilvusIndex:
         self.uri, self.collection, self._dim, self._count, self.token = uri, collection, dim, count, token
         self.folder = folder  # the KB's index folder, where a relative milvus-lite file lives
         self._store = None
+        self._lock = threading.Lock()  # one connection set-up; milvus-lite calls one at a time
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
     def create(cls, cfg, folder: Path, dim: int, label: str) -> "MilvusIndex":
         """A new, empty collection named after the KB (`label`) with a random suffix."""
         base = re.sub(r"[^0-9A-Za-z_]", "_", f"{cfg.milvus_collection_prefix}_{label}")
-        index = cls(cfg.milvus_uri or LITE_FILE, f"{base}_{secrets.token_hex(4)}", dim, 0, cfg.milvus_token.get_secret_value(), folder)
+        uri = cfg.milvus_uri or LITE_FILE  # the default file is named relative to the index folder, so it moves with the KB
+        if cfg.milvus_uri and "://" not in uri:
+            uri = str(Path(uri).expanduser().resolve())  # a file the user named: relative to where they are
+        index = cls(uri, f"{base}_{secrets.token_hex(4)}", dim, 0, cfg.milvus_token.get_secret_value(), folder)
         index.store  # creates the collection now: a bad uri fails before anything is embedded
         return index
 
@@ -60,6 +65,10 @@ class MilvusIndex:
 
         atomic_write_json(Path(path), {"uri": self.uri, "collection": self.collection, "dim": self._dim, "count": self._count})
 
+    @property
+    def lite(self) -> bool:
+        return "://" not in self.uri
+
     def resolved_uri(self) -> str:
         if "://" in self.uri or Path(self.uri).is_absolute() or self.folder is None:
             return self.uri
@@ -68,6 +77,10 @@ class MilvusIndex:
     @property
     def store(self):
         """The llama-index store (and its MilvusClient as `.client`), connected on first use."""
+        with self._lock:
+            return self._connect()
+
+    def _connect(self):
         if self._store is None:
             from llama_index.vector_stores.milvus import MilvusVectorStore
 
@@ -137,8 +150,13 @@ class MilvusIndex:
         queries = np.asarray(queries, dtype=np.float32).reshape(-1, self._dim)
         k = min(k, max(self._count, 1))
         scores, ids = np.zeros((len(queries), k), np.float32), np.full((len(queries), k), -1, np.int64)
+        store = self.store
         for row, q in enumerate(queries):
-            res = self.store.query(VectorStoreQuery(query_embedding=q.tolist(), similarity_top_k=k))
+            if self.lite:  # the embedded server is not known to be thread-safe; the service searches from several threads
+                with self._lock:
+                    res = store.query(VectorStoreQuery(query_embedding=q.tolist(), similarity_top_k=k))
+            else:
+                res = store.query(VectorStoreQuery(query_embedding=q.tolist(), similarity_top_k=k))
             n = len(res.ids or [])
             ids[row, :n] = [int(i) for i in res.ids]
             scores[row, :n] = res.similarities

@@ -36,22 +36,22 @@ def test_small_indexes_stay_flat_and_exact_and_grow_into_hnsw_past_the_threshold
 
     c = cfg()
     index = VectorIndex.empty(DIM)
-    data, queries = vectors(2000, 1), vectors(50, 2)
+    data, queries = vectors(1200, 1), vectors(50, 2)
     index.add(np.arange(400), data[:400])
     assert index.fit(c) == "" and index.kind == "flat"
     # below the threshold: the exact scan, the same top 10 as brute force
     assert (index.search(queries, 10)[1] == exact_top(data[:400], np.arange(400), queries, 10)).mean() > 0.99
 
-    index.add(np.arange(400, 2000), data[400:])
-    assert index.fit(c) == "flat -> hnsw at 2000 vectors" and index.kind == "hnsw" and len(index) == 2000
-    truth = exact_top(data, np.arange(2000), queries, 10)
+    index.add(np.arange(400, 1200), data[400:])
+    assert index.fit(c) == "flat -> hnsw at 1200 vectors" and index.kind == "hnsw" and len(index) == 1200
+    truth = exact_top(data, np.arange(1200), queries, 10)
     assert recall(index.search(queries, 10, ef_search=64)[1], truth) >= 0.95
-    assert np.allclose(index.reconstruct([5, 1999]), data[[5, 1999]])
+    assert np.allclose(index.reconstruct([5, 1199]), data[[5, 1199]])
 
-    index.remove(range(0, 1600))  # 1600 deleted of 2000: rebuilt, and flat again at 400 vectors
+    index.remove(range(0, 800))  # 800 deleted of 1200: rebuilt, and flat again at 400 vectors
     assert index.fit(c) == "hnsw -> flat at 400 vectors" and index.kind == "flat"
-    assert sorted(index.ids().tolist()) == list(range(1600, 2000))
-    assert (index.search(queries, 10)[1] == exact_top(data[1600:], np.arange(1600, 2000), queries, 10)).mean() > 0.99
+    assert sorted(index.ids().tolist()) == list(range(800, 1200))
+    assert (index.search(queries, 10)[1] == exact_top(data[800:], np.arange(800, 1200), queries, 10)).mean() > 0.99
 
 
 def test_deleted_ids_never_come_back_from_hnsw_even_after_a_save_and_load(tmp_path):

@@ -51,6 +51,7 @@ class IngestReport(StageResult):
     embed_seconds: float = 0.0
     chunks_per_s: float = 0.0  # chunks embedded per second of embedding
     rebuilt: str = ""  # why the whole index was rebuilt, if it was
+    reindexed: str = ""  # why the vectors were re-indexed without embedding (index type or store), if they were
     generation: str | None = None
     fingerprint: str = ""
 
@@ -64,6 +65,8 @@ class IngestReport(StageResult):
         ]
         if self.chunks_from_checkpoint:
             lines.append(f"  resumed: {self.chunks_from_checkpoint} of those vectors came from the interrupted run's checkpoint")
+        if self.reindexed:
+            lines.append(f"  index: {self.reindexed}")
         if self.rebuilt:
             lines.append(f"  rebuilt from scratch: {self.rebuilt}")
         if self.skipped:
@@ -248,7 +251,7 @@ def _update(kb: KB, incoming: Incoming, settings: Settings, progress: bool, time
         previous = kb.stage("ingest")
         plan = _plan(load_state(folder), incoming, settings, folder, kb.name)
         embedded = _embed(plan, folder, settings, progress)
-        did_work = _commit(plan, embedded, folder, incoming.complete, settings, kb.name)
+        did_work, reindexed = _commit(plan, embedded, folder, incoming.complete, settings, kb.name)
         state = plan.state
         found = incoming.found
         chunks_embedded = len(embedded.chunks) - embedded.from_checkpoint
@@ -269,6 +272,7 @@ def _update(kb: KB, incoming: Incoming, settings: Settings, progress: bool, time
             embed_seconds=embedded.seconds,
             chunks_per_s=round(chunks_embedded / embedded.seconds, 1) if embedded.seconds > 0 else 0.0,
             rebuilt=plan.rebuilt,
+            reindexed=reindexed,
             generation=state.generation,
             fingerprint=state.meta["fingerprint"],
             **timer.elapsed(),
@@ -336,9 +340,9 @@ def _embed(plan: Plan, folder: Path, settings: Settings, progress: bool) -> Embe
     return Embedded(chunks, vectors, from_checkpoint, round(time.perf_counter() - t0, 3))
 
 
-def _commit(plan: Plan, embedded: Embedded, folder: Path, complete: bool, settings: Settings, label: str) -> bool:
+def _commit(plan: Plan, embedded: Embedded, folder: Path, complete: bool, settings: Settings, label: str) -> tuple[bool, str]:
     """Apply the plan to the index and write it as a new generation when anything changed.
-    Returns whether anything did."""
+    Returns whether anything did, and why the index was rebuilt or moved without embedding."""
     state = plan.state
     # Drop the chunks of changed and removed documents: exactly their ids.
     gone = set(plan.changed) | set(plan.removed)
@@ -369,7 +373,7 @@ def _commit(plan: Plan, embedded: Embedded, folder: Path, complete: bool, settin
             if old is not None and old is not state.index and hasattr(old, "drop"):
                 old.drop()  # a Milvus collection no generation from now on uses
     (folder / CHECKPOINT).unlink(missing_ok=True)  # its vectors are in the index now
-    return did_work
+    return did_work, refit
 
 
 def _record(kb: KB, report: IngestReport, build: dict, timer: StageTimer, previous: dict | None) -> None:

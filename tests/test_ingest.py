@@ -169,6 +169,7 @@ def test_incremental_updates_above_the_flat_threshold_answer_like_a_fresh_build(
     # changing only the index kind rewrites the index, without embedding anything again
     third = ingest(kb, corpus, settings, progress=False)
     assert third.status == "ran" and third.chunks_embedded == 0 and load_state(kb.root / "index").index.kind == "flat"
+    assert "index: hnsw -> flat at" in third.summary()
     assert top_hits(Retriever(kb, settings), queries) == fresh_hits
 
 

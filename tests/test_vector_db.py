@@ -68,7 +68,7 @@ def test_milvus_backend_follows_edits_and_deletes_like_faiss(tmp_path, settings)
 
     # faiss -> milvus: the vectors move into a new collection at the next ingest, nothing is embedded again
     moved = ingest(kb_f, corpus, on_milvus, progress=False)
-    assert moved.status == "ran" and moved.chunks_embedded == 0
+    assert moved.status == "ran" and moved.chunks_embedded == 0 and f"moved {moved.chunks} vectors from faiss to milvus" in moved.reindexed
     assert load_state(kb_f.root / "index").index.kind == "milvus"
     same(hits(kb_f, on_milvus, queries), on_f)
 

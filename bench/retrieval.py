@@ -15,8 +15,9 @@ query's median top-1 cosine is 0.52 and its 10th 0.48 (recorded per size), a har
 approximate index than a clear best match. Queries are fresh draws from the same topics, never
 vectors of the index.
 
-Run: `python -m bench.retrieval [--sizes 100000,1000000] [--quick]`; writes
-bench/results/retrieval.json and bench/results/retrieval.md (--quick: 100k only, not written).
+Run: `python -m bench.retrieval [--sizes 100000,1000000] [--quick]`; merges each size's row into
+bench/results/retrieval.json as it is measured and rewrites bench/results/retrieval.md from it
+(--quick: 100k only, nothing written).
 """
 from __future__ import annotations
 
@@ -90,6 +91,7 @@ def one_size(n: int, cfg, queries_n: int, flat_latency_queries: int, efs: list[i
     flat = VectorIndex.empty(DIM)
     flat.add(ids, vectors)
     flat_build = time.perf_counter() - t0
+    del vectors  # the index holds them: at 1M, 1.5 GB less
     truth = flat.faiss.search(queries, K)[1]  # exact top 10, every thread
     flat_lat = latencies(flat, queries[:flat_latency_queries])
     flat_bytes = disk_bytes(flat, folder)
@@ -150,25 +152,41 @@ def one_size(n: int, cfg, queries_n: int, flat_latency_queries: int, efs: list[i
     return row
 
 
-def run(sizes: list[int], quick: bool = False) -> dict:
+def run(sizes: list[int], quick: bool = False, save=None) -> dict:
+    """`save(out)` is called after each size, so a long run keeps what it measured."""
     from kinject.core.settings import load_settings
 
     cfg = load_settings().index
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="kinject-bench-retrieval-") as tmp:
-        for n in sizes:
-            rows.append(one_size(n, cfg, queries_n=300 if quick else 1000, flat_latency_queries=200 if n > 200_000 else 500, efs=[64, 128, 256, 512], folder=Path(tmp)))
     out = {
         "settings": cfg.model_dump(),
-        "rows": rows,
+        "rows": [],
         "vectors": "synthetic embedding-like (topic centres + noise, 1/sqrt(i) spectrum); see bench/retrieval.py",
         "cpu_count": os.cpu_count(),
     }
-    try:
-        out["load_average"] = round(os.getloadavg()[0], 2)
-    except OSError:
-        pass
+    with tempfile.TemporaryDirectory(prefix="kinject-bench-retrieval-") as tmp:
+        for n in sizes:
+            # at 1M a flat query takes ~0.1-0.2 s: fewer of them, and fewer exact top-10s to compute
+            queries_n = 300 if quick or n > 200_000 else 1000
+            row = one_size(n, cfg, queries_n=queries_n, flat_latency_queries=100 if n > 200_000 else 500, efs=[64, 128, 256, 512], folder=Path(tmp))
+            try:
+                row["load_average"] = round(os.getloadavg()[0], 2)
+            except OSError:
+                pass
+            out["rows"].append(row)
+            if save:
+                save(out)
     return out
+
+
+def save(out: dict) -> None:
+    """Rows merged by size into bench/results/retrieval.json (a size measured again replaces its
+    row), and the table rewritten from them."""
+    rows = {r["vectors"]: r for r in (json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else [])}
+    rows.update({r["vectors"]: r for r in out["rows"]})
+    merged = {**out, "rows": [rows[n] for n in sorted(rows)]}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(merged, indent=1))
+    TABLE.write_text(table(merged))
 
 
 def table(out: dict) -> str:
@@ -180,8 +198,8 @@ def table(out: dict) -> str:
         f"search (as the service runs it); recall@10 against the flat scan's top 10; memory = the index file a load "
         f"reads. Settings: flat up to {cfg['flat_max_vectors']:,} vectors, then HNSW M={cfg['hnsw_m']}, "
         f"efConstruction={cfg['hnsw_ef_construction']}, efSearch={cfg['hnsw_ef_search']}. "
-        f"Machine: {out['cpu_count']} cores shared with other work (load average {out.get('load_average', '?')} at the end); "
-        "the HNSW build ran on every core FAISS saw, at the lowest priority.",
+        f"Machine: {out['cpu_count']} cores shared with other work (the load average after each size is in the JSON); "
+        "everything ran at the lowest priority (`nice -n 19`), the HNSW build on every core FAISS saw, so times are upper bounds.",
         "",
         "| vectors | index | build s | memory MB | p50 ms | p95 ms | recall@10 |",
         "|---:|---|---:|---:|---:|---:|---:|",
@@ -214,12 +232,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     sizes = [100_000] if args.quick else [int(s) for s in args.sizes.split(",")]
-    out = run(sizes, args.quick)
+    out = run(sizes, args.quick, save=None if args.quick else save)
     print(table(out))
-    if not args.quick:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(out, indent=1))
-        TABLE.write_text(table(out))
 
 
 if __name__ == "__main__":

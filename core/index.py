@@ -234,8 +234,6 @@ class VectorIndex:
     def _rebuild(self, kind: str, cfg) -> None:
         import faiss
 
-        ids = self.ids()
-        vectors = self.reconstruct_all(ids)
         if kind == "flat":
             inner = faiss.IndexFlatIP(self.dim)
         else:
@@ -243,8 +241,26 @@ class VectorIndex:
             inner.hnsw.efConstruction = cfg.hnsw_ef_construction
             inner.hnsw.efSearch = cfg.hnsw_ef_search
         fresh = VectorIndex.wrap(inner)
-        fresh.add(ids, vectors)
+        # Straight from the old storage, a slice at a time: no second copy of every vector.
+        ids, stored = faiss.vector_to_array(self.faiss.id_map), self._stored()
+        live = ~np.isin(ids, np.fromiter(self._deleted, np.int64, len(self._deleted))) if self._deleted else None
+        for start in range(0, len(ids), 65_536):
+            part, rows = ids[start : start + 65_536], stored[start : start + 65_536]
+            if live is not None:
+                keep = live[start : start + 65_536]
+                part, rows = part[keep], rows[keep]
+            fresh.add(part, rows)
         self.store, self._deleted, self._skip, self._gpu = fresh.store, set(), None, None
+
+    def _stored(self) -> np.ndarray:
+        """Every stored vector, in the map's order, as a read-only view of the FAISS storage."""
+        import faiss
+
+        inner = self.inner
+        storage = faiss.downcast_index(inner.storage) if isinstance(inner, faiss.IndexHNSW) else inner
+        every = faiss.rev_swig_ptr(storage.get_xb(), storage.ntotal * self.dim).reshape(storage.ntotal, self.dim)
+        every.flags.writeable = False
+        return every
 
     def reconstruct_all(self, ids: np.ndarray) -> np.ndarray:
         """The vectors of `ids` in that order, read in one pass over the storage."""
@@ -252,9 +268,7 @@ class VectorIndex:
 
         if not len(ids):
             return np.zeros((0, self.dim), np.float32)
-        inner = self.inner
-        storage = faiss.downcast_index(inner.storage) if isinstance(inner, faiss.IndexHNSW) else inner
-        every = faiss.rev_swig_ptr(storage.get_xb(), storage.ntotal * self.dim).reshape(storage.ntotal, self.dim)
+        every = self._stored()
         position = {int(i): n for n, i in enumerate(faiss.vector_to_array(self.faiss.id_map))}
         return np.array(every[[position[int(i)] for i in ids]], dtype=np.float32)
 

@@ -158,7 +158,7 @@ def run(sizes: list[int], quick: bool = False, save=None) -> dict:
 
     cfg = load_settings().index
     out = {
-        "settings": cfg.model_dump(),
+        "settings": cfg.model_dump(mode="json"),
         "rows": [],
         "vectors": "synthetic embedding-like (topic centres + noise, 1/sqrt(i) spectrum); see bench/retrieval.py",
         "cpu_count": os.cpu_count(),
@@ -204,18 +204,23 @@ def table(out: dict) -> str:
         "| vectors | index | build s | memory MB | p50 ms | p95 ms | recall@10 |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
+    num = lambda v, spec: "n/m" if v is None else format(v, spec)  # n/m: not measured (see the row's note)
+    mb = lambda b: "n/m" if b is None else f"{b / 2**20:.0f}"
     for r in out["rows"]:
         f = r["flat"]
-        lines.append(f"| {r['vectors']:,} | flat (exact) | {f['build_s']} | {f['bytes'] / 2**20:.0f} | {f['p50_ms']:.2f} | {f['p95_ms']:.2f} | 1.000 |")
+        lines.append(f"| {r['vectors']:,} | flat (exact) | {num(f['build_s'], '')} | {mb(f['bytes'])} | {num(f['p50_ms'], '.2f')} | {num(f['p95_ms'], '.2f')} | 1.000 |")
         if "hnsw" in r:
             h = r["hnsw"]
             for s in h["sweep"]:
                 mark = " (default)" if s["default"] else ""
                 lines.append(
-                    f"| {r['vectors']:,} | hnsw efSearch={s['ef_search']}{mark} | {h['build_s'] if s['default'] else ''} | "
-                    f"{h['bytes'] / 2**20:.0f} | {s['p50_ms']:.2f} | {s['p95_ms']:.2f} | {s['recall_at_10']:.3f} |"
+                    f"| {r['vectors']:,} | hnsw efSearch={s['ef_search']}{mark} | {num(h['build_s'], '') if s['default'] else ''} | "
+                    f"{mb(h['bytes'])} | {s['p50_ms']:.2f} | {s['p95_ms']:.2f} | {s['recall_at_10']:.3f} |"
                 )
-    lines += ["", "Targets at 100k vectors: p50 < 5 ms, recall@10 >= 0.95 against flat."]
+        elif r.get("hnsw_not_measured"):
+            lines.append(f"| {r['vectors']:,} | hnsw | n/m | n/m | n/m | n/m | n/m |")
+    notes = [f"- {r['vectors']:,}: {r['note']}" for r in out["rows"] if r.get("note")]
+    lines += ["", *(["Notes:", *notes, ""] if notes else []), "Targets at 100k vectors: p50 < 5 ms, recall@10 >= 0.95 against flat."]
     for r in out["rows"]:
         if "hnsw" in r:
             lines.append(

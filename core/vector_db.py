@@ -12,8 +12,8 @@ records: a reader still on the previous generation may find ids it does not know
 miss deleted ones until it reloads. Ids are never reused and vectors are upserted by id, so an
 ingest that crashed half-way and runs again writes the same ids over its own leftovers.
 Each from-scratch build (a new embedder, say) writes a fresh collection and drops the one it
-replaces once the new generation is current. milvus-lite serves one process at a time: ingest and
-serve from two processes need a Milvus server.
+replaces once the new generation is current. milvus-lite is an embedded store for one process;
+ingest and serve as two processes on one milvus-lite file are untested: use a Milvus server.
 """
 from __future__ import annotations
 

@@ -192,14 +192,14 @@ class Retriever:
 
     def search_vectors(self, vectors: np.ndarray, k: int, state=None) -> list[list[Hit]]:
         state = state or self._state()
-        scores, ids = state.index.search(vectors, k)
+        scores, ids = state.index.search(vectors, k, ef_search=self.settings.index.hnsw_ef_search)
         out = []
         for row_scores, row_ids in zip(scores, ids):
             hits = []
             for score, i in zip(row_scores, row_ids):
-                if i < 0:
+                rec = state.chunks.get(int(i))
+                if rec is None:  # -1 (fewer than k), or an id a vector database has from a newer write
                     continue
-                rec = state.chunks[int(i)]
                 hits.append(
                     Hit(
                         doc_id=rec["doc_id"],
@@ -256,6 +256,7 @@ def get_retriever(kb: KB, settings: Settings | None = None) -> Retriever:
         settings.models.embedder_backend,
         settings.retrieval.top_k,
         settings.retrieval.rerank_candidates,
+        settings.index.hnsw_ef_search,
         settings.engine.device,
     )
     with _retrievers_guard:

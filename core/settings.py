@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -110,6 +111,49 @@ class IngestSettings(_Group):
 class RetrievalSettings(_Group):
     top_k: int = Field(4, ge=1, le=100)
     rerank_candidates: int = Field(20, ge=1)
+
+
+class IndexSettings(_Group):
+    kind: Literal["auto", "flat", "hnsw"] = Field(
+        "auto",
+        description="FAISS index type: flat (exact scan), hnsw (graph, approximate), or auto = flat up to "
+        "flat_max_vectors vectors and hnsw above. A change takes effect at the next ingest, without re-embedding",
+    )
+    # A flat scan takes about 0.1 ms per 1,000 vectors here (10 ms at 100k), so below this it stays
+    # exact and near 2 ms; above, HNSW answers in about 2 ms at 100k with recall@10 >= 0.95
+    # against flat at the efSearch below (bench/results/retrieval.md).
+    flat_max_vectors: int = Field(20_000, ge=0, description="auto: the most vectors kept in an exact flat index")
+    hnsw_m: int = Field(32, ge=4, le=256, description="HNSW graph degree (links per vector; memory grows by 8*M bytes per vector)")
+    hnsw_ef_construction: int = Field(64, ge=8, description="HNSW candidate list while building: higher builds slower and finds better links")
+    hnsw_ef_search: int = Field(256, ge=1, description="HNSW candidate list per query (at least k): higher is slower and closer to exact")
+    max_deleted_fraction: float = Field(
+        0.1, gt=0, le=1, description="HNSW keeps deleted vectors in the graph, skipped by searches, until they pass this share of it; then the graph is rebuilt"
+    )
+    store: Literal["faiss", "milvus"] = Field(
+        "faiss",
+        description="Where the vectors live: faiss (a file per index generation) or milvus (a Milvus collection, through "
+        "llama-index; needs the milvus extra). A change moves the vectors at the next ingest, without re-embedding",
+    )
+    milvus_uri: str = Field(
+        "", description="milvus: empty = an embedded milvus-lite file in the KB's index folder; a path ending in .db = a "
+        "milvus-lite file there; http(s)://host:19530 = a Milvus server or cluster",
+    )
+    milvus_token: SecretStr = Field(SecretStr(""), description="milvus: the server's token (user:password or an API key)")
+    milvus_collection_prefix: str = Field("kinject", description="milvus: collections are named <prefix>_<kb>_<random>")
+
+    @field_validator("milvus_uri")
+    @classmethod
+    def _milvus_uri(cls, v: str) -> str:
+        if v and not (v.startswith(("http://", "https://", "tcp://")) or v.endswith(".db")):
+            raise ValueError("expected empty (a milvus-lite file in the KB), a path ending in .db, or http(s)://host:port")
+        return v
+
+    @field_validator("milvus_collection_prefix")
+    @classmethod
+    def _collection_prefix(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", v):
+            raise ValueError("a Milvus collection name starts with a letter or _ and holds only letters, digits and _")
+        return v
 
 
 class AugmentSettings(_Group):
@@ -276,6 +320,7 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
     augment: AugmentSettings = Field(default_factory=AugmentSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)

@@ -24,7 +24,7 @@ from kinject.core.kb import KB, work_seconds
 from kinject.core.settings import Settings
 from kinject.core.stage import StageResult, StageTimer
 from kinject.ingest.chunking import CHUNKER_VERSION, Chunk, Chunker
-from kinject.core.index import Document, IndexState, VectorIndex, load_documents, load_state, read_meta, write_state
+from kinject.core.index import Document, IndexState, fit_index, load_documents, load_state, new_index, read_meta, write_state
 from kinject.ingest.readers import CorpusError, Findings, Skipped, Trimmed, read_corpus, read_files
 
 __all__ = ["IngestReport", "ingest", "add_files", "CorpusError"]
@@ -51,6 +51,7 @@ class IngestReport(StageResult):
     embed_seconds: float = 0.0
     chunks_per_s: float = 0.0  # chunks embedded per second of embedding
     rebuilt: str = ""  # why the whole index was rebuilt, if it was
+    reindexed: str = ""  # why the vectors were re-indexed without embedding (index type or store), if they were
     generation: str | None = None
     fingerprint: str = ""
 
@@ -64,6 +65,8 @@ class IngestReport(StageResult):
         ]
         if self.chunks_from_checkpoint:
             lines.append(f"  resumed: {self.chunks_from_checkpoint} of those vectors came from the interrupted run's checkpoint")
+        if self.reindexed:
+            lines.append(f"  index: {self.reindexed}")
         if self.rebuilt:
             lines.append(f"  rebuilt from scratch: {self.rebuilt}")
         if self.skipped:
@@ -227,6 +230,7 @@ class Plan:
     unchanged: int
     rebuilt: str  # why the whole index is embedded again, if it is
     embedder: Any  # loaded only when there is something to embed
+    replaced: Any = None  # the index a rebuild replaces (a Milvus collection is dropped once the new one is current)
 
     @property
     def to_embed(self) -> list[Document]:
@@ -245,9 +249,9 @@ def _update(kb: KB, incoming: Incoming, settings: Settings, progress: bool, time
     with kb.lock():
         folder = kb.dir("ingest")
         previous = kb.stage("ingest")
-        plan = _plan(load_state(folder), incoming, settings)
+        plan = _plan(load_state(folder), incoming, settings, folder, kb.name)
         embedded = _embed(plan, folder, settings, progress)
-        did_work = _commit(plan, embedded, folder, incoming.complete)
+        did_work, reindexed = _commit(plan, embedded, folder, incoming.complete, settings, kb.name)
         state = plan.state
         found = incoming.found
         chunks_embedded = len(embedded.chunks) - embedded.from_checkpoint
@@ -268,6 +272,7 @@ def _update(kb: KB, incoming: Incoming, settings: Settings, progress: bool, time
             embed_seconds=embedded.seconds,
             chunks_per_s=round(chunks_embedded / embedded.seconds, 1) if embedded.seconds > 0 else 0.0,
             rebuilt=plan.rebuilt,
+            reindexed=reindexed,
             generation=state.generation,
             fingerprint=state.meta["fingerprint"],
             **timer.elapsed(),
@@ -276,20 +281,21 @@ def _update(kb: KB, incoming: Incoming, settings: Settings, progress: bool, time
     return report
 
 
-def _plan(state: IndexState | None, incoming: Incoming, settings: Settings) -> Plan:
+def _plan(state: IndexState | None, incoming: Incoming, settings: Settings, folder: Path, label: str) -> Plan:
     """Compare the documents read with the index: which to add, replace and remove, and whether
     a changed setting means embedding everything again."""
     from kinject.core.retrieval import get_embedder
 
     docs = incoming.docs
     build = _build_settings(settings)
-    rebuilt = ""
+    rebuilt, replaced = "", None
     if state is not None:
         differs = [k for k in build if k not in _RECORDED_ONLY and state.meta.get(k, _BEFORE_RECORDED.get(k)) != build[k]]
         if differs:
             rebuilt = "changed " + ", ".join(f"{k} ({state.meta.get(k, _BEFORE_RECORDED.get(k))} -> {build[k]})" for k in differs)
             if not incoming.complete:  # an upload keeps the other documents: they are embedded again too
                 docs = [d for d in state.documents.values() if d.doc_id not in {x.doc_id for x in docs}] + docs
+            replaced = state.index
             state = IndexState(meta={"next_id": state.meta.get("next_id", 0)}, index=None, chunks={}, generation=state.generation)
     if state is None:
         state = IndexState(meta={"next_id": 0}, index=None, chunks={})
@@ -299,7 +305,7 @@ def _plan(state: IndexState | None, incoming: Incoming, settings: Settings) -> P
         embedder = get_embedder(settings.models.embedder, settings, build["embedder_backend"])  # loaded only when there is work for it
         build.update(dim=embedder.dim, max_seq_length=embedder.max_seq_length)
         if state.index is None:
-            state.index = VectorIndex.empty(embedder.dim)
+            state.index = new_index(settings.index, folder, embedder.dim, label)
     else:
         build.update(dim=state.meta["dim"], max_seq_length=state.meta["max_seq_length"])
     state.meta.update(build)
@@ -317,6 +323,7 @@ def _plan(state: IndexState | None, incoming: Incoming, settings: Settings) -> P
         unchanged=len(docs) - len(added) - len(changed),
         rebuilt=rebuilt,
         embedder=embedder,
+        replaced=replaced,
     )
 
 
@@ -333,9 +340,9 @@ def _embed(plan: Plan, folder: Path, settings: Settings, progress: bool) -> Embe
     return Embedded(chunks, vectors, from_checkpoint, round(time.perf_counter() - t0, 3))
 
 
-def _commit(plan: Plan, embedded: Embedded, folder: Path, complete: bool) -> bool:
+def _commit(plan: Plan, embedded: Embedded, folder: Path, complete: bool, settings: Settings, label: str) -> tuple[bool, str]:
     """Apply the plan to the index and write it as a new generation when anything changed.
-    Returns whether anything did."""
+    Returns whether anything did, and why the index was rebuilt or moved without embedding."""
     state = plan.state
     # Drop the chunks of changed and removed documents: exactly their ids.
     gone = set(plan.changed) | set(plan.removed)
@@ -352,14 +359,21 @@ def _commit(plan: Plan, embedded: Embedded, folder: Path, complete: bool) -> boo
     for cid, c in zip(ids.tolist(), chunks):
         state.chunks[cid] = {"id": cid, "chunk_id": c.chunk_id, "doc_id": c.doc_id, "title": c.title, "text": c.text, "page": c.page, "metadata": c.metadata}
 
+    # the store settings.index names, the index type for the new size, deleted vectors dropped
+    state.index, refit, moved_from = fit_index(state.index, settings.index, folder, label)
     state.documents = dict(plan.new) if complete else {**plan.old, **plan.new}
     fp = fingerprint(state.documents, plan.build)
-    state.meta.update(next_id=next_id + len(chunks), documents=len(state.documents), chunks=len(state.chunks), fingerprint=fp)
-    did_work = bool(chunks or drop or plan.removed or state.generation is None or plan.rebuilt or plan.old != state.documents)
+    state.meta.update(
+        next_id=next_id + len(chunks), documents=len(state.documents), chunks=len(state.chunks), fingerprint=fp, index_kind=state.index.kind
+    )
+    did_work = bool(chunks or drop or plan.removed or state.generation is None or plan.rebuilt or refit or plan.old != state.documents)
     if did_work:
         write_state(folder, state)
+        for old in (plan.replaced, moved_from):
+            if old is not None and old is not state.index and hasattr(old, "drop"):
+                old.drop()  # a Milvus collection no generation from now on uses
     (folder / CHECKPOINT).unlink(missing_ok=True)  # its vectors are in the index now
-    return did_work
+    return did_work, refit
 
 
 def _record(kb: KB, report: IngestReport, build: dict, timer: StageTimer, previous: dict | None) -> None:

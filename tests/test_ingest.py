@@ -129,6 +129,50 @@ def test_incremental_updates_answer_like_a_fresh_build(tmp_path, settings):
     assert "metadata_in_text (True -> False)" in rebuilt.rebuilt and rebuilt.chunks_embedded == rebuilt.chunks == fresh.chunks
 
 
+def test_incremental_updates_above_the_flat_threshold_answer_like_a_fresh_build(tmp_path, settings):
+    """Past settings.index.flat_max_vectors the index is an HNSW graph, which cannot remove a
+    vector: a changed or removed document's chunks must still never be found again."""
+    from kinject.core.kb import KB
+    from kinject.core.retrieval import Retriever
+    from kinject.core.index import load_state
+    from kinject.ingest.pipeline import ingest
+
+    # a tiny threshold, and deleted vectors kept in the graph (never rebuilt away) to test the skip
+    hnsw = settings.model_copy(update={"index": settings.index.model_copy(update={"flat_max_vectors": 5, "max_deleted_fraction": 1.0})})
+    names = demo_names(5)
+    corpus = copy_demo(tmp_path / "corpus", names[:4])
+    kb = KB.create(hnsw, "inc-hnsw")
+    ingest(kb, corpus, hnsw, progress=False)
+    assert load_state(kb.root / "index").meta["index_kind"] == "hnsw"
+    changed, removed = names[0], names[1]
+    (corpus / changed).write_text((corpus / changed).read_text() + "\n\nIn 1999 the archive moved to a new building on Quay Street.\n")
+    (corpus / removed).unlink()
+    shutil.copy(DEMO / names[4], corpus / names[4])
+    second = ingest(kb, corpus, hnsw, progress=False)
+    assert (second.changed, second.removed) == ([changed], [removed])
+    state = load_state(kb.root / "index")
+    assert state.index.kind == "hnsw" and state.index._deleted  # the old vectors are still in the graph
+    assert len(state.index) == len(state.chunks) == second.chunks
+
+    fresh_kb = KB.create(settings, "fresh-flat")  # the default: flat, exact
+    ingest(fresh_kb, corpus, settings, progress=False)
+    assert load_state(fresh_kb.root / "index").index.kind == "flat"
+    queries = [json.loads(line)["question"] for line in (REPO / "demo" / "questions.jsonl").read_text().splitlines()[:20]]
+    queries += ["archive moved to a new building on Quay Street"]
+    fresh_hits = top_hits(Retriever(fresh_kb, settings), queries)
+    hnsw_hits = top_hits(Retriever(kb, hnsw), queries)
+    for a, b in zip(hnsw_hits, fresh_hits):
+        assert [c for c, _ in a] == [c for c, _ in b]
+        assert np.allclose([s for _, s in a], [s for _, s in b], atol=1e-5)
+    assert not any(c.startswith(removed) for hits in hnsw_hits for c, _ in hits)
+
+    # changing only the index kind rewrites the index, without embedding anything again
+    third = ingest(kb, corpus, settings, progress=False)
+    assert third.status == "ran" and third.chunks_embedded == 0 and load_state(kb.root / "index").index.kind == "flat"
+    assert "index: hnsw -> flat at" in third.summary()
+    assert top_hits(Retriever(kb, settings), queries) == fresh_hits
+
+
 def test_add_files_keeps_the_rest_and_the_retriever_reloads(tmp_path, settings):
     """An upload adds documents beside the corpus's, never replaces one, and is kept in the KB,
     so a later `ingest CORPUS` (which removes what left the corpus) keeps it."""

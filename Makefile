@@ -52,8 +52,11 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium missing: the browser test will be skipped (apt-get install chromium)"; fi; }
 
+# Two workers, one per core of the 2-core machines the suite is sized for; tests/conftest.py
+# hands them whole modules, longest first. PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= 2
 test: lint browser
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The layer contract in pyproject.toml, checked on the package as a wheel installs it (the
 # editable install's folders map is invisible to import-linter's file walk).

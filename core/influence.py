@@ -221,7 +221,8 @@ class InfluenceEstimator:
             self._backward(ids, 0)
             opt.step()
         steps = self.cfg.warmup_steps
-        v_hat = [opt.state[p]["exp_avg_sq"] / (1 - _ADAM_BETA2**steps) for p in self.params]
+        # a parameter the loss never reached has no state: Adam would not have moved it either
+        v_hat = [opt.state[p].get("exp_avg_sq", torch.zeros_like(p)) / (1 - _ADAM_BETA2**steps) for p in self.params]
         self.model.zero_grad(set_to_none=True)
         return v_hat, steps
 

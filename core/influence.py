@@ -191,11 +191,13 @@ class InfluenceEstimator:
             enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             ids = enc["input_ids"]
             first = next((i for i, (s, _) in enumerate(enc["offset_mapping"]) if s >= start), len(ids))
-            if first >= min(len(ids), self.cfg.max_tokens):
-                continue  # the answer lies beyond the cut: nothing to learn from it
-            vectors.append(_unit(self.sketch(self._gradient(ids, first))))
+            # Cut from the front: the answer is what the loss is on, the system prompt is context.
+            cut = max(0, len(ids) - self.cfg.max_tokens)
+            if first - cut < 1 or first >= len(ids):
+                continue  # an answer longer than influence.max_tokens by itself, or an empty one
+            vectors.append(_unit(self.sketch(self._gradient(ids[cut:], first - cut))))
         if not vectors:
-            raise InfluenceError(f"every target item is longer than influence.max_tokens={self.cfg.max_tokens}")
+            raise InfluenceError(f"every target answer is longer than influence.max_tokens={self.cfg.max_tokens}")
         self.target = _unit(torch.stack(vectors).mean(0))
         self.targets_used = len(vectors)
         self.setup_seconds = round(time.perf_counter() - t0, 2)

@@ -188,7 +188,7 @@ class TrainSettings(_Group):
 class InfluenceSettings(_Group):
     """Optimizer-aware influence of each synthetic sample on a target objective (core/influence.py).
     Off by default: it has not yet been shown to beat the heuristic curation alone on dev
-    (docs/results.md, "Influence scoring")."""
+    (docs/influence.md)."""
 
     enabled: bool = Field(False, description="Score every curated sample's influence (augment) and select training samples by it (train)")
     share: float = Field(1.0, description="train: keep this top share of each document's synthetic samples by influence; 1 = keep all (scores are only recorded)")

@@ -31,6 +31,9 @@ def augment_cmd(
     engine: Optional[str] = typer.Option(None, "--engine", help="transformers, vllm or openai (engine.backend)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Tokens per sample at most (augment.max_new_tokens)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the generation progress bar."),
+    influence: Optional[bool] = typer.Option(None, "--influence/--no-influence", help="Score each kept sample's influence on the target objective (influence.enabled)."),
+    guide: Optional[bool] = typer.Option(None, "--guide/--no-guide", help="Let a bandit shift the budget to the types and rubric variants whose samples score highest (influence.guide)."),
+    target_questions: Optional[str] = typer.Option(None, "--target-questions", help="JSONL of {question, answer}: the influence target instead of the corpus' cloze items; the eval refuses them (influence.target_questions)."),
 ) -> None:
     """Write the KB's synthetic training corpus (SPA prompt types), curate it and print its quality report.
 
@@ -50,6 +53,9 @@ def augment_cmd(
             "augment.type_weights": _weights(weights),
             "engine.backend": engine,
             "augment.max_new_tokens": max_new_tokens,
+            "influence.enabled": influence,
+            "influence.guide": guide,
+            "influence.target_questions": target_questions,
         },
     )
     result = augment(KB.open(settings, kb), settings, progress=progress)

@@ -51,6 +51,8 @@ _COMMON = {
 def _prompt_vocabulary() -> set[str]:
     words = set(_COMMON)
     for t in PROMPT_TYPES.values():
+        if t.variant_of:
+            continue  # their rubric lines add no names: every capitalized word in them starts a sentence
         words.update(w.lower() for w in _WORD.findall(f"{t.instruction} {t.heading} {t.lead} {SYSTEM}"))
     return words
 

@@ -26,6 +26,7 @@ class PromptType:
     lead: str = ""  # completion style: the first words of the answer, written for the model
     default: bool = True  # part of the default set (SPA's seven)
     rule: bool = False  # cut from the document by rule (augment/extract.py), no generator
+    variant_of: str = ""  # a rubric variant: the type it adds one line of guidance to
 
     def chat(self, title: str, text: str) -> list[dict]:
         user = f"Title: {title}\n\n{text}\n\n{self.instruction.format(title=title)}"
@@ -135,6 +136,43 @@ PROMPT_TYPES: dict[str, PromptType] = {
         ),
     )
 }
+
+# Rubric variants: a generated type with one more line of guidance, named `type+rubric`. The
+# generation bandit (influence.guide) shifts the budget towards the variants whose samples score
+# highest; they can also be named in augment.types like any type.
+RUBRICS: dict[str, tuple[str, str]] = {
+    # name: (the line added to the chat instruction, the words added to the completion heading)
+    "facts": (
+        "Every sentence must state one fact of the document with its exact names, numbers and dates.",
+        "(one fact per sentence, with its exact names, numbers and dates)",
+    ),
+    "brief": (
+        "Keep every item short: one or two sentences, each answerable from the document.",
+        "(short items, each answerable from the text)",
+    ),
+}
+
+
+def _variant(base: PromptType, name: str) -> PromptType:
+    chat_line, heading_words = RUBRICS[name]
+    return PromptType(
+        f"{base.id}+{name}",
+        f"{base.description}; rubric: {name}",
+        f"{base.instruction} {chat_line}",
+        f"{base.heading} {heading_words}",
+        lead=base.lead,
+        default=False,
+        variant_of=base.id,
+    )
+
+
+PROMPT_TYPES.update({v.id: v for t in list(PROMPT_TYPES.values()) if not t.rule for v in (_variant(t, name) for name in RUBRICS)})
+
+
+def variants(type_id: str) -> list[str]:
+    """The type itself and its rubric variants (a rule type has none)."""
+    return [type_id, *(t.id for t in PROMPT_TYPES.values() if t.variant_of == type_id)]
+
 
 DEFAULT_TYPES = [t.id for t in PROMPT_TYPES.values() if t.default]
 RULE_TYPES = [t.id for t in PROMPT_TYPES.values() if t.rule]

@@ -114,6 +114,47 @@ def print_report(report: dict, console=None) -> None:
     for k, v in rows:
         q.add_row(k, v)
     console.print(q)
+    if report.get("influence"):
+        print_influence(report["influence"], console)
+
+
+def print_influence(inf: dict, console) -> None:
+    """Influence per type (mean cosine with the target gradient) and, with the generation
+    bandit, how its weights moved round by round."""
+    from rich.table import Table
+
+    t = Table(
+        title=f"influence on the target ({inf['targets']} {inf['target_source']} items; {inf['scored']} scored in "
+        f"{inf['cpu_seconds']:.0f} s CPU, {inf['cached']} cached)",
+        title_justify="left",
+    )
+    for col in ("type", "kept samples", "mean", "median"):
+        t.add_column(col, justify="left" if col == "type" else "right")
+    for name, row in inf["per_type"].items():
+        t.add_row(name, str(row["n"]), _num(row["mean"]), _num(row["median"]))
+    t.add_row("all", str(inf["all"]["n"]), _num(inf["all"]["mean"]), _num(inf["all"]["median"]), style="bold")
+    console.print(t)
+    bandit = inf.get("bandit")
+    if bandit:
+        b = Table(title="generation plan: weight per arm by round (reward: influence per generated sample)", title_justify="left")
+        b.add_column("arm")
+        for r in bandit["rounds"]:
+            b.add_column(f"round {r['round']} weight", justify="right")
+            if "reward" in r:
+                b.add_column(f"round {r['round']} reward", justify="right")
+        b.add_column("final weight", justify="right")
+        for arm in bandit["arms"]:
+            cells = []
+            for r in bandit["rounds"]:
+                cells.append(f"{r['weights'][arm]:.2f}")
+                if "reward" in r:
+                    cells.append(_num(r["reward"][arm]))
+            b.add_row(arm, *cells, f"{bandit['final_weights'][arm]:.2f}")
+        console.print(b)
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.4f}"
 
 
 def _fmt(x: float | None) -> str:

@@ -26,10 +26,11 @@ from kinject.core.synthetic import training_corpus_hash
 from kinject.augment.curate import curate
 from kinject.augment.generate import AugmentError, Generator
 from kinject.augment.plan import Planner, PlannedSample, sample_seed
-from kinject.augment.prompts import PROMPT_TYPES
+from kinject.augment.prompts import PROMPT_TYPES, variants
 from kinject.augment.report import build_report, print_report
 
 SAMPLES, CURATED, DROPPED, REPORT, STALE = "samples.jsonl", "curated.jsonl", "dropped.jsonl", "report.json", "stale.jsonl"
+INFLUENCE, TARGETS = "influence.jsonl", "influence_targets.jsonl"  # score cache; the user's target questions
 
 
 @dataclass(kw_only=True)
@@ -157,19 +158,17 @@ def augment(kb: KB, settings: Settings, progress: bool = True, engine: Engine | 
             if budget <= 0:
                 raise AugmentError("the augmentation budget is 0 tokens: set augment.budget_tokens or augment.budget_multiple above 0")
             stored = _load_samples(folder, by_id, gen, settings)
-            shares = _budget_shares(weights, budget)
-            generated = {t: n for t, n in shares.items() if not PROMPT_TYPES[t].rule}
-            planned, new_samples, new_tokens, gen_s = [], 0, 0, 0.0
-            if generated:
-                planner = Planner([d.doc_id for d in docs], {t: weights[t] for t in generated}, sum(generated.values()), cfg.samples_per_call, cfg.max_new_tokens, settings.seed)
-                planned, new_samples, new_tokens, gen_s = _run_plan(planner, stored, by_id, gen, folder, progress)
-            samples = [stored[p.key] for p in planned]
-            for t, share in shares.items():
-                if PROMPT_TYPES[t].rule:
-                    samples += rule_samples(t, share, docs, gen, settings.seed)
+            bandit = None
+            if settings.influence.guide:
+                weights, planned, samples, (new_samples, new_tokens, gen_s), bandit = _guided(weights, budget, stored, docs, by_id, gen, folder, settings, progress)
+            else:
+                planned, samples, new_samples, new_tokens, gen_s = _make_samples(weights, budget, stored, docs, by_id, gen, folder, settings, progress)
         finally:
             gen.close()
         curated = curate(samples, by_id, cfg)
+        influence = None
+        if settings.influence.enabled or settings.influence.guide:
+            influence = _score(curated.kept, docs, folder, settings, progress, bandit)
         report = build_report(
             samples=samples,
             curated=curated,
@@ -197,6 +196,7 @@ def augment(kb: KB, settings: Settings, progress: bool = True, engine: Engine | 
                     "tokens_per_s": round(new_tokens / gen_s, 2) if gen_s else None,
                     "seconds": round(timer.seconds, 2),
                 },
+                **({"influence": influence} if influence is not None else {}),
             },
         )
         fingerprint = training_corpus_hash([r["train_text"] for r in curated.kept])
@@ -241,6 +241,117 @@ def _budget_shares(weights: dict[str, float], budget: int) -> dict[str, int]:
     """Each type's part of the token budget, by weight."""
     total = sum(weights.values())
     return {t: round(budget * w / total) for t, w in weights.items()}
+
+
+def _make_samples(weights: dict[str, float], budget: int, stored: dict, docs: list, by_id: dict, gen: Generator, folder: Path, settings: Settings, progress: bool):
+    """The plan's samples for these type weights and this budget: stored ones replayed, missing
+    ones generated (and appended), rule types' made afresh."""
+    cfg = settings.augment
+    shares = _budget_shares(weights, budget)
+    generated = {t: n for t, n in shares.items() if not PROMPT_TYPES[t].rule}
+    planned, new_samples, new_tokens, gen_s = [], 0, 0, 0.0
+    if generated:
+        planner = Planner([d.doc_id for d in docs], {t: weights[t] for t in generated}, sum(generated.values()), cfg.samples_per_call, cfg.max_new_tokens, settings.seed)
+        planned, new_samples, new_tokens, gen_s = _run_plan(planner, stored, by_id, gen, folder, progress)
+    samples = [stored[p.key] for p in planned]
+    for t, share in shares.items():
+        if PROMPT_TYPES[t].rule:
+            samples += rule_samples(t, share, docs, gen, settings.seed)
+    return planned, samples, new_samples, new_tokens, gen_s
+
+
+# ---- influence ----------------------------------------------------------------------------
+def _score(kept: list[dict], docs: list, folder: Path, settings: Settings, progress: bool, bandit: dict | None) -> dict:
+    """Score the kept samples (cached in synthetic/influence.jsonl), write each score into its
+    record, and return the report's influence section."""
+    from kinject.core.influence import score_records
+
+    estimator = bandit.pop("estimator", None) if bandit else None
+    run, _ = score_records(kept, settings, docs, folder / INFLUENCE, progress, estimator)
+    for rec, score in zip(kept, run.scores):
+        rec["influence"] = score
+    if any(t.source == "user" for t in run.targets):
+        atomic_write_text(folder / TARGETS, _lines([{"question": t.question, "answer": t.answer} for t in run.targets]))
+    elif (folder / TARGETS).exists():
+        (folder / TARGETS).unlink()
+    per_type: dict[str, list[float]] = {}
+    for rec in kept:
+        per_type.setdefault(rec["type"], []).append(rec["influence"])
+    section = {
+        **run.summary(),
+        "per_type": {t: _stats(v) for t, v in per_type.items()},
+        "all": _stats([r["influence"] for r in kept]),
+    }
+    if bandit:
+        section["bandit"] = bandit
+    return section
+
+
+def _stats(values: list[float]) -> dict:
+    v = sorted(values)
+    if not v:
+        return {"n": 0, "mean": None, "median": None}
+    return {"n": len(v), "mean": round(sum(v) / len(v), 5), "median": round(v[len(v) // 2], 5)}
+
+
+def arm_rewards(samples: list[dict], kept: list[dict], arms: list[str]) -> dict[str, float | None]:
+    """Per arm: the influence its generated samples bring, per sample (a dropped one brings 0,
+    since it is never trained on). None for an arm that generated nothing."""
+    made = {a: 0 for a in arms}
+    for s in samples:
+        made[s["type"]] += 1
+    total = {a: 0.0 for a in arms}
+    for r in kept:
+        total[r["type"]] += r["influence"]
+    return {a: round(total[a] / made[a], 6) if made[a] else None for a in arms}
+
+
+def bandit_weights(prior: dict[str, float], reward: dict[str, float | None], explore: float, temperature: float) -> dict[str, float]:
+    """A softmax (Boltzmann) bandit: each arm's weight grows with exp(reward / temperature),
+    times its prior weight, and `explore` of the budget is spread evenly so no arm starves. An
+    arm without a reward yet gets the best one seen (it is tried, not given up)."""
+    import math
+
+    seen = [r for r in reward.values() if r is not None]
+    best = max(seen) if seen else 0.0
+    r = {a: best if reward.get(a) is None else reward[a] for a in prior}
+    top = max(r.values())
+    raw = {a: prior[a] * math.exp((r[a] - top) / temperature) for a in prior}
+    total = sum(raw.values()) or 1.0
+    n = len(prior)
+    return {a: round(max((1 - explore) * raw[a] / total + explore / n, 1e-6), 6) for a in prior}
+
+
+def _guided(weights: dict[str, float], budget: int, stored: dict, docs: list, by_id: dict, gen: Generator, folder: Path, settings: Settings, progress: bool):
+    """Generation steered by influence: the budget is made in `influence.rounds` growing steps;
+    after each, the samples made so far are curated and scored, and the bandit moves the next
+    step's weights over the arms (each selected type and its rubric variants) towards the arms
+    whose samples score highest. Every step replays the stored samples, so a rerun (or a resumed
+    run) computes the same weights from the cached scores and generates nothing twice."""
+    from kinject.core.influence import score_records
+
+    inf = settings.influence
+    arms = {v: w for t, w in weights.items() for v in variants(t)}
+    current = {a: round(1 / len(arms), 6) for a in arms}
+    rounds, estimator = [], None
+    new_samples = new_tokens = 0
+    gen_s = 0.0
+    for r in range(inf.rounds):
+        step_budget = round(budget * (r + 1) / inf.rounds)
+        planned, samples, n, tok, s = _make_samples(current, step_budget, stored, docs, by_id, gen, folder, settings, progress)
+        new_samples, new_tokens, gen_s = new_samples + n, new_tokens + tok, gen_s + s
+        row = {"round": r, "budget": step_budget, "weights": current, "samples": {a: sum(x["type"] == a for x in samples) for a in arms}}
+        rounds.append(row)
+        if r == inf.rounds - 1:
+            break
+        curated = curate(samples, by_id, settings.augment)
+        run, estimator = score_records(curated.kept, settings, docs, folder / INFLUENCE, progress, estimator)
+        for rec, score in zip(curated.kept, run.scores):
+            rec["influence"] = score
+        row["reward"] = arm_rewards(samples, curated.kept, list(arms))
+        current = bandit_weights(arms, row["reward"], inf.explore, inf.temperature)
+    bandit = {"arms": list(arms), "rounds": rounds, "start_weights": rounds[0]["weights"], "final_weights": current, "estimator": estimator}
+    return current, planned, samples, (new_samples, new_tokens, gen_s), bandit
 
 
 def rule_samples(type_id: str, budget: int, docs: list, gen: Generator, seed: int) -> list[dict]:

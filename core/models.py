@@ -221,3 +221,22 @@ def load_embedder(ref: str, settings: Settings, backend: str | None = None):
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(folder), device=pick_device(settings.engine.device))
+
+
+def lora_config(settings: Settings):
+    """The LoRA layout of train.* (fine-tuning and the influence estimator build the same one)."""
+    from peft import LoraConfig, TaskType
+
+    t = settings.train
+    targets = t.target_modules
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=t.lora_rank,
+        lora_alpha=t.lora_alpha,
+        lora_dropout=t.lora_dropout,
+        # "all-linear": every linear projection of the transformer blocks, not the output head.
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        bias="none",
+        use_dora=False,
+        modules_to_save=None,
+    )

@@ -229,6 +229,38 @@ class TrainSettings(_Group):
         return self
 
 
+class InfluenceSettings(_Group):
+    """Optimizer-aware influence of each synthetic sample on a target objective (core/influence.py).
+    Off by default: it has not yet been shown to beat the heuristic curation alone on dev
+    (docs/influence.md)."""
+
+    enabled: bool = Field(False, description="Score every curated sample's influence (augment) and select training samples by it (train)")
+    share: float = Field(1.0, description="train: keep this top share of each document's synthetic samples by influence; 1 = keep all (scores are only recorded)")
+    guide: bool = Field(False, description="augment: a bandit shifts the budget over prompt types and rubric variants towards those whose samples score highest")
+    rounds: int = Field(3, ge=2, le=10, description="guide: bandit rounds; each generates an equal part of the budget with the weights learned so far")
+    explore: float = Field(0.1, ge=0, lt=1, description="guide: share of each round's budget spread evenly over every arm")
+    temperature: float = Field(0.05, gt=0, description="guide: softmax temperature over the arms' mean influence (cosine units)")
+    target_questions: str = Field("", description="JSONL of {question, answer} for the target objective instead of the corpus' own held-back cloze items; eval refuses to score them")
+    target_items: int = Field(48, ge=1, description="Corpus cloze items in the target objective")
+    dims: int = Field(8192, ge=256, description="Size of the random (CountSketch) projection of the LoRA gradient")
+    max_tokens: int = Field(256, ge=16, description="Tokens of a sample (or target item) the gradient is taken on")
+    warmup_steps: int = Field(8, ge=1, description="Adam steps on the KB's documents whose second moments precondition the sample gradients")
+
+    @field_validator("share")
+    @classmethod
+    def _share_in_range(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError("influence.share must be in (0, 1]: the top share of samples to keep")
+        return v
+
+    @field_validator("target_questions")
+    @classmethod
+    def _target_file(cls, v: str) -> str:
+        if v and not Path(v).expanduser().is_file():
+            raise ValueError(f"target questions file not found: {v}")
+        return v
+
+
 class ServeSettings(_Group):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -323,6 +355,7 @@ class Settings(BaseSettings):
     index: IndexSettings = Field(default_factory=IndexSettings)
     augment: AugmentSettings = Field(default_factory=AugmentSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    influence: InfluenceSettings = Field(default_factory=InfluenceSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
 

@@ -14,6 +14,19 @@ from kinject.core.files import read_jsonl, sha256_text
 # does not train on the text itself.
 PAIRS_ONLY_TYPES = frozenset({"fact_qa"})
 
+# Where the augment stage caches influence scores (core/influence.py) and keeps the user's target
+# questions, relative to the KB's folder: training reuses the scores, the eval refuses the questions.
+INFLUENCE_CACHE_PATH = "synthetic/influence.jsonl"
+TARGET_FILES = ("synthetic/influence_targets.jsonl", "adapter/influence_targets.jsonl")
+
+
+def influence_target_questions(kb) -> list[str]:
+    """The questions the KB's influence scoring was told to aim at (augment's and train's)."""
+    out = []
+    for rel in TARGET_FILES:
+        out += [r["question"] for r in read_jsonl(kb.root / rel) if isinstance(r.get("question"), str)]
+    return out
+
 
 def training_corpus_hash(texts: list[str]) -> str:
     """The fingerprint of a training corpus (the "augment" stage's manifest fingerprint)."""

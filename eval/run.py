@@ -104,6 +104,7 @@ def evaluate(
         for m in wanted:
             backend.check(m)
         questions, skipped = _scorable(questions, answerer)
+        questions, skipped = _not_influence_targets(kb, questions, skipped)
         run = EvalRun(
             kb=kb,
             settings=settings,
@@ -132,6 +133,25 @@ def _can(backend, mode: str) -> bool:
         return True
     except KinjectError:
         return False
+
+
+def _not_influence_targets(kb: KB, questions: list[Question], skipped: dict) -> tuple[list[Question], dict]:
+    """Leave out the questions the KB's influence scoring aimed at (influence.target_questions):
+    the synthetic data was chosen to teach exactly those, so their scores would flatter it."""
+    from kinject.core.influence import normalize_question
+    from kinject.core.synthetic import influence_target_questions
+
+    targets = {normalize_question(q) for q in influence_target_questions(kb)}
+    if not targets:
+        return questions, skipped
+    refused = [q for q in questions if normalize_question(q.question) in targets]
+    if not refused:
+        return questions, skipped
+    kept = [q for q in questions if normalize_question(q.question) not in targets]
+    if not kept:
+        raise EvalError(f"every question is one of KB {kb.name!r}'s influence target questions, which the eval refuses to score")
+    reason = "influence target questions: the KB's synthetic data was selected to teach these"
+    return kept, {**skipped, "influence_target": {"questions": len(refused), "qids": [q.qid for q in refused], "reason": reason}}
 
 
 def _scorable(questions: list[Question], answerer: Answerer | None) -> tuple[list[Question], dict]:

@@ -16,6 +16,9 @@ def train_cmd(
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (train.lr)."),
     rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank (train.lora_rank): 8, 16, 32, 64, 128, 256, 320 or 512."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    influence: Optional[bool] = typer.Option(None, "--influence/--no-influence", help="Score the synthetic samples' influence and train on the top --share of each document's (influence.enabled)."),
+    share: Optional[float] = typer.Option(None, "--share", help="Top share of samples to keep by influence, in (0, 1] (influence.share)."),
+    target_questions: Optional[str] = typer.Option(None, "--target-questions", help="JSONL of {question, answer}: the influence target; the eval refuses them (influence.target_questions)."),
 ) -> None:
     """Train the KB's LoRA adapter on its curated synthetic corpus (resumes after a crash)."""
     from kinject.core.settings import settings_from
@@ -23,7 +26,16 @@ def train_cmd(
     from kinject.finetune.train import train
 
     settings = settings_from(
-        ctx, **{"train.max_steps": steps, "train.epochs": epochs, "train.lr": lr, "train.lora_rank": rank}
+        ctx,
+        **{
+            "train.max_steps": steps,
+            "train.epochs": epochs,
+            "train.lr": lr,
+            "train.lora_rank": rank,
+            "influence.enabled": influence,
+            "influence.share": share,
+            "influence.target_questions": target_questions,
+        },
     )
     report = train(KB.open(settings, kb), settings, progress=not quiet, force=force, merge=merge)
     for w in report.warnings:

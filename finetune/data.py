@@ -107,9 +107,15 @@ def chat_text(tokenizer, messages: list[dict]) -> str:
     return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
 
-def collect_samples(kb: KB, settings: Settings, tokenizer) -> list[Sample]:
-    """Every training text of the KB, by source, in a stable order."""
+def collect_samples(kb: KB, settings: Settings, tokenizer, selection: dict | None = None, progress: bool = False) -> list[Sample]:
+    """Every training text of the KB, by source, in a stable order. With influence.enabled the
+    synthetic samples are scored and, below influence.share 1, only each document's top share is
+    kept; `selection`, when given, receives what the selection did (for the train report)."""
     records = synthetic_records(kb)
+    if settings.influence.enabled:
+        records, info = select_by_influence(kb, records, settings, progress)
+        if selection is not None:
+            selection.update(info)
     synthetic = [r["train_text"] for r in records]
     documents = document_texts(kb)
     # Types whose text is a list of Q/A pairs teach through those pairs, rendered as chat below.
@@ -254,6 +260,54 @@ def qa_chat_samples(synthetic: list[str], documents: list[str], settings: Settin
         text = chat_text(tokenizer, messages)
         out.append(Sample(text, "chat", answer_start(prompt, text)))
     return out
+
+
+INFLUENCE_CACHE = "influence.jsonl"
+
+
+def select_by_influence(kb: KB, records: list[dict], settings: Settings, progress: bool = False) -> tuple[list[dict], dict]:
+    """The records to train on, by influence, and a summary of the choice. Scores the augment
+    stage cached for the same estimator are reused; the rest are scored here and cached in
+    adapter/influence.jsonl."""
+    from kinject.core.influence import score_records, select_top
+
+    cache = kb.dir("train") / INFLUENCE_CACHE
+    run, _ = score_records(records, settings, load_documents(kb), cache, progress, also_read=[augment_influence_cache(kb)])
+    share = settings.influence.share
+    keep = select_top(records, run.scores, share) if share < 1 else [True] * len(records)
+    kept = [r for r, k in zip(records, keep) if k]
+    per_type: dict[str, dict] = {}
+    for r, k, score in zip(records, keep, run.scores):
+        row = per_type.setdefault(r["type"], {"samples": 0, "kept": 0, "score_sum": 0.0, "kept_score_sum": 0.0})
+        row["samples"] += 1
+        row["score_sum"] += score
+        if k:
+            row["kept"] += 1
+            row["kept_score_sum"] += score
+    info = {
+        **run.summary(),
+        "share": share,
+        "samples": len(records),
+        "kept": len(kept),
+        "kept_tokens": sum(r.get("tokens", 0) for r in kept),
+        "tokens": sum(r.get("tokens", 0) for r in records),
+        "per_type": {
+            t: {
+                "samples": v["samples"],
+                "kept": v["kept"],
+                "mean": round(v["score_sum"] / v["samples"], 5),
+                "kept_mean": round(v["kept_score_sum"] / v["kept"], 5) if v["kept"] else None,
+            }
+            for t, v in per_type.items()
+        },
+    }
+    return kept, info
+
+
+def augment_influence_cache(kb: KB):
+    from kinject.core.synthetic import INFLUENCE_CACHE_PATH
+
+    return kb.root / INFLUENCE_CACHE_PATH
 
 
 def synthetic_records(kb: KB) -> list[dict]:

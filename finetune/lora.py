@@ -6,25 +6,8 @@ vLLM's supported set (checked with the settings: train.lora_rank, core.settings.
 from __future__ import annotations
 
 from kinject.core.errors import KinjectError
+from kinject.core.models import lora_config
 from kinject.core.settings import Settings
-
-
-def lora_config(settings: Settings):
-    from peft import LoraConfig, TaskType
-
-    t = settings.train
-    targets = t.target_modules
-    return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=t.lora_rank,
-        lora_alpha=t.lora_alpha,
-        lora_dropout=t.lora_dropout,
-        # "all-linear": every linear projection of the transformer blocks, not the output head.
-        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
-        bias="none",
-        use_dora=False,
-        modules_to_save=None,
-    )
 
 
 def trainable_model(model, settings: Settings):

@@ -55,6 +55,7 @@ class TrainReport(StageResult):
     merged_dir: str | None = None
     memory_plan: str = ""  # the line printed before training: estimate, free memory, micro-batch, checkpointing
     memory: dict = field(default_factory=dict)  # the same plan in numbers (bytes)
+    influence: dict = field(default_factory=dict)  # with influence.enabled: the scores and the selection
 
     def summary(self) -> str:
         if self.status == "skipped":
@@ -63,9 +64,16 @@ class TrainReport(StageResult):
         if self.perplexity_base is not None:
             ppl = f"; perplexity on the KB's documents {self.perplexity_base:.2f} (base) -> {self.perplexity_adapted:.2f} (adapted)"
         resumed = f" (resumed from step {self.resumed_from_step})" if self.resumed_from_step else ""
+        inf = ""
+        if self.influence:
+            i = self.influence
+            inf = (
+                f"\ninfluence: kept {i['kept']} of {i['samples']} synthetic samples ({i['kept_tokens']} of {i['tokens']} tokens; "
+                f"top {i['share']:.0%} of each document), {i['scored']} scored in {i['cpu_seconds']:.0f} s CPU, {i['cached']} from the cache"
+            )
         return (
             f"trained {self.steps} steps{resumed}, {self.epochs:.2f} epochs, {self.tokens_seen} tokens, "
-            f"final loss {self.final_loss:.4f}, {self.tokens_per_second:.0f} tokens/s{ppl}; adapter in {self.adapter_dir}"
+            f"final loss {self.final_loss:.4f}, {self.tokens_per_second:.0f} tokens/s{ppl}; adapter in {self.adapter_dir}{inf}"
         )
 
 
@@ -79,9 +87,12 @@ def run_key(kb: KB, settings: Settings) -> tuple[str, dict[str, str]]:
     if settings.train.include_documents and ingest:
         inputs["ingest"] = ingest["fingerprint"]
     train_settings = {k: v for k, v in settings.train.model_dump(mode="json").items() if k not in _NOT_IN_RUN_KEY}
-    key = sha256_text(
-        json.dumps({"inputs": inputs, "train": train_settings, "llm": settings.models.llm, "seed": settings.seed}, sort_keys=True)
-    )
+    payload = {"inputs": inputs, "train": train_settings, "llm": settings.models.llm, "seed": settings.seed}
+    if settings.influence.enabled:  # only then: an adapter trained without it keeps its key
+        payload["influence"] = settings.influence.model_dump(mode="json", exclude={"guide", "rounds", "explore", "temperature"})
+        if settings.influence.target_questions:
+            payload["influence"]["target_questions"] = sha256_file(Path(settings.influence.target_questions).expanduser())
+    key = sha256_text(json.dumps(payload, sort_keys=True))
     return key, inputs
 
 
@@ -138,7 +149,9 @@ def _train(kb: KB, settings: Settings, key: str, inputs: dict, progress: bool, m
     warnings: list[str] = []
 
     base, tokenizer = load_causal_lm(settings.models.llm, settings)
-    samples = data.collect_samples(kb, settings, tokenizer)
+    selection: dict = {}
+    samples = data.collect_samples(kb, settings, tokenizer, selection, progress)
+    _keep_target_questions(folder, settings)
     packed = data.build(samples, tokenizer, settings)
     if packed.short:
         warnings.append(
@@ -175,11 +188,15 @@ def _train(kb: KB, settings: Settings, key: str, inputs: dict, progress: bool, m
         base_model=settings.models.llm,
         memory_plan=result.memory_plan.get("line", ""),
         memory={k: v for k, v in result.memory_plan.items() if k != "line"},
+        influence=selection,
         **timer.elapsed(),
     )
 
     files = _publish(kb, folder, model, tokenizer, settings)
-    write_report(folder, {**asdict(report), "settings": settings.train.model_dump(mode="json"), "seed": settings.seed})
+    written = asdict(report)
+    if not written["influence"]:
+        del written["influence"]  # the report of a run without influence stays as it was
+    write_report(folder, {**written, "settings": settings.train.model_dump(mode="json"), "seed": settings.seed})
     write_loss_png(folder, result.curve, f"{kb.name}: {settings.models.llm}, {result.steps} steps")
     metrics = {
         "steps": report.steps,
@@ -206,6 +223,19 @@ def _train(kb: KB, settings: Settings, key: str, inputs: dict, progress: bool, m
     if merge:
         report.merged_dir = str(_merge(folder, settings, model, tokenizer))
     return report
+
+
+def _keep_target_questions(folder: Path, settings: Settings) -> None:
+    """The user's target questions, where the eval finds them to refuse them."""
+    from kinject.core.files import atomic_write_text
+    from kinject.core.influence import read_target_questions
+
+    path = folder / "influence_targets.jsonl"
+    if settings.influence.enabled and settings.influence.target_questions:
+        items = read_target_questions(settings.influence.target_questions)
+        atomic_write_text(path, "".join(json.dumps({"question": t.question, "answer": t.answer}) + "\n" for t in items))
+    elif path.exists():
+        path.unlink()
 
 
 def _publish(kb: KB, folder: Path, model, tokenizer, settings: Settings) -> tuple[str, ...]:

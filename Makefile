@@ -67,7 +67,7 @@ lint: $(DEV)
 	cd $(LINT_DIR) && PYTHONPATH=. $(abspath $(VENV))/bin/lint-imports ../../pyproject.toml
 
 test-fast: $(DEV)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --no-loadscope-reorder -m "not slow" $(PYTEST_ARGS)
 
 bench: $(DEV)
 	$(VENV)/bin/kinject bench

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kinject.core.cloze import blank_one_span, cloze_sentences
 from kinject.core.errors import KinjectError
 from kinject.core.files import append_jsonl, read_jsonl, sha256_text
 from kinject.core.settings import Settings
@@ -57,9 +58,6 @@ _SPAN = re.compile(
     r"|\b\d[\d,.]*\d\b|\b\d\b"
     r"|(?<![.!?]\s)(?<!^)\b[A-Z][\w'’-]+(?:\s+(?:of|the|de|and)?\s*[A-Z][\w'’-]+)*"
 )
-_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"“])")
-
-
 def corpus_targets(documents: list, n: int, seed: int) -> list[TargetItem]:
     """Up to `n` cloze items over the documents, spread evenly over them: a sentence with one
     name, number or date blanked out, answered by that span. The answer stands in the sentence
@@ -67,17 +65,14 @@ def corpus_targets(documents: list, n: int, seed: int) -> list[TargetItem]:
     rng = random.Random(f"{seed}:influence-target")
     per_doc: list[list[TargetItem]] = []
     for d in documents:
-        sentences = [s.strip() for s in _SENTENCE.split(" ".join(d.text.split())) if 6 <= len(s.split()) <= 45]
+        sentences = cloze_sentences(" ".join(d.text.split()))
         rng.shuffle(sentences)
         items = []
         for s in sentences:
-            spans = [m for m in _SPAN.finditer(s) if m.start() > 0 and len(m.group().strip(" ,.")) >= 2]
-            if not spans:
+            cut = blank_one_span(s, _SPAN, rng, "___")
+            if cut is None:
                 continue
-            m = rng.choice(spans)
-            answer = m.group().strip(" ,.")
-            start = s.index(answer, m.start())
-            blanked = s[:start] + "___" + s[start + len(answer):]
+            blanked, answer = cut
             items.append(TargetItem(f'Complete this sentence from "{d.title}": {blanked}', answer, "corpus"))
         per_doc.append(items)
     out: list[TargetItem] = []

@@ -12,6 +12,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from kinject.core.cloze import blank_one_span, cloze_sentences
 from kinject.core.errors import KinjectError
 from kinject.core.files import sha256_text
 from kinject.core.kb import KB
@@ -192,17 +193,14 @@ def cloze_pairs(document: str, rng: random.Random, limit: int | None = None) -> 
     At most `limit` of them (default `cloze_limit(document)`)."""
     limit = cloze_limit(document) if limit is None else limit
     title, _, body = document.partition("\n")
-    sentences = [x.strip() for x in re.split(r"(?<=[.!?])\s+(?=[A-Z\"“])", body) if 6 <= len(x.split()) <= 45]
+    sentences = cloze_sentences(body)
     rng.shuffle(sentences)
     out = []
     for sentence in sentences:
-        spans = [m for m in _SPAN_RE.finditer(sentence) if m.start() > 0 and len(m.group().strip(" ,.")) >= 2]
-        if not spans:
+        cut = blank_one_span(sentence, _SPAN_RE, rng, "____")
+        if cut is None:
             continue
-        m = rng.choice(spans)
-        answer = m.group().strip(" ,.")
-        start = sentence.index(answer, m.start())
-        blanked = sentence[:start] + "____" + sentence[start + len(answer) :]
+        blanked, answer = cut
         out.append((f'What fills the blank in this sentence about {title}? "{blanked}"', answer))
         if len(out) >= limit:
             break

@@ -105,7 +105,12 @@ def index_backend(meta: dict, settings: Settings) -> str:
     built = meta.get("embedder_numerics", "fp32")
     if EMBEDDER_NUMERICS[wanted] == built:
         return wanted
-    return meta.get("embedder_backend") if EMBEDDER_NUMERICS.get(meta.get("embedder_backend")) == built else embedder_backend(settings, "auto") if built == "fp32" else "onnx-int8"
+    recorded = meta.get("embedder_backend")
+    if EMBEDDER_NUMERICS.get(recorded) == built:
+        return recorded
+    if built == "fp32":
+        return embedder_backend(settings, "auto")
+    return "onnx-int8"
 
 
 # ---- retriever ----------------------------------------------------------------------------

@@ -58,6 +58,8 @@ _SPAN = re.compile(
     r"|\b\d[\d,.]*\d\b|\b\d\b"
     r"|(?<![.!?]\s)(?<!^)\b[A-Z][\w'’-]+(?:\s+(?:of|the|de|and)?\s*[A-Z][\w'’-]+)*"
 )
+
+
 def corpus_targets(documents: list, n: int, seed: int) -> list[TargetItem]:
     """Up to `n` cloze items over the documents, spread evenly over them: a sentence with one
     name, number or date blanked out, answered by that span. The answer stands in the sentence
@@ -162,6 +164,7 @@ class InfluenceEstimator:
         from peft import get_peft_model
 
         from kinject.core.answer import build_messages
+        from kinject.core.engines.base import answer_start, chat_text
         from kinject.core.models import load_causal_lm, lora_config
 
         if not targets:
@@ -180,9 +183,9 @@ class InfluenceEstimator:
         vectors = []
         for item in targets:
             messages = build_messages([{"role": "user", "content": item.question}], None)
-            prompt = self._chat(messages + [{"role": "assistant", "content": ""}])
-            text = self._chat(messages + [{"role": "assistant", "content": item.answer}])
-            start = _common_prefix(prompt, text)
+            prompt = chat_text(self.tokenizer, messages + [{"role": "assistant", "content": ""}])
+            text = chat_text(self.tokenizer, messages + [{"role": "assistant", "content": item.answer}])
+            start = answer_start(prompt, text)
             enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             ids = enc["input_ids"]
             first = next((i for i, (s, _) in enumerate(enc["offset_mapping"]) if s >= start), len(ids))
@@ -197,11 +200,6 @@ class InfluenceEstimator:
         self.targets_used = len(vectors)
         self.setup_seconds = round(time.perf_counter() - t0, 2)
         self.setup_cpu_seconds = round(time.process_time() - c0, 2)
-
-    def _chat(self, messages: list[dict]) -> str:
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
     def _warm_up(self, documents: list, torch):
         """A few AdamW steps of the fresh LoRA on the documents; returns Adam's bias-corrected
@@ -232,21 +230,26 @@ class InfluenceEstimator:
         self.model.zero_grad(set_to_none=True)
         self.model(input_ids=x, labels=labels).loss.backward()
 
-    def _gradient(self, ids: list[int], loss_from: int = 0):
+    def _grads(self, ids: list[int], loss_from: int) -> list:
+        """Each LoRA parameter's gradient on `ids` (cut to influence.max_tokens); zeros where the
+        loss does not reach."""
         import torch
 
         self._backward(ids[: self.cfg.max_tokens], loss_from)
-        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params]).cpu()
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+
+    def _gradient(self, ids: list[int], loss_from: int = 0):
+        import torch
+
+        return torch.cat([g.reshape(-1) for g in self._grads(ids, loss_from)]).cpu()
 
     def _adam_direction(self, ids: list[int]):
         """The sample's gradient as Adam would step along it after the warm-up."""
         import torch
 
-        self._backward(ids[: self.cfg.max_tokens], 0)
         t = self.step + 1
         parts = []
-        for p, v in zip(self.params, self.v_hat):
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
+        for g, v in zip(self._grads(ids, 0), self.v_hat):
             v_new = (_ADAM_BETA2 * v * (1 - _ADAM_BETA2**self.step) + (1 - _ADAM_BETA2) * g * g) / (1 - _ADAM_BETA2**t)
             parts.append((g / (v_new.sqrt() + _ADAM_EPS)).reshape(-1))
         return torch.cat(parts).cpu()
@@ -261,15 +264,6 @@ class InfluenceEstimator:
 def _unit(x):
     n = x.norm()
     return x / n if n > 0 else x
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 # ---- scoring records, cached --------------------------------------------------------------

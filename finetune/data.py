@@ -13,12 +13,13 @@ import re
 from dataclasses import dataclass, field
 
 from kinject.core.cloze import blank_one_span, cloze_sentences
+from kinject.core.engines.base import answer_start, chat_text
 from kinject.core.errors import KinjectError
 from kinject.core.files import sha256_text
 from kinject.core.kb import KB
 from kinject.core.index import load_documents
 from kinject.core.settings import Settings
-from kinject.core.synthetic import PAIRS_ONLY_TYPES, load_training_records
+from kinject.core.synthetic import INFLUENCE_CACHE, PAIRS_ONLY_TYPES, load_training_records
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +99,6 @@ def stream_indices(n_blocks: int, seed: int, start: int, count: int) -> list[int
             orders[epoch] = block_order(n_blocks, seed, epoch)
         out.append(orders[epoch][i])
     return out
-
-
-def chat_text(tokenizer, messages: list[dict]) -> str:
-    """A whole conversation (ending with the assistant's turn) as the model reads it."""
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, tokenize=False)
-    # Same transcript the engine uses for models without a chat template.
-    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
 
 def collect_samples(kb: KB, settings: Settings, tokenizer, selection: dict | None = None, progress: bool = False) -> list[Sample]:
@@ -207,17 +200,6 @@ def cloze_pairs(document: str, rng: random.Random, limit: int | None = None) -> 
     return out
 
 
-def answer_start(prompt: str, text: str) -> int:
-    """Where the assistant's answer begins in a rendered conversation: the length of the part
-    it shares with the same conversation rendered with an empty answer."""
-    n = 0
-    for a, b in zip(prompt, text):
-        if a != b:
-            break
-        n += 1
-    return n
-
-
 def qa_chat_samples(synthetic: list[str], documents: list[str], settings: Settings, tokenizer) -> list[Sample]:
     """Synthetic Q/A pairs rendered exactly as the service prompts the model: closed-book (the
     `ft` mode) and, for `train.open_book_fraction` of them, with the source passage quoted among
@@ -260,9 +242,6 @@ def qa_chat_samples(synthetic: list[str], documents: list[str], settings: Settin
     return out
 
 
-INFLUENCE_CACHE = "influence.jsonl"
-
-
 def select_by_influence(kb: KB, records: list[dict], settings: Settings, progress: bool = False) -> tuple[list[dict], dict]:
     """The records to train on, by influence, and a summary of the choice. Scores the augment
     stage cached for the same estimator are reused; the rest are scored here and cached in
@@ -270,7 +249,7 @@ def select_by_influence(kb: KB, records: list[dict], settings: Settings, progres
     from kinject.core.influence import score_records, select_top
 
     cache = kb.dir("train") / INFLUENCE_CACHE
-    run, _ = score_records(records, settings, load_documents(kb), cache, progress, also_read=[augment_influence_cache(kb)])
+    run, _ = score_records(records, settings, load_documents(kb), cache, progress, also_read=[kb.dir("augment") / INFLUENCE_CACHE])
     share = settings.influence.share
     keep = select_top(records, run.scores, share) if share < 1 else [True] * len(records)
     kept = [r for r, k in zip(records, keep) if k]
@@ -300,12 +279,6 @@ def select_by_influence(kb: KB, records: list[dict], settings: Settings, progres
         },
     }
     return kept, info
-
-
-def augment_influence_cache(kb: KB):
-    from kinject.core.synthetic import INFLUENCE_CACHE_PATH
-
-    return kb.root / INFLUENCE_CACHE_PATH
 
 
 def synthetic_records(kb: KB) -> list[dict]:

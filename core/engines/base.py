@@ -150,6 +150,26 @@ def render_prompt(tokenizer, request: GenRequest) -> str:
     return with_bos(tokenizer, "\n\n".join(lines) + "\n\nAssistant:")
 
 
+def chat_text(tokenizer, messages: list[dict]) -> str:
+    """A whole conversation (ending with the assistant's turn) as the model reads it: what training
+    and the influence estimator take the loss on."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    # Same transcript render_prompt uses for models without a chat template.
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
+def answer_start(prompt: str, text: str) -> int:
+    """Where the assistant's answer begins in a rendered conversation: the length of the part
+    it shares with the same conversation rendered with an empty answer."""
+    n = 0
+    for a, b in zip(prompt, text):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 def with_bos(tokenizer, text: str) -> str:
     """Prefix the BOS token for models trained to always see it (Gemma degrades badly without it).
 

@@ -22,7 +22,7 @@ from kinject.core.files import append_jsonl, atomic_write_json, atomic_write_tex
 from kinject.core.kb import KB, work_seconds
 from kinject.core.settings import Settings
 from kinject.core.stage import StageResult, StageTimer
-from kinject.core.synthetic import training_corpus_hash
+from kinject.core.synthetic import INFLUENCE_CACHE, keep_target_questions, training_corpus_hash
 from kinject.augment.curate import curate
 from kinject.augment.generate import AugmentError, Generator
 from kinject.augment.plan import Planner, PlannedSample, sample_seed
@@ -30,7 +30,6 @@ from kinject.augment.prompts import PROMPT_TYPES, variants
 from kinject.augment.report import build_report, print_report
 
 SAMPLES, CURATED, DROPPED, REPORT, STALE = "samples.jsonl", "curated.jsonl", "dropped.jsonl", "report.json", "stale.jsonl"
-INFLUENCE, TARGETS = "influence.jsonl", "influence_targets.jsonl"  # score cache; the user's target questions
 
 
 @dataclass(kw_only=True)
@@ -267,13 +266,10 @@ def _score(kept: list[dict], docs: list, folder: Path, settings: Settings, progr
     from kinject.core.influence import score_records
 
     estimator = bandit.pop("estimator", None) if bandit else None
-    run, _ = score_records(kept, settings, docs, folder / INFLUENCE, progress, estimator)
+    run, _ = score_records(kept, settings, docs, folder / INFLUENCE_CACHE, progress, estimator)
     for rec, score in zip(kept, run.scores):
         rec["influence"] = score
-    if any(t.source == "user" for t in run.targets):
-        atomic_write_text(folder / TARGETS, _lines([{"question": t.question, "answer": t.answer} for t in run.targets]))
-    elif (folder / TARGETS).exists():
-        (folder / TARGETS).unlink()
+    keep_target_questions(folder, [t for t in run.targets if t.source == "user"])
     per_type: dict[str, list[float]] = {}
     for rec in kept:
         per_type.setdefault(rec["type"], []).append(rec["influence"])
@@ -345,7 +341,7 @@ def _guided(weights: dict[str, float], budget: int, stored: dict, docs: list, by
         if r == inf.rounds - 1:
             break
         curated = curate(samples, by_id, settings.augment)
-        run, estimator = score_records(curated.kept, settings, docs, folder / INFLUENCE, progress, estimator)
+        run, estimator = score_records(curated.kept, settings, docs, folder / INFLUENCE_CACHE, progress, estimator)
         for rec, score in zip(curated.kept, run.scores):
             rec["influence"] = score
         row["reward"] = arm_rewards(samples, curated.kept, list(arms))

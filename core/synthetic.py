@@ -6,25 +6,39 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from kinject.core.errors import KinjectError
-from kinject.core.files import read_jsonl, sha256_text
+from kinject.core.files import atomic_write_text, read_jsonl, sha256_text
+from kinject.core.kb import STAGE_DIRS
 
 # Sample types whose text is a list of Q/A pairs: training renders those pairs as chat turns and
 # does not train on the text itself.
 PAIRS_ONLY_TYPES = frozenset({"fact_qa"})
 
-# Where the augment stage caches influence scores (core/influence.py) and keeps the user's target
-# questions, relative to the KB's folder: training reuses the scores, the eval refuses the questions.
-INFLUENCE_CACHE_PATH = "synthetic/influence.jsonl"
-TARGET_FILES = ("synthetic/influence_targets.jsonl", "adapter/influence_targets.jsonl")
+# In the augment and train stages' folders: the influence score cache (core/influence.py; training
+# also reads augment's) and the user's target questions, which the eval refuses to score.
+INFLUENCE_CACHE = "influence.jsonl"
+INFLUENCE_TARGETS = "influence_targets.jsonl"
+_STAGES_WITH_TARGETS = ("augment", "train")
+
+
+def keep_target_questions(folder: Path, items: list) -> None:
+    """Keep the user's target questions (items with .question and .answer) in a stage's folder,
+    where the eval finds them; with none, remove those of an earlier run."""
+    path = folder / INFLUENCE_TARGETS
+    if items:
+        atomic_write_text(path, "".join(json.dumps({"question": t.question, "answer": t.answer}, ensure_ascii=False) + "\n" for t in items))
+    elif path.exists():
+        path.unlink()
 
 
 def influence_target_questions(kb) -> list[str]:
     """The questions the KB's influence scoring was told to aim at (augment's and train's)."""
     out = []
-    for rel in TARGET_FILES:
-        out += [r["question"] for r in read_jsonl(kb.root / rel) if isinstance(r.get("question"), str)]
+    for stage in _STAGES_WITH_TARGETS:
+        rows = read_jsonl(kb.root / STAGE_DIRS[stage] / INFLUENCE_TARGETS)
+        out += [r["question"] for r in rows if isinstance(r.get("question"), str)]
     return out
 
 

@@ -227,15 +227,11 @@ def _train(kb: KB, settings: Settings, key: str, inputs: dict, progress: bool, m
 
 def _keep_target_questions(folder: Path, settings: Settings) -> None:
     """The user's target questions, where the eval finds them to refuse them."""
-    from kinject.core.files import atomic_write_text
     from kinject.core.influence import read_target_questions
+    from kinject.core.synthetic import keep_target_questions
 
-    path = folder / "influence_targets.jsonl"
-    if settings.influence.enabled and settings.influence.target_questions:
-        items = read_target_questions(settings.influence.target_questions)
-        atomic_write_text(path, "".join(json.dumps({"question": t.question, "answer": t.answer}) + "\n" for t in items))
-    elif path.exists():
-        path.unlink()
+    inf = settings.influence
+    keep_target_questions(folder, read_target_questions(inf.target_questions) if inf.enabled and inf.target_questions else [])
 
 
 def _publish(kb: KB, folder: Path, model, tokenizer, settings: Settings) -> tuple[str, ...]:

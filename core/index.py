@@ -14,8 +14,9 @@ the graph is rebuilt from the live vectors once they pass `max_deleted_fraction`
 Layout inside the KB's index/ folder: each write makes a new generation folder
 `gNNNNNN/` (faiss.index, chunks.jsonl, documents.jsonl, meta.json), and only then points
 `current.json` at it. With index.store=milvus the vectors live in a Milvus collection instead
-(core/vector_db.py) and `milvus.json` takes faiss.index's place. A crash leaves the previous generation current; readers never see a
-half-written index. The previous generation is kept for readers that are still loading it.
+(core/vector_db.py) and `milvus.json` takes faiss.index's place. A crash leaves the previous
+generation current; readers never see a half-written index. The previous generation is kept for
+readers that are still loading it.
 """
 from __future__ import annotations
 
@@ -144,7 +145,10 @@ class VectorIndex:
         import faiss
 
         ids = faiss.vector_to_array(self.faiss.id_map).astype(np.int64)
-        return ids[~np.isin(ids, np.fromiter(self._deleted, np.int64, len(self._deleted)))] if self._deleted else ids
+        return ids[~np.isin(ids, self._deleted_ids())] if self._deleted else ids
+
+    def _deleted_ids(self) -> np.ndarray:
+        return np.fromiter(self._deleted, np.int64, len(self._deleted))
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids):
@@ -190,7 +194,7 @@ class VectorIndex:
         import faiss
 
         if self._skip is None:
-            batch = faiss.IDSelectorBatch(np.fromiter(self._deleted, np.int64, len(self._deleted)))
+            batch = faiss.IDSelectorBatch(self._deleted_ids())
             skip = faiss.IDSelectorNot(batch)
             skip._batch = batch  # IDSelectorNot does not own what it negates
             self._skip = skip
@@ -243,7 +247,7 @@ class VectorIndex:
         fresh = VectorIndex.wrap(inner)
         # Straight from the old storage, a slice at a time: no second copy of every vector.
         ids, stored = faiss.vector_to_array(self.faiss.id_map), self._stored()
-        live = ~np.isin(ids, np.fromiter(self._deleted, np.int64, len(self._deleted))) if self._deleted else None
+        live = ~np.isin(ids, self._deleted_ids()) if self._deleted else None
         for start in range(0, len(ids), 65_536):
             part, rows = ids[start : start + 65_536], stored[start : start + 65_536]
             if live is not None:

@@ -17,6 +17,7 @@ ingest and serve as two processes on one milvus-lite file are untested: use a Mi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -151,11 +152,10 @@ class MilvusIndex:
         k = min(k, max(self._count, 1))
         scores, ids = np.zeros((len(queries), k), np.float32), np.full((len(queries), k), -1, np.int64)
         store = self.store
+        # the embedded server is not known to be thread-safe; the service searches from several threads
+        one_at_a_time = self._lock if self.lite else contextlib.nullcontext()
         for row, q in enumerate(queries):
-            if self.lite:  # the embedded server is not known to be thread-safe; the service searches from several threads
-                with self._lock:
-                    res = store.query(VectorStoreQuery(query_embedding=q.tolist(), similarity_top_k=k))
-            else:
+            with one_at_a_time:
                 res = store.query(VectorStoreQuery(query_embedding=q.tolist(), similarity_top_k=k))
             n = len(res.ids or [])
             ids[row, :n] = [int(i) for i in res.ids]

@@ -72,15 +72,18 @@ def test_short_answer_sets_are_checked_on_f1_and_contains_gold():
 def test_the_store_keeps_no_machine_path_or_question_record(tmp_path, monkeypatch):
     from kinject.recipes import paper
 
+    home, data = tmp_path / "home", tmp_path / "data"  # this machine's paths, as a real run records them
+
     def fake_run_set(name, overrides, echo):
-        report = {**_result("local")["report"], "questions_file": "/data/q.jsonl", "settings": {"home": "/root/.kinject"}}
-        return {**_result("local"), "name": name, "kb": "paper-x", "report_dir": "/root/.kinject/kbs/x/eval/1", "report": report}
+        report = {**_result("local")["report"], "questions_file": str(data / "q.jsonl"), "settings": {"home": str(home)}}
+        return {**_result("local"), "name": name, "kb": "paper-x", "report_dir": str(home / "kbs" / "x" / "eval" / "1"), "report": report}
 
     monkeypatch.setattr(paper, "run_set", fake_run_set)
-    out = tmp_path / "results.md"
+    out = tmp_path / "out" / "results.md"
+    out.parent.mkdir()
     paper.run_paper(["squad_short"], {}, out, echo=lambda _: None)
     stored = paper.results_store(out).read_text()
-    assert "/root" not in stored and "/data" not in stored and "report_dir" not in stored
+    assert str(home) not in stored and str(data) not in stored and "report_dir" not in stored
     assert "| squad_short | f1 | 10.0 |" in out.read_text()
 
 

@@ -176,6 +176,41 @@ def squad_kb(tmp_path_factory):
     return kb, settings
 
 
+# ---- the demo corpus, document by document ------------------------------------------------------
+DEMO_CORPUS = REPO / "demo" / "corpus"
+
+
+def demo_names(n: int) -> list[str]:
+    """The first `n` demo documents' file names, in name order."""
+    return sorted(p.name for p in DEMO_CORPUS.iterdir())[:n]
+
+
+def copy_demo(dst: Path, names: list[str]) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        shutil.copy(DEMO_CORPUS / n, dst / n)
+    return dst
+
+
+def demo_questions(n: int) -> list[str]:
+    """The first `n` questions of demo/questions.jsonl."""
+    lines = (REPO / "demo" / "questions.jsonl").read_text().splitlines()[:n]
+    return [json.loads(line)["question"] for line in lines]
+
+
+def top_hits(retriever, queries: list[str], k: int = 8) -> list[list[tuple[str, float]]]:
+    return [[(h.chunk_id, h.score) for h in hits] for hits in retriever.search_many(queries, k)]
+
+
+def assert_same_hits(a, b) -> None:
+    """Two `top_hits` results name the same chunks in the same order, with scores equal to 1e-5."""
+    import numpy as np
+
+    for x, y in zip(a, b, strict=True):
+        assert [c for c, _ in x] == [c for c, _ in y]
+        assert np.allclose([s for _, s in x], [s for _, s in y], atol=1e-5)
+
+
 # ---- the demo KB, built once -------------------------------------------------------------------
 DEMO_DOCS = ["brightwater-glassworks.md", "harbour-wardens.txt", "night-of-drifting-lanterns.html"]
 # Secrets in the settings the demo KB is built with: test_api_abuse.py checks that no file of the

@@ -9,9 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import REPO
-
-DEMO = REPO / "demo" / "corpus"
+from conftest import DEMO_CORPUS, assert_same_hits, copy_demo, demo_names, demo_questions, top_hits
 
 
 def make_pdf(pages: list[str]) -> bytes:
@@ -47,21 +45,6 @@ def blank_pdf() -> bytes:
     return buf.getvalue()
 
 
-def copy_demo(dst, names):
-    dst.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        shutil.copy(DEMO / n, dst / n)
-    return dst
-
-
-def demo_names(n: int) -> list[str]:
-    return sorted(p.name for p in DEMO.iterdir())[:n]
-
-
-def top_hits(retriever, queries, k=8):
-    return [[(h.chunk_id, h.score) for h in hits] for hits in retriever.search_many(queries, k)]
-
-
 # ---- incremental == from scratch ------------------------------------------------------------
 def test_incremental_updates_answer_like_a_fresh_build(tmp_path, settings):
     from kinject.core.kb import KB, work_seconds
@@ -79,7 +62,7 @@ def test_incremental_updates_answer_like_a_fresh_build(tmp_path, settings):
     changed, removed, added = names[0], names[1], names[6]
     (corpus / changed).write_text((corpus / changed).read_text() + "\n\nIn 1999 the archive moved to a new building on Quay Street.\n")
     (corpus / removed).unlink()
-    shutil.copy(DEMO / added, corpus / added)
+    shutil.copy(DEMO_CORPUS / added, corpus / added)
     second = ingest(kb, corpus, settings, progress=False)
     assert (second.added, second.changed, second.removed) == ([added], [changed], [removed])
     assert second.unchanged == 4
@@ -104,13 +87,10 @@ def test_incremental_updates_answer_like_a_fresh_build(tmp_path, settings):
     fresh_vecs = fresh_state.index.reconstruct([fresh_chunks[c][0] for c in order])
     assert np.abs(inc_vecs - fresh_vecs).max() < 1e-5
 
-    queries = [json.loads(line)["question"] for line in (REPO / "demo" / "questions.jsonl").read_text().splitlines()[:30]]
-    queries += ["archive moved to a new building on Quay Street"]
+    queries = demo_questions(30) + ["archive moved to a new building on Quay Street"]
     inc_hits = top_hits(Retriever(kb, settings), queries)
     fresh_hits = top_hits(Retriever(fresh_kb, settings), queries)
-    for a, b in zip(inc_hits, fresh_hits):
-        assert [c for c, _ in a] == [c for c, _ in b]
-        assert np.allclose([s for _, s in a], [s for _, s in b], atol=1e-5)
+    assert_same_hits(inc_hits, fresh_hits)
     assert not any(c.startswith(removed) for hits in inc_hits for c, _ in hits)
     assert kb.stage("ingest")["fingerprint"] == fresh_kb.stage("ingest")["fingerprint"]
 
@@ -147,7 +127,7 @@ def test_incremental_updates_above_the_flat_threshold_answer_like_a_fresh_build(
     changed, removed = names[0], names[1]
     (corpus / changed).write_text((corpus / changed).read_text() + "\n\nIn 1999 the archive moved to a new building on Quay Street.\n")
     (corpus / removed).unlink()
-    shutil.copy(DEMO / names[4], corpus / names[4])
+    shutil.copy(DEMO_CORPUS / names[4], corpus / names[4])
     second = ingest(kb, corpus, hnsw, progress=False)
     assert (second.changed, second.removed) == ([changed], [removed])
     state = load_state(kb.root / "index")
@@ -157,13 +137,10 @@ def test_incremental_updates_above_the_flat_threshold_answer_like_a_fresh_build(
     fresh_kb = KB.create(settings, "fresh-flat")  # the default: flat, exact
     ingest(fresh_kb, corpus, settings, progress=False)
     assert load_state(fresh_kb.root / "index").index.kind == "flat"
-    queries = [json.loads(line)["question"] for line in (REPO / "demo" / "questions.jsonl").read_text().splitlines()[:20]]
-    queries += ["archive moved to a new building on Quay Street"]
+    queries = demo_questions(20) + ["archive moved to a new building on Quay Street"]
     fresh_hits = top_hits(Retriever(fresh_kb, settings), queries)
     hnsw_hits = top_hits(Retriever(kb, hnsw), queries)
-    for a, b in zip(hnsw_hits, fresh_hits):
-        assert [c for c, _ in a] == [c for c, _ in b]
-        assert np.allclose([s for _, s in a], [s for _, s in b], atol=1e-5)
+    assert_same_hits(hnsw_hits, fresh_hits)
     assert not any(c.startswith(removed) for hits in hnsw_hits for c, _ in hits)
 
     # changing only the index kind rewrites the index, without embedding anything again

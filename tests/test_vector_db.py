@@ -2,15 +2,11 @@
 embedded milvus-lite file: ingest's incremental updates and deletes answer as on FAISS."""
 from __future__ import annotations
 
-import json
 import shutil
 
-import numpy as np
 import pytest
 
-from conftest import REPO
-
-DEMO = REPO / "demo" / "corpus"
+from conftest import DEMO_CORPUS, assert_same_hits, copy_demo, demo_names, demo_questions, top_hits
 
 
 def milvus(settings, **kw):
@@ -20,13 +16,7 @@ def milvus(settings, **kw):
 def hits(kb, settings, queries):
     from kinject.core.retrieval import Retriever
 
-    return [[(h.chunk_id, h.score) for h in row] for row in Retriever(kb, settings).search_many(queries, 8)]
-
-
-def same(a, b):
-    for x, y in zip(a, b, strict=True):
-        assert [c for c, _ in x] == [c for c, _ in y]
-        assert np.allclose([s for _, s in x], [s for _, s in y], atol=1e-5)
+    return top_hits(Retriever(kb, settings), queries)
 
 
 def test_milvus_backend_follows_edits_and_deletes_like_faiss(tmp_path, settings):
@@ -34,11 +24,8 @@ def test_milvus_backend_follows_edits_and_deletes_like_faiss(tmp_path, settings)
     from kinject.core.kb import KB
     from kinject.ingest.pipeline import ingest
 
-    names = sorted(p.name for p in DEMO.iterdir())[:5]
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for n in names[:4]:
-        shutil.copy(DEMO / n, corpus / n)
+    names = demo_names(5)
+    corpus = copy_demo(tmp_path / "corpus", names[:4])
     on_milvus = milvus(settings)
     kb_m, kb_f = KB.create(on_milvus, "on-milvus"), KB.create(settings, "on-faiss")
     ingest(kb_m, corpus, on_milvus, progress=False)
@@ -50,7 +37,7 @@ def test_milvus_backend_follows_edits_and_deletes_like_faiss(tmp_path, settings)
     changed, removed, added = names[0], names[1], names[4]
     (corpus / changed).write_text((corpus / changed).read_text() + "\n\nIn 1999 the archive moved to a new building on Quay Street.\n")
     (corpus / removed).unlink()
-    shutil.copy(DEMO / added, corpus / added)
+    shutil.copy(DEMO_CORPUS / added, corpus / added)
     rep_m = ingest(kb_m, corpus, on_milvus, progress=False)
     rep_f = ingest(kb_f, corpus, settings, progress=False)
     assert (rep_m.added, rep_m.changed, rep_m.removed) == (rep_f.added, rep_f.changed, rep_f.removed) == ([added], [changed], [removed])
@@ -59,10 +46,9 @@ def test_milvus_backend_follows_edits_and_deletes_like_faiss(tmp_path, settings)
     state = load_state(kb_m.root / "index")
     # the collection holds exactly the generation's chunks: the replaced and removed ones are gone
     assert state.index.ids().tolist() == sorted(state.chunks) and len(state.index) == len(state.chunks) == rep_f.chunks
-    queries = [json.loads(line)["question"] for line in (REPO / "demo" / "questions.jsonl").read_text().splitlines()[:20]]
-    queries += ["archive moved to a new building on Quay Street"]
+    queries = demo_questions(20) + ["archive moved to a new building on Quay Street"]
     on_m, on_f = hits(kb_m, on_milvus, queries), hits(kb_f, settings, queries)
-    same(on_m, on_f)
+    assert_same_hits(on_m, on_f)
     assert on_m[-1][0][0].startswith(changed) and not any(c.startswith(removed) for row in on_m for c, _ in row)
     assert ingest(kb_m, corpus, on_milvus, progress=False).status == "skipped"
 
@@ -70,7 +56,7 @@ def test_milvus_backend_follows_edits_and_deletes_like_faiss(tmp_path, settings)
     moved = ingest(kb_f, corpus, on_milvus, progress=False)
     assert moved.status == "ran" and moved.chunks_embedded == 0 and f"moved {moved.chunks} vectors from faiss to milvus" in moved.reindexed
     assert load_state(kb_f.root / "index").index.kind == "milvus"
-    same(hits(kb_f, on_milvus, queries), on_f)
+    assert_same_hits(hits(kb_f, on_milvus, queries), on_f)
 
 
 def test_a_bad_milvus_uri_is_a_clear_settings_error():

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 from kinject.core.errors import KinjectError
 
@@ -174,6 +174,18 @@ def read_json(path: Path, default: Any = None) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise KinjectError(f"{path} is not valid JSON ({e}): fix or remove it") from e
+
+
+def jsonl_values(lines: Iterable[str], where: Path | str, error: type[Exception]) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a user's JSONL file; a line that is not JSON
+    raises `error` naming the file (`where`) and the line."""
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield line_no, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{where} line {line_no}: not valid JSON ({e.msg})") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from kinject.core.cloze import blank_one_span, cloze_sentences
 from kinject.core.errors import KinjectError
-from kinject.core.files import append_jsonl, read_jsonl, sha256_text
+from kinject.core.files import append_jsonl, jsonl_values, read_jsonl, sha256_text
 from kinject.core.settings import Settings
 
 # Bump when the estimator's arithmetic changes, so cached scores of the old one are recomputed.
@@ -93,13 +93,7 @@ def read_target_questions(path: str | Path) -> list[TargetItem]:
     except (OSError, UnicodeDecodeError) as e:
         raise InfluenceError(f"cannot read the target questions file {path}: {e}") from None
     items = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InfluenceError(f"{path} line {i}: not JSON ({e.msg})") from None
+    for i, row in jsonl_values(lines, path, InfluenceError):
         q, a = (row.get("question"), row.get("answer")) if isinstance(row, dict) else (None, None)
         if not isinstance(q, str) or not q.strip() or not isinstance(a, str) or not a.strip():
             raise InfluenceError(f"{path} line {i}: a target question needs non-empty \"question\" and \"answer\" strings")

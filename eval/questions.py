@@ -7,11 +7,11 @@ optional; without `doc_ids` a question has no retrieval score.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kinject.core.errors import KinjectError
+from kinject.core.files import jsonl_values
 
 SHORT, MC = "short", "mc"
 
@@ -92,13 +92,7 @@ def load_questions(path: Path | str, split: str | None = None, limit: int | None
     questions: list[Question] = []
     seen: set[str] = set()
     with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise QuestionsError(f"{path} line {line_no}: not valid JSON ({e.msg})") from None
+        for line_no, obj in jsonl_values(f, path, QuestionsError):
             q = _parse(line_no, obj, str(path))
             if q.qid in seen:
                 raise QuestionsError(f"{path} line {line_no}: duplicate qid {q.qid!r}")

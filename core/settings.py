@@ -231,7 +231,7 @@ class TrainSettings(_Group):
 
 class InfluenceSettings(_Group):
     """Optimizer-aware influence of each synthetic sample on a target objective (core/influence.py).
-    Off by default: it has not yet been shown to beat the heuristic curation alone on dev
+    Off by default: on demo and squad_short dev it did not beat the heuristic curation alone
     (docs/influence.md)."""
 
     enabled: bool = Field(False, description="Score every curated sample's influence (augment) and select training samples by it (train)")

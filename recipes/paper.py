@@ -26,6 +26,9 @@ from kinject.recipes.build import build
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 RESULTS = REPO / "docs" / "results.md"
+# Sections written by other measurements (the influence comparison) sit below this line, and a
+# rewrite keeps them.
+KEPT_BELOW = "<!-- kinject paper keeps everything below this line -->"
 SPLIT = "dev"
 
 # Per set, on top of the local preset. squad_short and multihop_rag run the preset as `kinject
@@ -244,6 +247,8 @@ def run_paper(names: list[str], overrides: dict, out: Path = RESULTS, echo: Call
 
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     store = results_store(out)
+    old = out.read_text() if out.exists() else ""
+    tail = old[old.index(KEPT_BELOW):] if KEPT_BELOW in old else ""
     kept = {n: r for n, r in read_json(store, {}).items() if n in PAPER_SETS}
     results = []
     for name in names:
@@ -253,7 +258,7 @@ def run_paper(names: list[str], overrides: dict, out: Path = RESULTS, echo: Call
         kept[name] = stored(result)
         atomic_write_json(store, kept)
         # after each set, so a long run shows progress; sets in the report's order
-        atomic_write_text(out, render([kept[n] for n in PAPER_SETS if n in kept], load))
+        atomic_write_text(out, render([kept[n] for n in PAPER_SETS if n in kept], load) + (("\n" + tail) if tail else ""))
         echo(f"wrote {out} ({len(results)}/{len(names)} sets of this run)")
     return results
 

@@ -54,6 +54,12 @@ def test_a_run_of_some_sets_keeps_the_others_numbers(tmp_path, monkeypatch):
     text = out.read_text()
     assert text.index("## squad_short") < text.index("## multihop_rag")  # the report's order, not the runs'
     assert "Not in this report yet: quality_mc" in text and text.count("- Run finished") == 2
+    # a hand-written section below the marker survives the next rewrite
+    out.write_text(text + "\n" + paper.KEPT_BELOW + "\n## Influence scoring\n| a | b |\n")
+    paper.run_paper(["multihop_rag"], {}, out, echo=lambda _: None)
+    text = out.read_text()
+    assert text.count(paper.KEPT_BELOW) == 1 and text.endswith("## Influence scoring\n| a | b |\n")
+    assert text.index("## multihop_rag") < text.index("## Influence scoring")
 
 
 def test_short_answer_sets_are_checked_on_f1_and_contains_gold():

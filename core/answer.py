@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from kinject.core.adapter_copy import copy_adapter, fingerprint_of
 from kinject.core.engines import Engine, GenRequest, SamplingParams, StreamChunk, make_engine
 from kinject.core.errors import KinjectError
 from kinject.core.files import sha256_text
@@ -170,7 +171,8 @@ class Answerer:
 
     The KB's adapter is loaded into the engine under a name unique to the KB and its train
     fingerprint, so one engine can serve several KBs, and a KB trained again while the service
-    runs is picked up on the next request.
+    runs is picked up on the next request, from a private copy of its files (core.adapter_copy),
+    so several servers on one KB folder each load every adapter whole.
     """
 
     def __init__(self, kb: KB, settings: Settings, engine: Engine | None = None, retriever=None):
@@ -187,21 +189,29 @@ class Answerer:
     def _sync_adapter(self) -> None:
         rec = self.kb.stage("train")
         path = self.kb.root / STAGE_DIRS["train"]
-        fp = rec.get("fingerprint", "") if rec else None
+        fp = fingerprint_of(rec)
         with self._lock:
             if fp == self._adapter_fp:
                 return
-            self._adapter_fp, self._adapter, self._adapter_error = fp, None, None
+            if fp is None and self._adapter is not None:
+                # `kinject train` forgets the record while it swaps a new adapter in (or was killed
+                # doing so); the one loaded is whole, so it answers until the next is recorded.
+                return
             if fp is None or not (path / "adapter_config.json").exists():
+                self._adapter_fp, self._adapter, self._adapter_error = fp, None, None
                 return
             name = f"{ADAPTER_NAME}_{sha256_text(f'{self.kb.root.resolve()}:{fp}')[:12]}"
             try:
                 if name not in self.engine.adapters:
-                    self.engine.add_adapter(name, path)
-                self._adapter = name
+                    copy = copy_adapter(self.kb, rec, name)
+                    if copy is None:  # a training run began swapping files in: keep the loaded one
+                        return
+                    self.engine.add_adapter(name, copy)
+                self._adapter_fp, self._adapter, self._adapter_error = fp, name, None
             except Exception:  # e.g. an adapter the backend cannot load
                 # The reason reaches API callers: no path, no exception text; the log has both.
                 log.exception("the adapter in %s could not be loaded by the %s engine", path, self.engine.name)
+                self._adapter_fp, self._adapter = fp, None
                 self._adapter_error = f"the KB's adapter could not be loaded by the {self.engine.name} engine (the server log has the details)"
 
     @property

@@ -75,7 +75,9 @@ class EngineSettings(_Group):
     )
     max_model_len: int = Field(2048, ge=128)
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vLLM engine: GPUs one model is split across (vLLM's tensor_parallel_size); each serving replica uses this many"
+    )
     openai_base_url: str = Field("", description="OpenAI-compatible endpoint for the openai backend")
     openai_api_key: SecretStr = SecretStr("")
     openai_model: str = ""

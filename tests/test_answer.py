@@ -226,6 +226,83 @@ def test_adapters_are_per_kb_on_a_shared_engine(demo_kb, demo_settings, engine, 
     assert with_adapter.adapter_name != old and with_adapter.adapter_name in engine.adapters
 
 
+def publish_adapter(kb: KB, folder) -> None:
+    """Swap the adapter files of `folder` into the KB as `kinject train` does (finetune/train.py
+    `_publish`): the `train` record forgotten, each file renamed into place, the record written."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from kinject.core.files import sha256_tree
+
+    out = kb.dir("train")
+    kb.forget_stage("train")
+    for src in sorted(Path(folder).iterdir()):
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=".publish.")
+        os.close(fd)
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, out / src.name)
+    kb.record_stage("train", fingerprint=sha256_tree(out), inputs={})
+
+
+def test_the_loaded_adapter_answers_while_a_training_run_swaps_in_the_next(engine, tmp_path):
+    """`kinject train` forgets the KB's train record while it replaces the adapter files. A server
+    meanwhile keeps answering `ft` with the adapter it has loaded, whole, and takes the new one
+    once it is recorded; a server started in that window has no recorded adapter to load."""
+    from kinject.core.settings import load_settings
+
+    s = load_settings({"kb_root": str(tmp_path)})
+    kb = KB.create(s, "swapping")
+    attach_untrained_lora(kb, s, seed=1)
+    serving = Answerer(kb, s, engine)
+    first = serving.adapter_name
+    conv = [{"role": "user", "content": "Say something."}]
+    before = serving.answer("ft", conv, SamplingParams(max_new_tokens=6))
+
+    kb.forget_stage("train")  # the training run is replacing the files now
+    assert serving.adapter_name == first and "ft" not in serving.unavailable()
+    assert serving.answer("ft", conv, SamplingParams(max_new_tokens=6)).text == before.text
+    assert "ft" in Answerer(kb, s, engine).unavailable()
+
+    attach_untrained_lora(kb, s, seed=2)  # ... and has recorded the new adapter
+    assert serving.adapter_name not in (None, first) and serving.adapter_name in engine.adapters
+
+
+def test_an_adapter_swapped_while_a_server_reads_it_is_not_loaded_under_the_old_name(engine, tmp_path, monkeypatch):
+    """A training run publishes adapter B just after a server read the manifest naming A. The
+    server must not load B's files as A: when A is recorded again (a run with A's settings makes
+    the same files), the server's `ft` is A's, as loading A's files afresh gives."""
+    from kinject.core.settings import load_settings
+
+    s = load_settings({"kb_root": str(tmp_path)})
+    a_files, b_files = KB.create(s, "a"), KB.create(s, "b")
+    attach_untrained_lora(a_files, s, seed=1)
+    attach_untrained_lora(b_files, s, seed=2)
+    kb = KB.create(s, "served")
+    attach_untrained_lora(kb, s, seed=1)
+    a = kb.stage("train")["fingerprint"]
+
+    read, swapped = kb.stage, []
+
+    def read_then_swap(name: str):
+        record = read(name)
+        if name == "train" and not swapped:
+            swapped.append(True)
+            publish_adapter(kb, b_files.dir("train"))
+        return record
+
+    monkeypatch.setattr(kb, "stage", read_then_swap)
+    starting = Answerer(kb, s, engine)  # a server starting while B is published
+    monkeypatch.undo()
+    assert swapped and starting.adapter_name is not None and kb.stage("train")["fingerprint"] != a
+
+    publish_adapter(kb, a_files.dir("train"))
+    assert kb.stage("train")["fingerprint"] == a
+    engine.add_adapter("a-loaded-afresh", a_files.dir("train"))
+    pairs = [("The Brightwater glassworks was founded by", " a guild of glassblowers")]
+    assert engine.loglikelihood(pairs, adapter=starting.adapter_name) == engine.loglikelihood(pairs, adapter="a-loaded-afresh")
+
+
 @pytest.mark.shared_data
 def test_injected_instructions_in_a_corpus_document_stay_quoted_data(engine, tmp_path):
     import json

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from kinject.core.kb import KB, STAGE_DIRS
 
-PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+# What `kinject train` writes into the adapter folder (peft's save_pretrained, safetensors).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 _root: Path | None = None
 _root_guard = threading.Lock()
@@ -39,6 +40,11 @@ def fingerprint_of(record: dict | None) -> str | None:
     return record.get("fingerprint", "") if record else None
 
 
+def adapter_files(record: dict) -> tuple[str, ...]:
+    """The files of the adapter a `train` record names (records without the list: ADAPTER_FILES)."""
+    return tuple(record.get("outputs", {}).get("files", ADAPTER_FILES))
+
+
 def copy_adapter(kb: KB, record: dict, name: str) -> Path | None:
     """A private copy of the adapter `record` describes, in a folder called `name`; None when the
     manifest stopped naming it while the files were copied (a training run is swapping a new one
@@ -48,7 +54,7 @@ def copy_adapter(kb: KB, record: dict, name: str) -> Path | None:
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir()
     try:
-        for file in PEFT_FILES:
+        for file in adapter_files(record):
             try:
                 shutil.copyfile(source / file, target / file)
             except FileNotFoundError:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from kinject.core.files import atomic_dir, sha256_file, sha256_text
+from kinject.core.adapter_copy import ADAPTER_FILES, adapter_files
 from kinject.core.kb import KB
 from kinject.core.settings import Settings
 from kinject.core.stage import StageResult, StageTimer
@@ -25,7 +26,6 @@ from kinject.finetune.report import write_loss_png, write_report
 
 log = logging.getLogger(__name__)
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Settings that change how often we save or how a step is split in memory, not what is learned:
 # a run resumed with another split (the free memory changed) continues the same training.
 _NOT_IN_RUN_KEY = {"save_every", "gradient_checkpointing", "micro_batch_size"}
@@ -105,7 +105,7 @@ def is_up_to_date(kb: KB, key: str) -> bool:
     if not rec or rec.get("run_key") != key:
         return False
     folder = kb.dir("train")
-    names = tuple(rec.get("outputs", {}).get("files", ADAPTER_FILES))
+    names = adapter_files(rec)
     return all((folder / n).exists() for n in names) and adapter_fingerprint(folder, names) == rec["fingerprint"]
 
 

@@ -1,6 +1,10 @@
 """The training loop: AdamW, warmup + cosine/linear decay, gradient accumulation, bf16 autocast
 (on CUDA, and on CPUs that multiply bf16 natively), checkpoints every `train.save_every` steps, and resume from the newest checkpoint.
 
+With several processes (`train.nproc`, started by torchrun: distributed.py) each trains an equal
+share of every step's blocks through DistributedDataParallel, whose all-reduce of the gradients
+makes the step the one a single process takes on all of them; only rank 0 writes checkpoints.
+
 Before the first step, `memory.plan_for` chooses how each optimizer step runs in the free memory:
 in micro-batches whose gradients add up to the whole batch's, with gradient checkpointing if that
 is needed to fit. Either way a step computes the same mean loss over the same blocks.
@@ -16,6 +20,7 @@ import math
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,6 +31,7 @@ from kinject.core.errors import KinjectError
 from kinject.core.files import atomic_dir
 from kinject.core.models import pick_device
 from kinject.core.settings import Settings
+from kinject.finetune import distributed
 from kinject.finetune.data import Packed, stream_indices
 from kinject.finetune.lora import load_trainable_state, trainable_state
 from kinject.finetune.memory import plan_for
@@ -51,6 +57,7 @@ class LoopResult:
     tokens_this_run: int = 0
     resumed_from: int | None = None
     memory_plan: dict = field(default_factory=dict)  # memory.Plan.as_dict() of this process
+    processes: int = 1
 
 
 def total_steps(n_blocks: int, settings: Settings) -> int:
@@ -202,6 +209,19 @@ def loss_tokens(packed: Packed, rows: list[int]) -> int:
 
 
 # ---- the loop ------------------------------------------------------------------------------
+class TrainingLoss(torch.nn.Module):
+    """`causal_lm_loss` of the model as a module's forward. DistributedDataParallel reduces the
+    gradients of a backward that follows its own forward call, and the loss goes past the
+    model's forward (it calls the decoder and the output layer apart)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, mask=None):
+        return causal_lm_loss(self.model, ids, mask)
+
+
 def run(
     model,
     packed: Packed,
@@ -214,13 +234,22 @@ def run(
     from tqdm.auto import tqdm
 
     t = settings.train
+    world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
+    per_step = t.batch_size * t.grad_accum
+    if per_step % world:
+        raise KinjectError(f"{world} processes cannot share the {per_step} blocks of a step equally: set train.nproc to a divisor of {per_step}")
+    per_rank = per_step // world
     device = pick_device(settings.engine.device)
     model.to(device)
     model.train()
     bf16 = use_bf16(settings.train.bf16, device)
     # Planned before a resume loads AdamW's moments, which the estimate counts itself.
-    plan = plan_for(model, settings, device, bf16)
-    print(plan.line(), file=sys.stderr, flush=True)
+    plan = plan_for(model, settings, device, bf16, batch=per_rank if world > 1 else None)
+    memory_plan = plan.as_dict()
+    if world > 1:
+        memory_plan["line"] += f"; in each of {world} processes"
+    if main:
+        print(memory_plan["line"], file=sys.stderr, flush=True)
     if plan.checkpointing:
         set_checkpointing(model, True)
     torch.manual_seed(settings.seed)
@@ -228,36 +257,51 @@ def run(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=0.0)
     scheduler = make_scheduler(optimizer, settings, steps)
-    per_step = t.batch_size * t.grad_accum
 
-    clear_partial(checkpoints)
+    if main:
+        clear_partial(checkpoints)
     start, curve, tokens_seen, resumed = 0, [], 0, None
-    found = find_resumable(checkpoints, run_key)
+    # Every rank resumes from the checkpoint rank 0 found (it alone writes them).
+    found = distributed.agree(find_resumable(checkpoints, run_key) if main else None)
     if found is not None:
         state = load_checkpoint(found, model, optimizer, scheduler, settings)
         start, curve, tokens_seen, resumed = state["step"], state["curve"], state["tokens_seen"], state["step"]
 
+    loss_of = TrainingLoss(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Only the LoRA weights train, so only their gradients are reduced. Buffers (rotary
+        # frequencies) never change: no broadcast of them before each forward.
+        loss_of = DistributedDataParallel(loss_of, forward_sync_buffers=False)
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
-    bar = tqdm(total=steps, initial=start, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start, disable=not (progress and main), desc="train", unit="step", dynamic_ncols=True)
     t0, run_tokens = time.perf_counter(), 0
     for step in range(start, steps):
         idx = stream_indices(len(packed), settings.seed, step * per_step, per_step)
+        mine = idx[rank * per_rank : (rank + 1) * per_rank]
         # The step's loss is the mean over all its blocks' loss tokens, as one pass over them would
         # give: each micro-batch's mean counts by its share of those tokens.
-        parts = [idx[i : i + plan.micro_batch] for i in range(0, per_step, plan.micro_batch)]
+        parts = [mine[i : i + plan.micro_batch] for i in range(0, per_rank, plan.micro_batch)]
         counts = [loss_tokens(packed, part) for part in parts]
-        total = sum(counts) or 1
-        step_loss = 0.0
-        for part, n in zip(parts, counts):
+        total = loss_tokens(packed, idx) or 1
+        rank_loss = 0.0
+        for j, (part, n) in enumerate(zip(parts, counts)):
             ids = torch.tensor([packed.blocks[i] for i in part], device=device)
             mask = torch.tensor([packed.masks[i] for i in part], device=device) if packed.masks is not None else None
-            with autocast:
-                loss = causal_lm_loss(model, ids, mask)
-            share = n / total
-            (loss * share).backward()
-            step_loss += loss.item() * share
-            run_tokens += ids.numel()
-            tokens_seen += ids.numel()
+            # The ranks' gradients are reduced once a step, in the backward of its last micro-batch.
+            last = j == len(parts) - 1
+            with nullcontext() if world == 1 or last else loss_of.no_sync():
+                with autocast:
+                    loss = loss_of(ids, mask)
+                share = n / total
+                # DDP averages the ranks' gradients: scaled by `world`, the average is their sum.
+                (loss * share * world).backward()
+            rank_loss += loss.item() * share
+        step_loss = distributed.sum_over_ranks(rank_loss, device)
+        step_tokens = sum(len(packed.blocks[i]) for i in idx)
+        run_tokens += step_tokens
+        tokens_seen += step_tokens
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
@@ -267,7 +311,7 @@ def run(
         elapsed = time.perf_counter() - t0
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{run_tokens / max(elapsed, 1e-9):.0f}")
-        if done % t.save_every == 0 and done < steps:
+        if main and done % t.save_every == 0 and done < steps:
             state = {"step": done, "curve": curve, "tokens_seen": tokens_seen, "run_key": run_key}
             save_checkpoint(checkpoints, model, optimizer, scheduler, settings, state)
         if on_step is not None:
@@ -284,5 +328,6 @@ def run(
         train_seconds=round(time.perf_counter() - t0, 3),
         tokens_this_run=run_tokens,
         resumed_from=resumed,
-        memory_plan=plan.as_dict(),
+        memory_plan=memory_plan,
+        processes=world,
     )

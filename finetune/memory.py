@@ -291,9 +291,10 @@ def available_for(model, device: str) -> int:
     return available_ram() + held
 
 
-def plan_for(model, settings, device: str, bf16: bool) -> Plan:
+def plan_for(model, settings, device: str, bf16: bool, batch: int | None = None) -> Plan:
     """The plan for training `model` (already on `device`) with `settings.train`, under bf16
-    autocast or not."""
+    autocast or not, on `batch` blocks per step (default `train.batch_size`; one process's share
+    of the step when several train it)."""
     t = settings.train
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     weight_size = next(lm.parameters()).element_size()
@@ -305,7 +306,7 @@ def plan_for(model, settings, device: str, bf16: bool) -> Plan:
     return plan(
         Shape.of(lm.config, 2 if bf16 else weight_size),
         footprint,
-        t.batch_size,
+        batch or t.batch_size,
         t.block_size,
         available_for(model, device),
         t.gradient_checkpointing,

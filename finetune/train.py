@@ -4,6 +4,10 @@ Reads the KB's curated synthetic corpus (and, by setting, its documents), trains
 packed blocks, and writes into the KB's adapter/ folder: the peft adapter, report.json and
 loss.png. Checkpoints live in adapter/checkpoints/ while training runs; a rerun after a crash or a
 kill resumes from the newest one, and they are deleted once the adapter is written.
+
+With `train.nproc` > 1 it starts that many processes through torchrun (distributed.py), each of
+which calls `train` again and trains a share of every step; rank 0 holds the KB's lock and
+writes everything, and this process returns the report rank 0 wrote.
 """
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,14 +26,15 @@ from kinject.core.adapter_copy import ADAPTER_FILES, adapter_files
 from kinject.core.kb import KB
 from kinject.core.settings import Settings
 from kinject.core.stage import StageResult, StageTimer
-from kinject.finetune import data, loop
+from kinject.finetune import data, distributed, loop
 from kinject.finetune.report import write_loss_png, write_report
 
 log = logging.getLogger(__name__)
 
-# Settings that change how often we save or how a step is split in memory, not what is learned:
-# a run resumed with another split (the free memory changed) continues the same training.
-_NOT_IN_RUN_KEY = {"save_every", "gradient_checkpointing", "micro_batch_size"}
+# Settings that change how often we save or how a step is split in memory or over processes, not
+# what is learned: a run resumed with another split (the free memory changed) continues the same
+# training.
+_NOT_IN_RUN_KEY = {"save_every", "gradient_checkpointing", "micro_batch_size", "nproc"}
 
 
 @dataclass(kw_only=True)
@@ -56,6 +62,7 @@ class TrainReport(StageResult):
     memory_plan: str = ""  # the line printed before training: estimate, free memory, micro-batch, checkpointing
     memory: dict = field(default_factory=dict)  # the same plan in numbers (bytes)
     influence: dict = field(default_factory=dict)  # with influence.enabled: the scores and the selection
+    processes: int = 1  # training processes (train.nproc)
 
     def summary(self) -> str:
         if self.status == "skipped":
@@ -64,6 +71,8 @@ class TrainReport(StageResult):
         if self.perplexity_base is not None:
             ppl = f"; perplexity on the KB's documents {self.perplexity_base:.2f} (base) -> {self.perplexity_adapted:.2f} (adapted)"
         resumed = f" (resumed from step {self.resumed_from_step})" if self.resumed_from_step else ""
+        if self.processes > 1:
+            resumed += f" on {self.processes} processes"
         inf = ""
         if self.influence:
             i = self.influence
@@ -118,23 +127,57 @@ def train(
     merge: bool = False,
     on_step: loop.OnStep | None = None,
 ) -> TrainReport:
-    """Train (or skip, when nothing changed) the KB's adapter and record the `train` stage."""
+    """Train (or skip, when nothing changed) the KB's adapter and record the `train` stage.
+    `on_step` is called in the processes that train (not here, when they are started)."""
     timer = StageTimer()
-    with kb.lock():
+    if settings.train.nproc > 1 and not distributed.is_running():
+        return _train_on_processes(kb, settings, progress, force, merge, timer)
+    # Rank 0 writes, so it alone holds the lock; the others follow its reading of the manifest.
+    with kb.lock() if distributed.is_main() else nullcontext():
         key, inputs = run_key(kb, settings)
         folder = kb.dir("train")
-        if not force and is_up_to_date(kb, key):
-            merged = None
-            if merge and not (folder / "merged" / "config.json").exists():
-                merged = str(_merge(folder, settings))
-            return TrainReport(
-                status="skipped",
-                adapter_dir=str(folder),
-                base_model=kb.stage("train").get("base_model", ""),
-                merged_dir=merged,
-                **timer.elapsed(),
-            )
+        if distributed.agree(not force and is_up_to_date(kb, key)):
+            return _skipped(kb, settings, folder, merge, timer)
         return _train(kb, settings, key, inputs, progress, merge, on_step, timer)
+
+
+def _skipped(kb: KB, settings: Settings, folder: Path, merge: bool, timer: StageTimer) -> TrainReport:
+    merged = None
+    if merge and distributed.is_main() and not (folder / "merged" / "config.json").exists():
+        merged = str(_merge(folder, settings))
+    return TrainReport(
+        status="skipped",
+        adapter_dir=str(folder),
+        base_model=kb.stage("train").get("base_model", ""),
+        merged_dir=merged,
+        **timer.elapsed(),
+    )
+
+
+def _train_on_processes(kb: KB, settings: Settings, progress: bool, force: bool, merge: bool, timer: StageTimer) -> TrainReport:
+    """Start train.nproc processes that train together; their rank 0's report, read back."""
+    with kb.lock():  # released before the launch: rank 0 takes it
+        key, _ = run_key(kb, settings)
+        folder = kb.dir("train")
+        if not force and is_up_to_date(kb, key):
+            return _skipped(kb, settings, folder, merge, timer)
+    n = settings.train.nproc
+    status = distributed.launch(kb.name, settings, force=force, merge=merge, progress=progress)
+    if status != 0:
+        how = f"torchrun was killed by signal {-status}" if status < 0 else f"torchrun exited with status {status}; its report above names the process that failed first"
+        kept = loop.checkpoint_dirs(folder / "checkpoints")
+        if kept:
+            step = json.loads((kept[-1] / loop.STATE_FILE).read_text())["step"]
+            resume = f"run the same command again to resume from the checkpoint of step {step}"
+        else:
+            resume = "no checkpoint was written yet: the same command starts over"
+        raise distributed.DistributedTrainError(f"training on {n} processes stopped ({how}): {resume}")
+    saved = json.loads((folder / "report.json").read_text())
+    names = {f.name for f in fields(TrainReport)}
+    report = TrainReport(**{k: v for k, v in saved.items() if k in names})
+    report.merged_dir = str(folder / "merged") if merge else None
+    report.seconds = timer.seconds  # rank 0's cpu_seconds are kept: this process only waited
+    return report
 
 
 def _train(kb: KB, settings: Settings, key: str, inputs: dict, progress: bool, merge: bool, on_step, timer: StageTimer) -> TrainReport:
@@ -148,10 +191,14 @@ def _train(kb: KB, settings: Settings, key: str, inputs: dict, progress: bool, m
     checkpoints = folder / "checkpoints"
     warnings: list[str] = []
 
+    main = distributed.is_main()
     base, tokenizer = load_causal_lm(settings.models.llm, settings)
     selection: dict = {}
-    samples = data.collect_samples(kb, settings, tokenizer, selection, progress)
-    _keep_target_questions(folder, settings)
+    # Rank 0 collects (and, with influence, scores and caches) the samples; the others train on its.
+    if main:
+        samples = data.collect_samples(kb, settings, tokenizer, selection, progress)
+        _keep_target_questions(folder, settings)
+    samples = distributed.agree(samples if main else None)
     packed = data.build(samples, tokenizer, settings)
     if packed.short:
         warnings.append(
@@ -162,7 +209,7 @@ def _train(kb: KB, settings: Settings, key: str, inputs: dict, progress: bool, m
     model = trainable_model(base, settings)
     result = loop.run(model, packed, settings, checkpoints, sha256_text(key + packed.fingerprint), progress, on_step)
 
-    documents = data.document_texts(kb)
+    documents = data.document_texts(kb) if main else []
     ppl_base = ppl_adapted = None
     if documents and not settings.train.full_finetune:
         ppl_base = round(perplexity(model, documents, adapter=None, tokenizer=tokenizer), 4)
@@ -189,8 +236,11 @@ def _train(kb: KB, settings: Settings, key: str, inputs: dict, progress: bool, m
         memory_plan=result.memory_plan.get("line", ""),
         memory={k: v for k, v in result.memory_plan.items() if k != "line"},
         influence=selection,
+        processes=result.processes,
         **timer.elapsed(),
     )
+    if not main:
+        return report
 
     files = _publish(kb, folder, model, tokenizer, settings)
     written = asdict(report)

@@ -83,6 +83,11 @@ class Generator:
     def engine_name(self) -> str:
         return self._engine.name if self._engine is not None else self.settings.engine.backend
 
+    def endpoints(self) -> dict[str, str]:
+        """endpoint URL -> "live" or "dead" when the engine is one over OpenAI-compatible
+        endpoints and has started; empty otherwise."""
+        return dict(getattr(self._engine, "endpoints", None) or {})
+
     def close(self) -> None:
         if self._owned and self._engine is not None:
             self._engine.close()
@@ -179,6 +184,8 @@ class Generator:
             trimmed = trim_to_sentence(text)
             rec["trimmed_text"] = trimmed
             rec["trimmed_tokens"] = self.count_tokens(trimmed) if trimmed else 0
+        if gen.endpoint is not None:
+            rec["endpoint"] = gen.endpoint  # which server wrote it, for the report; resume ignores it
         return rec
 
 

@@ -114,8 +114,22 @@ def print_report(report: dict, console=None) -> None:
     for k, v in rows:
         q.add_row(k, v)
     console.print(q)
+    if report.get("run", {}).get("endpoints"):
+        print_endpoints(report["run"]["endpoints"], console)
     if report.get("influence"):
         print_influence(report["influence"], console)
+
+
+def print_endpoints(endpoints: dict, console) -> None:
+    """Which endpoint of the openai engine wrote how many of this run's samples, and which died."""
+    from rich.table import Table
+
+    t = Table(title="endpoints (this run)", title_justify="left")
+    for col in ("endpoint", "samples", "state"):
+        t.add_column(col, justify="right" if col == "samples" else "left")
+    for url, row in endpoints.items():
+        t.add_row(url, str(row["samples"]), "dead" if row["dead"] else "live", style="red" if row["dead"] else None)
+    console.print(t)
 
 
 def print_influence(inf: dict, console) -> None:

@@ -157,11 +157,13 @@ def augment(kb: KB, settings: Settings, progress: bool = True, engine: Engine | 
             if budget <= 0:
                 raise AugmentError("the augmentation budget is 0 tokens: set augment.budget_tokens or augment.budget_multiple above 0")
             stored = _load_samples(folder, by_id, gen, settings)
+            earlier = set(stored)
             bandit = None
             if settings.influence.guide:
                 weights, planned, samples, (new_samples, new_tokens, gen_s), bandit = _guided(weights, budget, stored, docs, by_id, gen, folder, settings, progress)
             else:
                 planned, samples, new_samples, new_tokens, gen_s = _make_samples(weights, budget, stored, docs, by_id, gen, folder, settings, progress)
+            endpoints = _endpoint_rows(gen.endpoints(), [s for s in samples if (s["doc_id"], s["type"], s["sample_index"]) not in earlier])
         finally:
             gen.close()
         curated = curate(samples, by_id, cfg)
@@ -194,6 +196,7 @@ def augment(kb: KB, settings: Settings, progress: bool = True, engine: Engine | 
                     "generate_seconds": round(gen_s, 2),
                     "tokens_per_s": round(new_tokens / gen_s, 2) if gen_s else None,
                     "seconds": round(timer.seconds, 2),
+                    **({"endpoints": endpoints} if endpoints else {}),
                 },
                 **({"influence": influence} if influence is not None else {}),
             },
@@ -225,6 +228,11 @@ def augment(kb: KB, settings: Settings, progress: bool = True, engine: Engine | 
         folder=folder,
         **timer.elapsed(),
     )
+
+
+def _endpoint_rows(states: dict[str, str], new: list[dict]) -> dict[str, dict]:
+    """Per endpoint of an openai engine: the samples of this run it wrote, and whether it died."""
+    return {url: {"samples": sum(s.get("endpoint") == url for s in new), "dead": state == "dead"} for url, state in states.items()}
 
 
 def _generated_samples_used(folder: Path) -> int:

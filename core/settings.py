@@ -76,12 +76,21 @@ class EngineSettings(_Group):
     max_model_len: int = Field(2048, ge=128)
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     tensor_parallel_size: int = Field(
-        1, ge=1, description="vLLM engine: GPUs one model is split across (vLLM's tensor_parallel_size); each serving replica uses this many"
+        1, ge=1, description="vLLM engine: GPUs one copy of the model is split across (vLLM's tensor_parallel_size); each serving replica uses this many"
+    )
+    data_parallel_size: int = Field(
+        1, ge=1, description="vLLM engine: copies of the model, each on tensor_parallel_size GPUs of this machine, sharing the requests"
     )
     openai_base_url: str = Field("", description="OpenAI-compatible endpoint for the openai backend")
+    openai_base_urls: list[str] = Field(
+        default_factory=list,
+        description="Several OpenAI-compatible endpoints serving the same model (a fleet of vLLM servers): generate "
+        "spreads its requests over them, and an endpoint down after its retries has its requests retried on the "
+        "others for the rest of the run; empty = the one openai_base_url",
+    )
     openai_api_key: SecretStr = SecretStr("")
     openai_model: str = ""
-    openai_max_concurrency: int = Field(8, ge=1)
+    openai_max_concurrency: int = Field(8, ge=1, description="Requests in flight at a time, per endpoint")
     openai_max_retries: int = Field(4, ge=0)
     openai_timeout_s: float = Field(120.0, gt=0)
     openai_retry_backoff_s: float = Field(1.0, ge=0, description="First retry delay; doubles on each retry")
@@ -91,6 +100,18 @@ class EngineSettings(_Group):
         description="vLLM reuses the KV cache of a prompt prefix it has seen (augment's seven types of one document share "
         "the system message and the document); batches are submitted with same-prefix prompts next to each other",
     )
+
+    @field_validator("openai_base_urls")
+    @classmethod
+    def _distinct_http_urls(cls, urls: list[str]) -> list[str]:
+        # The report counts samples per endpoint, so one endpoint listed twice would be two rows.
+        urls = [u.strip().rstrip("/") for u in urls]
+        for u in urls:
+            if not u.startswith(("http://", "https://")):
+                raise ValueError(f"expected http(s)://host:port/v1 URLs, got {u!r}")
+        if len(set(urls)) < len(urls):
+            raise ValueError("an endpoint is listed twice")
+        return urls
 
 
 class IngestSettings(_Group):

@@ -232,3 +232,15 @@ def test_prefix_caching_is_on_and_a_mixed_batch_answers_in_the_callers_order(vll
     outs = vllm_engine.generate(reqs)
     assert [g.prompt_tokens for g in outs] == [vllm_engine.prompt_tokens(r) for r in reqs]
     assert outs[1].text == vllm_engine.generate([reqs[1]])[0].text  # seeded: the same alone
+
+
+def test_parallel_settings_reach_the_vllm_engine_args():
+    """engine.tensor_parallel_size and engine.data_parallel_size are vLLM's own (one GPU box:
+    no fleet needed); starting such an engine needs that many GPUs, so only the arguments are checked."""
+    from kinject.core.engines.vllm_engine import VLLMEngine
+    from kinject.core.settings import load_settings
+
+    eng = VLLMEngine(load_settings({"engine": {"backend": "vllm", "tensor_parallel_size": 2, "data_parallel_size": 4}}))
+    args = eng.engine_args()
+    assert (args.tensor_parallel_size, args.data_parallel_size) == (2, 4)
+    assert args.max_lora_rank == 16 and args.enable_prefix_caching is True

@@ -47,6 +47,9 @@ def test_precedence_flags_over_env_over_dotenv_over_preset(tmp_path, monkeypatch
         ({"models": {"llm": "/no/such/model.gguf"}}, "models.llm"),
         ({"ingest": {"chunk_size": 100, "chunk_overlap": 100}}, "ingest"),
         ({"nosuch": 1}, "nosuch"),
+        ({"engine": {"openai_base_urls": ["http://a:8000/v1", "http://a:8000/v1/"]}}, "engine.openai_base_urls"),
+        ({"engine": {"openai_base_urls": ["a:8000/v1"]}}, "engine.openai_base_urls"),
+        ({"engine": {"data_parallel_size": 0}}, "engine.data_parallel_size"),
     ],
 )
 def test_invalid_values_fail_with_one_line_naming_the_field(overrides, field):

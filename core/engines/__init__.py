@@ -17,6 +17,10 @@ def make_engine(settings: Settings, model_ref: str | None = None) -> Engine:
         from kinject.core.engines.vllm_engine import VLLMEngine
 
         return VLLMEngine(settings, model_ref)
+    if backend == "openai" and settings.engine.openai_base_urls:
+        from kinject.core.engines.openai_fleet import OpenAIFleetEngine
+
+        return OpenAIFleetEngine(settings, model_ref)
     if backend == "openai":
         from kinject.core.engines.openai_engine import OpenAIEngine
 

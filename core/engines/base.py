@@ -47,6 +47,7 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" or "length"
+    endpoint: str | None = None  # the URL that answered, on the openai engine
 
 
 @dataclass

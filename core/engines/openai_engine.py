@@ -4,7 +4,8 @@ Requests go through the official `openai` client: `messages` to /v1/chat/complet
 /v1/completions. `generate` sends up to `engine.openai_max_concurrency` requests at a time (the same
 bound covers concurrent `stream` calls). Failed calls are retried with exponential backoff
 (`engine.openai_retry_backoff_s`, doubling) on 429, 5xx, timeouts and connection errors, never on
-other 4xx, at most `engine.openai_max_retries` times; then a KinjectError names the URL.
+other 4xx, at most `engine.openai_max_retries` times; then EndpointUnavailable names the URL.
+Several endpoints (`engine.openai_base_urls`) are one engine in openai_fleet.py.
 
 Adapters: the endpoint serves them, so an adapter is a served model name. `add_adapter(name, x)`
 maps `name` to `x` when `x` is a model name (`kinject-ft` on a kinject server, the LoRA module
@@ -25,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cached_property, partial
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
@@ -50,19 +51,26 @@ class OpenAIEngineError(KinjectError):
     pass
 
 
+class EndpointUnavailable(OpenAIEngineError):
+    """The endpoint did not answer after its retries (connection refused, timeouts, 429/5xx),
+    as opposed to refusing the request itself (other 4xx)."""
+
+
 class OpenAIEngine(Engine):
     name = "openai"
 
-    def __init__(self, settings: Settings, model_ref: str | None = None):
+    def __init__(self, settings: Settings, model_ref: str | None = None, base_url: str | None = None):
+        """`base_url`: the endpoint, by default `engine.openai_base_url`."""
         import openai
 
         e = settings.engine
-        if not e.openai_base_url:
+        base_url = base_url or e.openai_base_url
+        if not base_url:
             raise OpenAIEngineError(
                 "the openai engine needs an endpoint: set engine.openai_base_url (e.g. http://127.0.0.1:8000/v1)"
             )
         self.settings = settings
-        self.base_url = e.openai_base_url.rstrip("/")
+        self.base_url = base_url.rstrip("/")
         self.model = e.openai_model or model_ref or settings.models.llm
         self.max_retries = e.openai_max_retries
         self.backoff_s = e.openai_retry_backoff_s
@@ -99,7 +107,8 @@ class OpenAIEngine(Engine):
     def adapters(self) -> list[str]:
         return list(self._served)
 
-    def _model_for(self, adapter: str | None) -> str:
+    def model_for(self, adapter: str | None) -> str:
+        """The served model name a request for `adapter` goes to; KeyError for an unknown adapter."""
         if adapter is None:
             return self.model
         if adapter not in self._served:
@@ -127,13 +136,13 @@ class OpenAIEngine(Engine):
             except openai.APIConnectionError as err:  # includes timeouts
                 last = err
         detail = f"{last.status_code}: {_message(last)}" if isinstance(last, openai.APIStatusError) else str(last)
-        raise OpenAIEngineError(
+        raise EndpointUnavailable(
             f"{self.base_url} did not answer the {what} request after {self.max_retries + 1} attempts ({detail})"
         ) from last
 
     def _sampling(self, request: GenRequest) -> dict:
         p = request.params
-        kw: dict = {"model": self._model_for(request.adapter), "max_tokens": p.max_new_tokens}
+        kw: dict = {"model": self.model_for(request.adapter), "max_tokens": p.max_new_tokens}
         if p.greedy:
             kw["temperature"] = 0.0
         else:
@@ -159,14 +168,18 @@ class OpenAIEngine(Engine):
         prompt_tokens = usage.prompt_tokens if usage else self.count_tokens(self.render(request))
         completion_tokens = usage.completion_tokens if usage else self.count_tokens(text)
         finish = "length" if choice.finish_reason == "length" else "stop"
-        return Generation(text, prompt_tokens, completion_tokens, finish)
+        return Generation(text, prompt_tokens, completion_tokens, finish, endpoint=self.base_url)
+
+    def submit(self, request: GenRequest) -> Future:
+        """One generation started on this endpoint's threads (a Future of a Generation)."""
+        return self._pool.submit(self._generate_one, request)
 
     def generate(self, requests: list[GenRequest], progress: Progress | None = None, cancel: threading.Event | None = None) -> list[Generation]:
         """`cancel` drops the requests not yet sent; those in flight finish (a plain HTTP call
         cannot be stopped halfway), and Cancelled is raised."""
         for r in requests:
-            self._model_for(r.adapter)  # unknown adapters fail before anything is sent
-        futures = [self._pool.submit(self._generate_one, r) for r in requests]
+            self.model_for(r.adapter)  # unknown adapters fail before anything is sent
+        futures = [self.submit(r) for r in requests]
         try:
             wait_all(futures, cancel, progress)
         except BaseException:
@@ -211,7 +224,7 @@ class OpenAIEngine(Engine):
     def _echo(self, text: str, adapter: str | None, top: int) -> list[tuple[str, int, float | None, dict]]:
         """(token, char offset, logprob, top logprobs) for each token of `text` as the endpoint
         tokenizes it; the one generated token is dropped."""
-        model = self._model_for(adapter)
+        model = self.model_for(adapter)
         resp = self._call(
             "scoring",
             lambda: self.client.completions.create(
@@ -259,6 +272,11 @@ class OpenAIEngine(Engine):
             else []
             for t in texts
         ]
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        """endpoint URL -> "live" or "dead" (one endpoint is never marked dead: its errors are raised)."""
+        return {self.base_url: "live"}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -115,31 +115,13 @@ class VLLMEngine(Engine):
         with self._start_lock:
             if self._llm is not None:
                 return
-            e = self.settings.engine
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(e.vllm_cpu_kvcache_gb)
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.settings.engine.vllm_cpu_kvcache_gb)
             os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-            from vllm import AsyncEngineArgs
             from vllm.platforms import current_platform
             from vllm.v1.engine.async_llm import AsyncLLM
 
-            ranks = [self.settings.train.lora_rank] + [a.rank for a in self._adapters.values()]
-            self.max_lora_rank = _allowed_rank(max(ranks))
-            # On CPU, "auto" means float32 as in the transformers engine (vLLM would pick bfloat16).
-            dtype = e.dtype if e.dtype != "auto" or not current_platform.is_cpu() else "float32"
-            args = AsyncEngineArgs(
-                model=str(self.path),
-                dtype=dtype,
-                max_model_len=e.max_model_len,
-                gpu_memory_utilization=e.gpu_memory_utilization,
-                tensor_parallel_size=e.tensor_parallel_size,
-                seed=self.settings.seed,
-                enable_lora=True,
-                max_lora_rank=self.max_lora_rank,
-                max_loras=max(1, len(self._adapters)),
-                disable_log_stats=True,
-                enable_prefix_caching=e.vllm_prefix_caching,
-                **_cpu_prefill_args(current_platform, e.max_model_len),
-            )
+            args = self.engine_args()
+            self.max_lora_rank = args.max_lora_rank
             loop_thread = EventLoopThread("kinject-vllm")
 
             async def create() -> tuple[Any, BatchGate]:
@@ -156,6 +138,32 @@ class VLLMEngine(Engine):
             atexit.register(lambda: (engine := ref()) is not None and engine.close())
             for name, adapter in self._adapters.items():
                 self._load_adapter(name, adapter)
+
+    def engine_args(self):
+        """vLLM's AsyncEngineArgs from the settings. data_parallel_size > 1 runs that many engine
+        cores, each on tensor_parallel_size GPUs, and vLLM spreads the requests over them."""
+        from vllm import AsyncEngineArgs
+        from vllm.platforms import current_platform
+
+        e = self.settings.engine
+        ranks = [self.settings.train.lora_rank] + [a.rank for a in self._adapters.values()]
+        # On CPU, "auto" means float32 as in the transformers engine (vLLM would pick bfloat16).
+        dtype = e.dtype if e.dtype != "auto" or not current_platform.is_cpu() else "float32"
+        return AsyncEngineArgs(
+            model=str(self.path),
+            dtype=dtype,
+            max_model_len=e.max_model_len,
+            gpu_memory_utilization=e.gpu_memory_utilization,
+            tensor_parallel_size=e.tensor_parallel_size,
+            data_parallel_size=e.data_parallel_size,
+            seed=self.settings.seed,
+            enable_lora=True,
+            max_lora_rank=_allowed_rank(max(ranks)),
+            max_loras=max(1, len(self._adapters)),
+            disable_log_stats=True,
+            enable_prefix_caching=e.vllm_prefix_caching,
+            **_cpu_prefill_args(current_platform, e.max_model_len),
+        )
 
     def close(self) -> None:
         with self._start_lock:

@@ -229,7 +229,7 @@ class TrainSettings(_Group):
     loss_on: Literal["all", "answers"] = Field("answers", description="Chat samples: loss on every token, or on the answer only (the prompt is context, and skipping its output layer is faster)")
     gradient_checkpointing: Literal["auto"] | bool = Field("auto", description="Keep only each layer's input and recompute the rest in the backward pass: auto = when the memory plan needs it to fit the free memory")
     micro_batch_size: int = Field(0, ge=0, description="Blocks per forward/backward pass, a divisor of batch_size (the rest is gradient accumulation); 0 = the largest that fits the free memory")
-    nproc: int = Field(1, ge=1, description="Training processes on this machine (torchrun; gloo on CPU, NCCL with one GPU each on CUDA): each trains an equal share of every step's batch_size x grad_accum blocks, so a step learns the same as on one process")
+    nproc: int = Field(1, ge=1, description="Training processes on this machine (torchrun; gloo on CPU, NCCL with one GPU each on CUDA): each trains an equal share of every step's batch_size x grad_accum blocks, so a step learns the same as on one process. A LoRA trains under DDP, full_finetune under FSDP (weights, gradients and AdamW state split over the processes)")
 
     @field_validator("lora_rank")
     @classmethod
@@ -256,8 +256,6 @@ class TrainSettings(_Group):
     def _processes_share_the_step(self) -> "TrainSettings":
         if self.nproc == 1:
             return self
-        if self.full_finetune:
-            raise ValueError("full_finetune on more than one process (FSDP) is not supported yet: set train.nproc=1, or train a LoRA")
         step = self.batch_size * self.grad_accum
         if step % self.nproc:
             raise ValueError(

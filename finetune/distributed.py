@@ -2,12 +2,13 @@
 
 `train.nproc` > 1 makes `train.train` run `python -m torch.distributed.run --standalone
 --nproc-per-node N -m kinject.finetune.worker ...`, and each of the N processes runs the same
-stage. The loop wraps the LoRA model in DistributedDataParallel and gives each process an equal
-share of every step's blocks; the gradients' all-reduce makes the step the one a single process
-would take. Rank 0 alone takes the KB's lock and writes checkpoints, the adapter and the report.
+stage. The loop gives each process an equal share of every step's blocks and wraps the model in
+DistributedDataParallel (a LoRA) or shards it with FSDP (full fine-tuning); the gradients'
+reduction makes the step the one a single process would take. Rank 0 alone takes the KB's lock
+and writes checkpoints, the adapter and the report.
 
-Here: the launch, the process group, and the two collectives the stage itself needs (rank 0's
-value on every rank, and a sum over ranks).
+Here: the launch, the process group, FSDP's sharding, and the two collectives the stage itself
+needs (rank 0's value on every rank, and a sum over ranks).
 """
 from __future__ import annotations
 
@@ -74,6 +75,18 @@ def sum_over_ranks(value: float, device: str) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.item()
+
+
+def shard(root, model) -> None:
+    """FSDP (PyTorch's `fully_shard`) over the process group, for full fine-tuning: each decoder
+    layer is one unit whose weights, gradients and AdamW moments are split over the processes and
+    gathered whole only for that layer's forward and backward; `root` (the module whose forward
+    computes the loss from `model`) holds the rest (embeddings, final norm, output layer)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in getattr(model.get_decoder(), "layers", None) or []:
+        fully_shard(layer)
+    fully_shard(root)
 
 
 def backend_for(device: str, nproc: int) -> str:

@@ -2,8 +2,11 @@
 (on CUDA, and on CPUs that multiply bf16 natively), checkpoints every `train.save_every` steps, and resume from the newest checkpoint.
 
 With several processes (`train.nproc`, started by torchrun: distributed.py) each trains an equal
-share of every step's blocks through DistributedDataParallel, whose all-reduce of the gradients
-makes the step the one a single process takes on all of them; only rank 0 writes checkpoints.
+share of every step's blocks, and the gradients are averaged over the processes before the
+optimizer step, which makes it the step a single process takes on all of them. A LoRA trains
+under DistributedDataParallel (every process holds the whole model; the adapter's gradients are
+all-reduced); full fine-tuning under FSDP (`fully_shard`: each process holds a share of the
+weights, their gradients and AdamW's moments). Only rank 0 writes checkpoints.
 
 Before the first step, `memory.plan_for` chooses how each optimizer step runs in the free memory:
 in micro-batches whose gradients add up to the whole batch's, with gradient checkpointing if that
@@ -58,6 +61,7 @@ class LoopResult:
     resumed_from: int | None = None
     memory_plan: dict = field(default_factory=dict)  # memory.Plan.as_dict() of this process
     processes: int = 1
+    full_weights: dict | None = None  # under FSDP, on rank 0: the trained model's whole state dict
 
 
 def total_steps(n_blocks: int, settings: Settings) -> int:
@@ -97,18 +101,28 @@ def write_weights(folder: Path, state: dict) -> None:
     save_file(state, str(folder / WEIGHTS_FILE))
 
 
-def write_optimizer(folder: Path, optimizer, scheduler) -> None:
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
-        folder / OPTIMIZER_FILE,
-    )
+def optimizer_state(model, optimizer, settings: Settings) -> dict:
+    """AdamW's state as a checkpoint keeps it. For full fine-tuning, keyed by parameter name and
+    whole, through torch.distributed.checkpoint (under FSDP a collective gathering the shards onto
+    rank 0), so one checkpoint resumes on any number of processes; a LoRA's, as AdamW keeps it."""
+    if not settings.train.full_finetune:
+        return {"optimizer": optimizer.state_dict()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return {"optimizer_by_name": get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))}
 
 
-def save_checkpoint(root: Path, model, optimizer, scheduler, settings: Settings, state: dict) -> Path:
+def write_optimizer(folder: Path, optimizer: dict, scheduler) -> None:
+    torch.save({**optimizer, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}, folder / OPTIMIZER_FILE)
+
+
+def save_checkpoint(root: Path, weights: dict, optimizer: dict, scheduler, state: dict) -> Path:
+    """Write `weights` (trainable_state) and `optimizer` (optimizer_state) as the checkpoint of
+    state["step"], then delete the older ones."""
     target = root / f"step-{state['step']:07d}"
     try:
         with atomic_dir(target) as tmp:
-            write_weights(tmp, trainable_state(model, settings))
+            write_weights(tmp, weights)
             write_optimizer(tmp, optimizer, scheduler)
             (tmp / STATE_FILE).write_text(json.dumps(state))  # last: marks the folder complete
     except OSError as e:
@@ -130,7 +144,12 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, settings: Setting
     state = json.loads((folder / STATE_FILE).read_text())
     load_trainable_state(model, load_file(str(folder / WEIGHTS_FILE)), settings)
     saved = torch.load(folder / OPTIMIZER_FILE, weights_only=False)
-    optimizer.load_state_dict(saved["optimizer"])
+    if "optimizer_by_name" in saved:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, saved["optimizer_by_name"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"])
     return state
@@ -244,16 +263,20 @@ def run(
     model.train()
     bf16 = use_bf16(settings.train.bf16, device)
     # Planned before a resume loads AdamW's moments, which the estimate counts itself.
-    plan = plan_for(model, settings, device, bf16, batch=per_rank if world > 1 else None)
+    sharded = world > 1 and t.full_finetune  # FSDP; a LoRA is small enough for every process to hold
+    plan = plan_for(model, settings, device, bf16, batch=per_rank if world > 1 else None, shards=world if sharded else 1)
     memory_plan = plan.as_dict()
     if world > 1:
-        memory_plan["line"] += f"; in each of {world} processes"
+        memory_plan["line"] += f"; in each of {world} processes" + (", FSDP sharding the weights, gradients and AdamW state" if sharded else "")
     if main:
         print(memory_plan["line"], file=sys.stderr, flush=True)
     if plan.checkpointing:
         set_checkpointing(model, True)
     torch.manual_seed(settings.seed)
     steps = total_steps(len(packed), settings)
+    loss_of = TrainingLoss(model)
+    if sharded:
+        distributed.shard(loss_of, model)  # before the optimizer: it must hold the shards
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=0.0)
     scheduler = make_scheduler(optimizer, settings, steps)
@@ -267,8 +290,7 @@ def run(
         state = load_checkpoint(found, model, optimizer, scheduler, settings)
         start, curve, tokens_seen, resumed = state["step"], state["curve"], state["tokens_seen"], state["step"]
 
-    loss_of = TrainingLoss(model)
-    if world > 1:
+    if world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel
 
         # Only the LoRA weights train, so only their gradients are reduced. Buffers (rotary
@@ -291,11 +313,13 @@ def run(
             mask = torch.tensor([packed.masks[i] for i in part], device=device) if packed.masks is not None else None
             # The ranks' gradients are reduced once a step, in the backward of its last micro-batch.
             last = j == len(parts) - 1
-            with nullcontext() if world == 1 or last else loss_of.no_sync():
+            if sharded:
+                loss_of.set_requires_gradient_sync(last)
+            with nullcontext() if world == 1 or sharded or last else loss_of.no_sync():
                 with autocast:
                     loss = loss_of(ids, mask)
                 share = n / total
-                # DDP averages the ranks' gradients: scaled by `world`, the average is their sum.
+                # DDP and FSDP average the ranks' gradients: scaled by `world`, the average is their sum.
                 (loss * share * world).backward()
             rank_loss += loss.item() * share
         step_loss = distributed.sum_over_ranks(rank_loss, device)
@@ -311,15 +335,20 @@ def run(
         elapsed = time.perf_counter() - t0
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{run_tokens / max(elapsed, 1e-9):.0f}")
-        if main and done % t.save_every == 0 and done < steps:
-            state = {"step": done, "curve": curve, "tokens_seen": tokens_seen, "run_key": run_key}
-            save_checkpoint(checkpoints, model, optimizer, scheduler, settings, state)
+        if done % t.save_every == 0 and done < steps:
+            # Every rank gathers (a collective under FSDP); rank 0 writes.
+            weights, adam = trainable_state(model, settings), optimizer_state(model, optimizer, settings)
+            if main:
+                state = {"step": done, "curve": curve, "tokens_seen": tokens_seen, "run_key": run_key}
+                save_checkpoint(checkpoints, weights, adam, scheduler, state)
         if on_step is not None:
             on_step(done, step_loss)
     bar.close()
     if plan.checkpointing:
         set_checkpointing(model, False)
     model.eval()
+    # The trained model whole on rank 0, to publish: under FSDP no process holds it otherwise.
+    final = trainable_state(model, settings) if sharded else None
     return LoopResult(
         steps=steps,
         total_steps=steps,
@@ -330,4 +359,5 @@ def run(
         resumed_from=resumed,
         memory_plan=memory_plan,
         processes=world,
+        full_weights=final,
     )

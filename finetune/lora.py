@@ -22,17 +22,35 @@ def trainable_model(model, settings: Settings):
 
 
 def trainable_state(model, settings: Settings) -> dict:
-    """The weights a checkpoint must hold to continue: the LoRA matrices, or the whole model."""
+    """The weights a checkpoint must hold to continue: the LoRA matrices, or the whole model.
+    The whole model comes through torch.distributed.checkpoint, which gathers what FSDP shards
+    over several processes onto rank 0 (there it is a collective: every rank calls it, rank 0
+    alone gets the weights)."""
     if settings.train.full_finetune:
-        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return _without_shared(model, state)
     from peft import get_peft_model_state_dict
 
     return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
 
 
+def _without_shared(model, state: dict) -> dict:
+    """One name per parameter: safetensors refuses two names for one memory, as tied input and
+    output embeddings are, and a gathered state holds both as copies. Loading the first name
+    restores both (the tie is one parameter)."""
+    first = {n for n, _ in model.named_parameters()}
+    every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return {k: v.detach().contiguous() for k, v in state.items() if k in first or k not in every}
+
+
 def load_trainable_state(model, state: dict, settings: Settings) -> None:
     if settings.train.full_finetune:
-        model.load_state_dict(state, strict=False)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # Every rank passes the whole state; under FSDP each keeps its shard.
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
         return
     from peft import set_peft_model_state_dict
 

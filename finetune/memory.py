@@ -291,10 +291,12 @@ def available_for(model, device: str) -> int:
     return available_ram() + held
 
 
-def plan_for(model, settings, device: str, bf16: bool, batch: int | None = None) -> Plan:
+def plan_for(model, settings, device: str, bf16: bool, batch: int | None = None, shards: int = 1) -> Plan:
     """The plan for training `model` (already on `device`) with `settings.train`, under bf16
     autocast or not, on `batch` blocks per step (default `train.batch_size`; one process's share
-    of the step when several train it)."""
+    of the step when several train it). `shards` > 1: FSDP splits the weights, their gradients
+    and AdamW's moments over that many processes, each holding its share (the layer being
+    computed is gathered whole for a moment, which HEADROOM covers for a model of many layers)."""
     t = settings.train
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     weight_size = next(lm.parameters()).element_size()
@@ -303,6 +305,8 @@ def plan_for(model, settings, device: str, bf16: bool, batch: int | None = None)
         # Autocast multiplies with bf16 copies of float32 weights, and the backward keeps them.
         frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
         footprint = replace(footprint, weight_bytes=footprint.weight_bytes + 2 * frozen)
+    if shards > 1:
+        footprint = replace(footprint, weight_bytes=-(-footprint.weight_bytes // shards), trainable_params=-(-footprint.trainable_params // shards))
     return plan(
         Shape.of(lm.config, 2 if bf16 else weight_size),
         footprint,

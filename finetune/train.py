@@ -242,7 +242,7 @@ def _train(kb: KB, settings: Settings, key: str, inputs: dict, progress: bool, m
     if not main:
         return report
 
-    files = _publish(kb, folder, model, tokenizer, settings)
+    files = _publish(kb, folder, model, tokenizer, settings, result.full_weights)
     written = asdict(report)
     if not written["influence"]:
         del written["influence"]  # the report of a run without influence stays as it was
@@ -284,13 +284,14 @@ def _keep_target_questions(folder: Path, settings: Settings) -> None:
     keep_target_questions(folder, read_target_questions(inf.target_questions) if inf.enabled and inf.target_questions else [])
 
 
-def _publish(kb: KB, folder: Path, model, tokenizer, settings: Settings) -> tuple[str, ...]:
+def _publish(kb: KB, folder: Path, model, tokenizer, settings: Settings, weights: dict | None = None) -> tuple[str, ...]:
     """Swap the new weights into adapter/ under a forgotten `train` record, so no reader ever
-    sees a half-replaced adapter that the manifest claims is valid."""
+    sees a half-replaced adapter that the manifest claims is valid. `weights`: the whole model's,
+    where FSDP left `model` holding only this process's share."""
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".publish."))
     try:
         if settings.train.full_finetune:
-            model.save_pretrained(tmp / "model", safe_serialization=True)
+            model.save_pretrained(tmp / "model", state_dict=weights, safe_serialization=True)
             tokenizer.save_pretrained(tmp / "model")
             names: tuple[str, ...] = ()
         else:

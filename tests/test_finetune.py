@@ -306,6 +306,25 @@ def test_resume_after_an_interruption_continues_with_the_same_data_order(tmp_pat
     assert resumed.tokens_seen == reference.tokens_seen
 
 
+def test_full_finetuning_checkpoints_a_tied_model_and_resumes_with_the_same_curve(tmp_path):
+    """The whole model in a checkpoint: the bundled model ties its input and output embeddings
+    (one tensor under two names, which safetensors refuses to write twice)."""
+    from kinject.finetune.train import train
+
+    common = dict(max_steps=4, save_every=2, lr=1e-5, block_size=32, batch_size=1, full_finetune=True)
+    _, reference_settings = make_kb(tmp_path / "a", "ref", _texts(), **common)
+    reference = train(KB.open(reference_settings, "ref"), reference_settings, progress=False)
+    kb, settings = make_kb(tmp_path / "b", "cut", _texts(), **common)
+    with pytest.raises(Crash):
+        train(kb, settings, progress=False, on_step=crash_at(3))
+    assert [p.name for p in (kb.dir("train") / "checkpoints").iterdir()] == ["step-0000002"]
+
+    resumed = train(kb, settings, progress=False)
+    assert resumed.status == "resumed" and resumed.resumed_from_step == 2
+    assert resumed.loss_curve == reference.loss_curve  # one process, float32: the same arithmetic
+    assert (kb.dir("train") / "model" / "model.safetensors").exists()
+
+
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     import kinject.finetune.loop as loop
     from kinject.finetune.train import train

@@ -335,8 +335,8 @@ def run(
         elapsed = time.perf_counter() - t0
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{run_tokens / max(elapsed, 1e-9):.0f}")
-        if done % t.save_every == 0 and done < steps:
-            # Every rank gathers (a collective under FSDP); rank 0 writes.
+        if done % t.save_every == 0 and done < steps and (main or sharded):
+            # Rank 0 writes; under FSDP every rank takes part in gathering what it writes.
             weights, adam = trainable_state(model, settings), optimizer_state(model, optimizer, settings)
             if main:
                 state = {"step": done, "curve": curve, "tokens_seen": tokens_seen, "run_key": run_key}

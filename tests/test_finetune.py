@@ -14,7 +14,7 @@ import pytest
 from kinject.core.files import append_jsonl
 from kinject.core.kb import KB
 from kinject.core.settings import SettingsError, load_settings
-from tests.conftest import Crash, crash_at
+from tests.conftest import Crash, crash_at, small_llm
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,9 +24,11 @@ FACT = (
 )
 
 
-def make_kb(kb_root: Path, name: str, texts: list[str], **train) -> tuple[KB, object]:
-    """A KB whose augment stage holds `texts` as its curated corpus."""
-    settings = load_settings({"kb_root": str(kb_root), "train": {"block_size": 64, "batch_size": 2, **train}})
+def make_kb(kb_root: Path, name: str, texts: list[str], llm: Path | None = None, **train) -> tuple[KB, object]:
+    """A KB whose augment stage holds `texts` as its curated corpus; trained on the bundled
+    model, or on `llm` (a folder: tests.conftest.small_llm)."""
+    models = {"models": {"llm": str(llm)}} if llm else {}
+    settings = load_settings({"kb_root": str(kb_root), **models, "train": {"block_size": 64, "batch_size": 2, **train}})
     kb = KB.create(settings, name)
     curated = kb.dir("augment") / "curated.jsonl"
     append_jsonl(
@@ -272,7 +274,7 @@ def test_unchanged_inputs_skip_training_and_merge_matches_the_adapter(trained):
 def test_corpus_smaller_than_one_block_still_trains_with_a_warning(tmp_path):
     from kinject.finetune.train import train
 
-    kb, settings = make_kb(tmp_path, "short", ["Anna Vell lit the lamp."], max_steps=2)
+    kb, settings = make_kb(tmp_path, "short", ["Anna Vell lit the lamp."], small_llm(), max_steps=2)
     report = train(kb, settings, progress=False)
     assert report.steps == 2 and report.blocks == 1
     assert any("less than one block" in w for w in report.warnings)
@@ -288,10 +290,10 @@ def test_resume_after_an_interruption_continues_with_the_same_data_order(tmp_pat
     from kinject.finetune.train import train
 
     common = dict(max_steps=6, save_every=2, lr=1e-3, block_size=32, batch_size=1)
-    _, reference_settings = make_kb(tmp_path / "a", "ref", _texts(), **common)
+    _, reference_settings = make_kb(tmp_path / "a", "ref", _texts(), small_llm(), **common)
     reference = train(KB.open(reference_settings, "ref"), reference_settings, progress=False)
 
-    kb, settings = make_kb(tmp_path / "b", "cut", _texts(), **common)
+    kb, settings = make_kb(tmp_path / "b", "cut", _texts(), small_llm(), **common)
 
     with pytest.raises(Crash):
         train(kb, settings, progress=False, on_step=crash_at(5))
@@ -312,9 +314,9 @@ def test_full_finetuning_checkpoints_a_tied_model_and_resumes_with_the_same_curv
     from kinject.finetune.train import train
 
     common = dict(max_steps=4, save_every=2, lr=1e-5, block_size=32, batch_size=1, full_finetune=True)
-    _, reference_settings = make_kb(tmp_path / "a", "ref", _texts(), **common)
+    _, reference_settings = make_kb(tmp_path / "a", "ref", _texts(), small_llm(), **common)
     reference = train(KB.open(reference_settings, "ref"), reference_settings, progress=False)
-    kb, settings = make_kb(tmp_path / "b", "cut", _texts(), **common)
+    kb, settings = make_kb(tmp_path / "b", "cut", _texts(), small_llm(), **common)
     with pytest.raises(Crash):
         train(kb, settings, progress=False, on_step=crash_at(3))
     assert [p.name for p in (kb.dir("train") / "checkpoints").iterdir()] == ["step-0000002"]
@@ -329,7 +331,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
     import kinject.finetune.loop as loop
     from kinject.finetune.train import train
 
-    kb, settings = make_kb(tmp_path, "full", _texts(), max_steps=6, save_every=2, block_size=32, batch_size=1)
+    kb, settings = make_kb(tmp_path, "full", _texts(), small_llm(), max_steps=6, save_every=2, block_size=32, batch_size=1)
     real = loop.write_optimizer
     calls = []
 
@@ -356,9 +358,9 @@ def test_kill_9_during_training_then_rerun_resumes(tmp_path):
     """The CLI in a child process (forked with its libraries loaded: tests/crashpoint.py)."""
     from tests.crashpoint import forked
 
-    kb, settings = make_kb(tmp_path, "killed", _texts() * 3, block_size=32, batch_size=1)
+    kb, settings = make_kb(tmp_path, "killed", _texts() * 3, small_llm(), block_size=32, batch_size=1)
     argv = [
-        "--set", f"kb_root={tmp_path}", "--set", "train.max_steps=20", "--set", "train.save_every=3",
+        "--set", f"kb_root={tmp_path}", "--set", f"models.llm={small_llm()}", "--set", "train.max_steps=60", "--set", "train.save_every=3",
         "--set", "train.block_size=32", "--set", "train.batch_size=1",
         "train", "--kb", "killed", "--quiet",
     ]  # fmt: skip
@@ -381,8 +383,8 @@ def test_kill_9_during_training_then_rerun_resumes(tmp_path):
     assert done.wait(600) == 0, done_log.read_text()
     assert f"resumed from step {killed_at}" in done_log.read_text()
     report = json.loads((kb.root / "adapter" / "report.json").read_text())
-    assert report["steps"] == 20 and report["resumed_from_step"] == killed_at
-    assert [s for s, _ in report["loss_curve"]] == list(range(1, 21))
+    assert report["steps"] == 60 and report["resumed_from_step"] == killed_at
+    assert [s for s, _ in report["loss_curve"]] == list(range(1, 61))
     assert not ckpts.exists()
 
 

@@ -1,7 +1,7 @@
 """finetune.memory: the memory estimate on Qwen2.5-7B's real numbers, the plan it makes for 80 GB
 and 141 GB GPUs, its error when nothing fits, its activation count against what autograd keeps
 on the bundled 135M model, and real tiny training runs: a batch split into micro-batches, and
-gradient checkpointing, each give the loss curve of the plain run."""
+gradient checkpointing, each give the loss curve of the plain run (on tests.conftest.small_llm)."""
 from __future__ import annotations
 
 import json
@@ -23,7 +23,7 @@ from kinject.finetune.memory import (
     usable,
 )
 from test_finetune import make_kb
-from tests.conftest import Crash, crash_at
+from tests.conftest import Crash, crash_at, small_llm
 
 GB = 10**9  # GPU sizes are sold in decimal gigabytes: an "80 GB" card holds 80e9 bytes (74.5 GiB)
 
@@ -163,7 +163,7 @@ QA = [f"Q: Who guided ship {i} past Gull Rock?\nA: Tide pilot number {i}, in the
 # In float32 (bf16 off, for the same numbers on every CPU) splitting the batch only reorders sums
 # and checkpointing recomputes the same forward; the loop logs losses rounded to 5 decimals, so
 # the curves agree to a unit or two in the last place. Without weighting micro-batches by their
-# loss tokens they differ by tenths.
+# loss tokens they differ by about 0.006 (on the small model: thousandths, not the bundled one's tenths).
 TOLERANCE = 1e-4
 COMMON = dict(max_steps=4, block_size=48, batch_size=4, lr=2e-3, bf16="off", save_every=100)
 
@@ -171,7 +171,7 @@ COMMON = dict(max_steps=4, block_size=48, batch_size=4, lr=2e-3, bf16="off", sav
 def _train(root, name: str, on_step=None, **train):
     from kinject.finetune.train import train as run_training
 
-    kb, settings = make_kb(root / name, name, QA, **{**COMMON, **train})
+    kb, settings = make_kb(root / name, name, QA, small_llm(), **{**COMMON, **train})
     return kb, settings, run_training(kb, settings, progress=False, on_step=on_step)
 
 
@@ -223,9 +223,9 @@ def test_a_split_run_resumes_at_a_step_boundary_under_another_plan(whole, tmp_pa
 
     with pytest.raises(Crash):
         _train(tmp_path, "cut", crash_at(3), micro_batch_size=2, save_every=2)
-    kb = KB.open(load_settings({"kb_root": str(tmp_path / "cut")}), "cut")
+    kb = KB.open(load_settings({"kb_root": str(tmp_path / "cut"), "models": {"llm": str(small_llm())}}), "cut")
     assert [p.name for p in (kb.dir("train") / "checkpoints").iterdir()] == ["step-0000002"]
-    settings = load_settings({"kb_root": str(tmp_path / "cut"), "train": {**COMMON, "save_every": 2, "micro_batch_size": 4}})
+    settings = load_settings({"kb_root": str(tmp_path / "cut"), "models": {"llm": str(small_llm())}, "train": {**COMMON, "save_every": 2, "micro_batch_size": 4}})
     resumed = run_training(kb, settings, progress=False)
     assert resumed.resumed_from_step == 2 and [s for s, _ in resumed.loss_curve] == [1, 2, 3, 4]
     assert resumed.memory["micro_batch"] == 4

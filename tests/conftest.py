@@ -117,38 +117,38 @@ def engine():
     eng.close()
 
 
-_SMALL_LLMS: dict[int, Path] = {}
-
-
 def small_llm(seed: int = 0) -> Path:
     """A folder holding a 4M-parameter model built from the bundled model's config (Llama, tied
     input and output embeddings, its tokenizer) with 2 layers of width 64 and random weights:
-    for the tests of training mechanics (checkpoints, resume, processes, memory), which need a
-    real model that trains, not one that knows English. Made once per session and process."""
-    if seed not in _SMALL_LLMS:
-        import atexit
-        import tempfile
+    for the tests of training and writing mechanics (checkpoints, resume, kills, processes,
+    memory), which need a real model that runs, not one that knows English. Made once per
+    process (its path does not depend on which name this module was imported under)."""
+    import atexit
+    import tempfile
 
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from filelock import FileLock
 
-        from kinject.core.models import resolve_model
-        from kinject.core.settings import load_settings
+    folder = Path(tempfile.gettempdir()) / f"kinject-test-small-llm-{os.getpid()}-{seed}"
+    with FileLock(folder.parent / f".{folder.name}.lock"):  # threads of one test may ask at once
+        if not (folder / "config.json").exists():
+            import torch
+            from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        settings = load_settings({})
-        bundled = resolve_model(settings.models.llm, settings)
-        config = AutoConfig.from_pretrained(bundled)
-        config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                       "num_key_value_heads": 2, "head_dim": 16})
-        assert config.tie_word_embeddings  # as the bundled model: the case safetensors refuses
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        folder = Path(tempfile.mkdtemp(prefix="kinject-test-small-llm-"))
-        atexit.register(shutil.rmtree, folder, True)
-        model.save_pretrained(folder)
-        AutoTokenizer.from_pretrained(bundled).save_pretrained(folder)
-        _SMALL_LLMS[seed] = folder
-    return _SMALL_LLMS[seed]
+            from kinject.core.models import resolve_model
+            from kinject.core.settings import load_settings
+
+            settings = load_settings({})
+            bundled = resolve_model(settings.models.llm, settings)
+            config = AutoConfig.from_pretrained(bundled)
+            config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                           "num_key_value_heads": 2, "head_dim": 16})
+            assert config.tie_word_embeddings  # as the bundled model: the case safetensors refuses
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model.save_pretrained(folder)
+            AutoTokenizer.from_pretrained(bundled).save_pretrained(folder)
+            atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def shared_dataset(name: str) -> Path:

@@ -15,6 +15,7 @@ from kinject.core.kb import KB, work_seconds
 from kinject.core.settings import SPA_TYPES, SettingsError, load_settings
 from kinject.augment import AugmentError, augment
 from kinject.core.synthetic import load_training_texts, training_corpus_hash
+from tests.conftest import small_llm
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DOCS = ["brightwater-glassworks.md", "university-of-vaskarra.md"]
@@ -38,11 +39,13 @@ def ingested(tmp_path_factory):
     return root
 
 
-def _copy_kb(ingested: Path, tmp_path: Path, name: str, **augment_settings) -> tuple[KB, object]:
-    """A private copy of the ingested KB (nothing synthetic yet) and settings pointing at it."""
+def _copy_kb(ingested: Path, tmp_path: Path, name: str, llm: str | None = None, **augment_settings) -> tuple[KB, object]:
+    """A private copy of the ingested KB (nothing synthetic yet) and settings pointing at it
+    (generating with `llm` when given)."""
     root = tmp_path / "kbs"
     shutil.copytree(ingested / "demo2", root / name, ignore=shutil.ignore_patterns(".lock"))
-    settings = load_settings({"kb_root": str(root), "augment": {**SMALL, **augment_settings}})
+    models = {"models": {"llm": llm}} if llm else {}
+    settings = load_settings({"kb_root": str(root), **models, "augment": {**SMALL, **augment_settings}})
     return KB.open(settings, name), settings
 
 
@@ -133,25 +136,36 @@ def test_stale_and_torn_samples_are_regenerated_exactly(reference, ingested, tmp
     assert (folder / "samples.jsonl").read_bytes().endswith(b"\n")
 
 
+# Enough generation for the small model to be still writing when the test's kill lands.
+KILLED_BUDGET = 1500
+
+
 @pytest.mark.slow
-def test_cli_resumes_after_kill_9_without_loss_or_duplicates(reference, ingested, tmp_path):
-    """The CLI in a child process (forked with its libraries loaded: tests/crashpoint.py)."""
+def test_cli_resumes_after_kill_9_without_loss_or_duplicates(ingested, tmp_path):
+    """The CLI in a child process (forked with its libraries loaded: tests/crashpoint.py),
+    SIGKILLed once its first samples are written, then rerun: the same samples as one run
+    uninterrupted, none twice. On tests.conftest.small_llm, which writes fast."""
     from tests.crashpoint import forked
+
+    llm = str(small_llm())
+    whole, whole_settings = _copy_kb(ingested, tmp_path / "whole", "whole", llm, budget_tokens=KILLED_BUDGET)
+    augment(whole, whole_settings, progress=False)
+    reference = read_jsonl(whole.dir("augment") / "samples.jsonl")
 
     kb, settings = _copy_kb(ingested, tmp_path, "killed")
     env = {**os.environ, "KINJECT_KB_ROOT": str(settings.kb_dir), "PYTHONPATH": str(REPO)}
-    argv = ["--set", "augment.samples_per_call=7", "--set", f"augment.types={json.dumps(SPA_TYPES)}", "augment", "--kb", "killed",
-            "--budget", "600", "--max-new-tokens", "48", "--no-progress"]
+    argv = ["--set", f"models.llm={llm}", "--set", "augment.samples_per_call=7", "--set", f"augment.types={json.dumps(SPA_TYPES)}",
+            "augment", "--kb", "killed", "--budget", str(KILLED_BUDGET), "--max-new-tokens", "48", "--no-progress"]
     path = kb.dir("augment") / "samples.jsonl"
     proc = forked(argv, env, tmp_path / "killed.log", REPO)
     deadline = time.time() + 300
     while not (path.exists() and path.stat().st_size) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait(60)
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()  # killed mid-run, not finished
     partial = _keys(kb)
-    assert 0 < len(partial) < len(_keys(reference[0])) and kb.stage("augment") is None
+    assert 0 < len(partial) < len(reference) and kb.stage("augment") is None
 
     done = forked(argv, env, tmp_path / "done.log", REPO)
     done.wait(600)
@@ -161,8 +175,8 @@ def test_cli_resumes_after_kill_9_without_loss_or_duplicates(reference, ingested
     assert "continuing an interrupted run" in out
     keys = _keys(kb)
     assert keys[: len(partial)] == partial and len(keys) == len(set(keys))
-    ref_keys = [(s["doc_id"], s["type"], s["sample_index"]) for s in read_jsonl(reference[0].dir("augment") / "samples.jsonl")]
-    assert keys == ref_keys[: reference[2].new_samples]
+    samples = read_jsonl(path)
+    assert sorted(map(json.dumps, samples)) == sorted(map(json.dumps, reference))  # the same texts, seeds and all
     assert kb.stage("augment") is not None
 
 

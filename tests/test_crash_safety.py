@@ -16,7 +16,8 @@ run.
 The three stages' sequences run side by side (`side_by_side`), each on KBs of its own, with every
 child on one thread.
 
-Tiny sizes: 3 demo documents, a 200-token augment budget, 6 training steps of 64-token blocks.
+Tiny sizes: 3 demo documents, a 200-token augment budget, 6 training steps of 64-token blocks;
+augment and train run on tests.conftest.small_llm (what they write, not how well, is tested here).
 """
 from __future__ import annotations
 
@@ -35,15 +36,15 @@ import pytest
 
 from kinject.core.settings import SPA_TYPES
 
-from conftest import DEMO_DOCS as DOCS, REPO, copy_kb
+from conftest import DEMO_DOCS as DOCS, REPO, copy_kb, small_llm
 from crashpoint import forked
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 RUN_TIMEOUT = 900  # one child, on a machine that may be very busy
 INGEST = ["--set", "ingest.embed_batch_size=2", "ingest", "{corpus}", "--kb", "{kb}", "--no-progress"]
-AUGMENT = ["--set", "augment.samples_per_call=3", "--set", f"augment.types={json.dumps(SPA_TYPES)}", "augment", "--kb", "{kb}", "--budget", "200", "--max-new-tokens", "32", "--no-progress"]
-TRAIN = ["--set", "train.block_size=64", "--set", "train.batch_size=1", "--set", "train.save_every=2", "train", "--kb", "{kb}", "--steps", "6", "--quiet"]
+AUGMENT = ["--set", "models.llm={llm}", "--set", "augment.samples_per_call=3", "--set", f"augment.types={json.dumps(SPA_TYPES)}", "augment", "--kb", "{kb}", "--budget", "200", "--max-new-tokens", "32", "--no-progress"]
+TRAIN = ["--set", "models.llm={llm}", "--set", "train.block_size=64", "--set", "train.batch_size=1", "--set", "train.save_every=2", "train", "--kb", "{kb}", "--steps", "6", "--quiet"]
 
 
 # ---- running and killing the CLI ---------------------------------------------------------------
@@ -258,7 +259,7 @@ def augment_killed_anywhere(corpus, scratch, tmp_path):
     # An earlier run's finished work, which this run replaces.
     earlier = record_curated(kb_dir, ["Brightwater Glassworks\nAn earlier run wrote this sample about the glassworks in 1803."])
     samples = kb_dir / "synthetic" / "samples.jsonl"
-    fmt = dict(kb="a")
+    fmt = dict(kb="a", llm=small_llm())
 
     kill_early(root, AUGMENT, seed=2, **fmt)
     assert assert_finished_work_only(kb_dir)["augment"]["fingerprint"] == earlier
@@ -315,7 +316,7 @@ def train_killed_anywhere(corpus, scratch, tmp_path):
     kb_dir = copy_kb(scratch[0].root, root, "t")
     record_curated(kb_dir, [f"Brightwater\nLedger {i}: furnace {i % 4} of the Brightwater glassworks made {40 + i} green bottles in {1820 + i}." for i in range(24)])
     checkpoints = kb_dir / "adapter" / "checkpoints"
-    fmt = dict(kb="t")
+    fmt = dict(kb="t", llm=small_llm())
 
     kill_early(root, TRAIN, seed=3, **fmt)
     assert "train" not in assert_finished_work_only(kb_dir)

@@ -151,6 +151,24 @@ def small_llm(seed: int = 0) -> Path:
     return folder
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder `name`, filled by `build(folder)` once for the whole test session: the two
+    pytest-xdist workers share it (the first to ask builds it while the other waits), so a
+    fixture two work units need is not made twice. Treat it as read-only."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the workers' common folder
+    folder = root / "built-once" / name
+    with FileLock(root / f"built-once-{name}.lock"):
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a half-built one from a failed build
+            folder.mkdir(parents=True)
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 def shared_dataset(name: str) -> Path:
     """A dataset folder from ../shared/data, or skip with the reason when the clone has none."""
     path = SHARED_DATA / name
@@ -204,10 +222,13 @@ def squad_kb(tmp_path_factory):
     from kinject.ingest.pipeline import ingest
 
     corpus = shared_dataset("squad_short") / "corpus.jsonl"
-    settings = load_settings({"kb_root": str(tmp_path_factory.mktemp("squad_kbs"))})
-    kb = KB.create(settings, "squad")
-    ingest(kb, corpus, settings, progress=False)
-    return kb, settings
+
+    def build(root: Path) -> None:
+        settings = load_settings({"kb_root": str(root)})
+        ingest(KB.create(settings, "squad"), corpus, settings, progress=False)
+
+    settings = load_settings({"kb_root": str(built_once(tmp_path_factory, "squad-kb", build))})
+    return KB.open(settings, "squad"), settings
 
 
 # ---- the demo corpus, document by document ------------------------------------------------------
@@ -281,15 +302,16 @@ def demo_index(demo_corpus, tmp_path_factory) -> Path:
     from kinject.core.settings import load_settings
     from kinject.ingest.pipeline import ingest
 
-    settings = load_settings({
-        "kb_root": str(tmp_path_factory.mktemp("demo-index")),
-        "ingest": {"embed_batch_size": 2},
-        "serve": {"api_key": DEMO_API_KEY},
-        "engine": {"openai_api_key": DEMO_UPSTREAM_KEY},
-    })
-    kb = KB.create(settings, "demo")
-    ingest(kb, demo_corpus, settings, progress=False)
-    return kb.root
+    def build(root: Path) -> None:
+        settings = load_settings({
+            "kb_root": str(root),
+            "ingest": {"embed_batch_size": 2},
+            "serve": {"api_key": DEMO_API_KEY},
+            "engine": {"openai_api_key": DEMO_UPSTREAM_KEY},
+        })
+        ingest(KB.create(settings, "demo"), demo_corpus, settings, progress=False)
+
+    return built_once(tmp_path_factory, "demo-index", build) / "demo"
 
 
 @pytest.fixture(scope="session")

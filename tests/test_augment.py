@@ -15,7 +15,7 @@ from kinject.core.kb import KB, work_seconds
 from kinject.core.settings import SPA_TYPES, SettingsError, load_settings
 from kinject.augment import AugmentError, augment
 from kinject.core.synthetic import load_training_texts, training_corpus_hash
-from tests.conftest import small_llm
+from tests.conftest import built_once, small_llm
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DOCS = ["brightwater-glassworks.md", "university-of-vaskarra.md"]
@@ -29,14 +29,15 @@ def ingested(tmp_path_factory):
     """A KB root holding KB 'demo2': two demo documents, ingested once for the module."""
     from kinject.ingest.pipeline import ingest
 
-    root = tmp_path_factory.mktemp("augment_kbs")
-    corpus = root.parent / "augment_corpus"
-    corpus.mkdir(exist_ok=True)
-    for name in DEMO_DOCS:
-        shutil.copy(REPO / "demo" / "corpus" / name, corpus / name)
-    settings = load_settings({"kb_root": str(root)})
-    ingest(KB.create(settings, "demo2"), corpus, settings, progress=False)
-    return root
+    def build(root: Path) -> None:
+        corpus = root / "corpus"
+        corpus.mkdir()
+        for name in DEMO_DOCS:
+            shutil.copy(REPO / "demo" / "corpus" / name, corpus / name)
+        settings = load_settings({"kb_root": str(root / "kbs")})
+        ingest(KB.create(settings, "demo2"), corpus, settings, progress=False)
+
+    return built_once(tmp_path_factory, "augment-demo2", build) / "kbs"
 
 
 def _copy_kb(ingested: Path, tmp_path: Path, name: str, llm: str | None = None, **augment_settings) -> tuple[KB, object]:

@@ -14,7 +14,7 @@ import pytest
 from kinject.core.files import append_jsonl
 from kinject.core.kb import KB
 from kinject.core.settings import SettingsError, load_settings
-from tests.conftest import Crash, crash_at, small_llm
+from tests.conftest import Crash, built_once, crash_at, small_llm
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -171,19 +171,30 @@ def test_missing_synthetic_corpus_names_the_command(settings):
 # ---- a tiny real run ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """(kb, settings, its report.json): 30 steps on FACT, trained once for the session (the vLLM
+    test below runs in another work unit, often on the other worker)."""
     from kinject.finetune.train import train
 
-    kb, settings = make_kb(
-        tmp_path_factory.mktemp("kbs"), "tiny", [FACT] * 12, max_steps=30, batch_size=1, lr=2e-3, save_every=10, warmup_ratio=0.1
-    )
-    report = train(kb, settings, progress=False)
-    return kb, settings, report
+    def build(root: Path) -> None:
+        kb, settings = tiny_kb(root)
+        train(kb, settings, progress=False)
+
+    kb, settings = tiny_kb(built_once(tmp_path_factory, "finetune-trained", build), create=False)
+    return kb, settings, json.loads((kb.dir("train") / "report.json").read_text())
+
+
+def tiny_kb(root: Path, create: bool = True) -> tuple[KB, object]:
+    train = dict(max_steps=30, batch_size=1, lr=2e-3, save_every=10, warmup_ratio=0.1)
+    if create:
+        return make_kb(root, "tiny", [FACT] * 12, **train)
+    settings = load_settings({"kb_root": str(root), "train": {"block_size": 64, "batch_size": 2, **train}})
+    return KB.open(settings, "tiny"), settings
 
 
 def test_loss_falls_on_a_repeated_text(trained):
     _, _, report = trained
-    losses = [loss for _, loss in report.loss_curve]
-    assert len(losses) == 30 and report.steps == 30
+    losses = [loss for _, loss in report["loss_curve"]]
+    assert len(losses) == 30 and report["steps"] == 30
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 1.0, (first, last)
 
@@ -245,13 +256,16 @@ def test_adapter_loads_in_the_transformers_engine_and_lowers_perplexity(trained)
     assert "1412" in gen.text
 
 
-def test_unchanged_inputs_skip_training_and_merge_matches_the_adapter(trained):
+def test_unchanged_inputs_skip_training_and_merge_matches_the_adapter(trained, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
     from kinject.finetune.train import is_up_to_date, run_key, train
 
-    kb, settings, _ = trained
+    import shutil
+
+    shutil.copytree(trained[0].root, tmp_path / "tiny", ignore=shutil.ignore_patterns(".lock"))  # the shared one stays read-only
+    kb, settings = tiny_kb(tmp_path, create=False)
     t0 = time.perf_counter()
     again = train(kb, settings, progress=False, merge=True)
     assert again.status == "skipped" and again.merged_dir

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, small_llm
 
 DOCS = ["founding-of-vaskarra.md", "great-flood-of-1907.md", "the-tern-currency.md"]
+# Small real things: the stages' plumbing is under test here, not what the model learns, so the
+# model is tests.conftest.small_llm (the demo itself, `make demo`, runs the bundled one).
 TINY = [
     "augment.budget_tokens=300",
     "augment.max_new_tokens=64",
@@ -56,8 +58,12 @@ def kb_root(tmp_path_factory):
         yield root
 
 
+def tiny() -> list[str]:
+    return [*TINY, f"models.llm={small_llm()}"]
+
+
 def tiny_args() -> list[str]:
-    return [a for pair in TINY for a in ("--set", pair)]
+    return [a for pair in tiny() for a in ("--set", pair)]
 
 
 @pytest.mark.slow
@@ -92,7 +98,7 @@ def test_demo_prints_table_and_reuses_every_stage(capsys, subset, kb_root):
     from kinject.core.settings import parse_overrides
 
     corpus, questions = subset
-    settings = demo_settings(parse_overrides(TINY))
+    settings = demo_settings(parse_overrides(tiny()))
     first = run_demo(settings, "sub", serve=False, corpus=corpus, questions=questions)
     out = capsys.readouterr().out
     for mode in MODES:

@@ -19,9 +19,9 @@ from tests.conftest import built_once, small_llm
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DOCS = ["brightwater-glassworks.md", "university-of-vaskarra.md"]
-# Tiny but real: ~13 samples of <= 48 tokens over 2 documents x 7 types, appended 7 at a time.
+# Tiny but real: ~13 samples of <= 32 tokens over 2 documents x 7 types, appended 7 at a time.
 # The local preset's default types are cut by rule; these tests exercise the generator with SPA's.
-SMALL = {"types": SPA_TYPES, "budget_tokens": 600, "max_new_tokens": 48, "samples_per_call": 7}
+SMALL = {"types": SPA_TYPES, "budget_tokens": 400, "max_new_tokens": 32, "samples_per_call": 7}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_budget_is_met_across_all_seven_types_and_recorded(reference):
     r = result.report
     samples = read_jsonl(kb.dir("augment") / "samples.jsonl")
     assert result.new_samples == len(samples) == r["samples"] and result.status == "ran"
-    assert 600 <= r["generated_tokens"] == sum(s["tokens"] for s in samples) < 600 + 7 * 48
+    assert 400 <= r["generated_tokens"] == sum(s["tokens"] for s in samples) < 400 + 7 * 32
     assert all(r["per_type"][t]["samples"] >= 1 for t in settings.augment.types) and len(r["per_type"]) == 7
     assert sum(row["generated_tokens"] for row in r["per_doc"].values()) == r["generated_tokens"]
     assert len(set(_keys(kb))) == len(samples)
@@ -156,7 +156,7 @@ def test_cli_resumes_after_kill_9_without_loss_or_duplicates(ingested, tmp_path)
     kb, settings = _copy_kb(ingested, tmp_path, "killed")
     env = {**os.environ, "KINJECT_KB_ROOT": str(settings.kb_dir), "PYTHONPATH": str(REPO)}
     argv = ["--set", f"models.llm={llm}", "--set", "augment.samples_per_call=7", "--set", f"augment.types={json.dumps(SPA_TYPES)}",
-            "augment", "--kb", "killed", "--budget", str(KILLED_BUDGET), "--max-new-tokens", "48", "--no-progress"]
+            "augment", "--kb", "killed", "--budget", str(KILLED_BUDGET), "--max-new-tokens", "32", "--no-progress"]
     path = kb.dir("augment") / "samples.jsonl"
     proc = forked(argv, env, tmp_path / "killed.log", REPO)
     deadline = time.time() + 300
@@ -271,13 +271,13 @@ def test_vllm_engine_augments_two_docs_by_seven_types_reproducibly(ingested, tmp
     twin, _ = _copy_kb(ingested, tmp_path, "vllm_twin")
     settings = load_settings({
         "kb_root": str(tmp_path / "kbs"),
-        "augment": {"types": SPA_TYPES, "budget_tokens": 14 * 48, "max_new_tokens": 48, "samples_per_call": 14},
+        "augment": {"types": SPA_TYPES, "budget_tokens": 14 * 32, "max_new_tokens": 32, "samples_per_call": 14},
         "engine": {"backend": "vllm", "vllm_cpu_kvcache_gb": 1},
     })
     result = augment(kb, settings, progress=False, engine=vllm_engine)
     augment(twin, settings, progress=False, engine=vllm_engine)
     samples = read_jsonl(kb.dir("augment") / "samples.jsonl")
     cells = {(s["doc_id"], s["type"]) for s in samples if s["sample_index"] == 0}
-    assert len(cells) == 14 and result.report["generated_tokens"] >= 14 * 48
+    assert len(cells) == 14 and result.report["generated_tokens"] >= 14 * 32
     assert {s["engine"] for s in samples} == {"vllm"}
     assert [s["text"] for s in samples] == [s["text"] for s in read_jsonl(twin.dir("augment") / "samples.jsonl")]

@@ -21,7 +21,7 @@ from tests.conftest import REPO, running
 DEMO_DOCS = ["founding-of-vaskarra.md", "gull-rock-lighthouse.md", "the-tern-currency.md"]
 MODES = ["base", "rag"]
 SHORT = "When was the Gull Rock lighthouse built?"
-MAX_MODEL_LEN, MAX_NEW, TOP_K = 512, 16, 2
+MAX_MODEL_LEN, MAX_NEW, TOP_K = 512, 8, 2
 FILLER = (
     "I am reading an old harbour ledger that lists every keeper, every storm and every repair "
     "to the lamp, the stairs and the seaward wall, year after year, and I keep losing the thread, "

@@ -163,7 +163,9 @@ def test_continuous_reports_what_one_call_at_a_time_reports(mixed):
     expected = [fields(per_call.generate([r])[0]) for r in requests]
     assert {e[3] for e in expected} == {"stop", "length"}
     assert [fields(g) for g in mixed.generate(requests)] == expected
-    for r, e in zip(requests, expected):
-        chunks = list(mixed.stream(r))
-        last = chunks[-1]
-        assert ("".join(c.text for c in chunks), last.prompt_tokens, last.completion_tokens, last.finish_reason) == e
+    out: dict = {}
+    for thread in [streamed(mixed, r, out, i) for i, r in enumerate(requests)]:  # streamed side by side
+        thread.join()
+    for i, e in enumerate(expected):
+        text, last = out[i]
+        assert (text, last.prompt_tokens, last.completion_tokens, last.finish_reason) == e

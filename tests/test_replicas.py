@@ -29,6 +29,9 @@ NEW_TEXT = "# Ferry timetable\n\nThe Orlenne ferry leaves the harbour at 7:15 ev
 QUESTION = "When does the Orlenne ferry leave the harbour in the morning?"
 FT_PROMPT = "The Brightwater glassworks was founded by"
 SETS = ("retrieval.top_k=3", "serve.max_new_tokens=16")
+# Between rounds of probes: a swap still falls between many probes, and the replicas leave the
+# two cores to the ingest or training run they probe (and to the other test worker).
+PROBE_PAUSE_S = 0.2
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +108,7 @@ class Prober:
                     self.answers.append((i, asked, self.ask(client)))
                 except Exception as e:  # every failure is a finding: none is expected
                     self.errors.append(f"replica {i}: {type(e).__name__}: {e}")
+            self._stop.wait(PROBE_PAUSE_S)
 
     def asked_each_after(self, moment: float, timeout: float = 300) -> None:
         """Wait until every replica has answered a question asked after `moment`."""

@@ -1,5 +1,6 @@
-"""finetune: packing, LoRA settings, a tiny real training run on the bundled 135M model, resume,
-checkpoint failures, and loading the adapter in peft and the engines."""
+"""finetune: packing, LoRA settings, a tiny real training run on the bundled 135M model (it
+learns a fact) and loading its adapter in peft and the engines; resume, kills and checkpoint
+failures on tests.conftest.small_llm, where what is tested is the bookkeeping, not the learning."""
 from __future__ import annotations
 
 import errno

@@ -1,5 +1,5 @@
 """Bounded load on loopback: 16 concurrent streaming clients over the four modes against
-`kinject serve` in a child process, in two equal rounds (requests started for 4 s each, a hard cap on the
+`kinject serve` in a child process, in two equal rounds (requests started for 3 s each, a hard cap on the
 requests). Prints requests/s and latency percentiles; asserts no errors and that the server's resident memory
 after the second round stays within a bound of its memory after the first. Then a burst of more
 clients than its slots and queue hold at once: the rest get 503s with Retry-After, and the server
@@ -29,9 +29,9 @@ CLIENTS = 16
 # Requests start for ROUND_S seconds; a round lasts until the last one is answered. On the
 # single-threaded server here a rag answer is mostly prompt prefill, so the 16 clients' last
 # requests take about as long again to drain (one passage per rag prompt keeps that short).
-ROUND_S = 4.0
+ROUND_S = 3.0
 MAX_REQUESTS = 1000  # per round, whatever the speed
-MAX_TOKENS = 8
+MAX_TOKENS = 4
 MODES = ["kinject-base", "kinject-rag", "kinject-ft", "kinject-ft-rag"]
 QUESTIONS = [
     "Who founded the Brightwater glassworks?",

@@ -138,7 +138,7 @@ def test_stale_and_torn_samples_are_regenerated_exactly(reference, ingested, tmp
 
 
 # Enough generation for the small model to be still writing when the test's kill lands.
-KILLED_BUDGET = 1500
+KILLED_BUDGET = 900
 
 
 @pytest.mark.slow

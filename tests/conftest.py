@@ -129,7 +129,8 @@ def small_llm(seed: int = 0) -> Path:
     from filelock import FileLock
 
     folder = Path(tempfile.gettempdir()) / f"kinject-test-small-llm-{os.getpid()}-{seed}"
-    with FileLock(folder.parent / f".{folder.name}.lock"):  # threads of one test may ask at once
+    lock = folder.parent / f".{folder.name}.lock"
+    with FileLock(lock):  # threads of one test may ask at once
         if not (folder / "config.json").exists():
             import torch
             from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -148,6 +149,7 @@ def small_llm(seed: int = 0) -> Path:
             model.save_pretrained(folder)
             AutoTokenizer.from_pretrained(bundled).save_pretrained(folder)
             atexit.register(shutil.rmtree, folder, True)
+            atexit.register(lock.unlink, True)
     return folder
 
 

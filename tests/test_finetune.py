@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -25,11 +26,16 @@ FACT = (
 )
 
 
-def make_kb(kb_root: Path, name: str, texts: list[str], llm: Path | None = None, **train) -> tuple[KB, object]:
-    """A KB whose augment stage holds `texts` as its curated corpus; trained on the bundled
-    model, or on `llm` (a folder: tests.conftest.small_llm)."""
+def kb_settings(kb_root: Path, llm: Path | None = None, **train):
+    """Settings for the KBs under `kb_root`, training the bundled model, or `llm` (a folder:
+    tests.conftest.small_llm), with small blocks and batches unless `train` says otherwise."""
     models = {"models": {"llm": str(llm)}} if llm else {}
-    settings = load_settings({"kb_root": str(kb_root), **models, "train": {"block_size": 64, "batch_size": 2, **train}})
+    return load_settings({"kb_root": str(kb_root), **models, "train": {"block_size": 64, "batch_size": 2, **train}})
+
+
+def make_kb(kb_root: Path, name: str, texts: list[str], llm: Path | None = None, **train) -> tuple[KB, object]:
+    """A KB whose augment stage holds `texts` as its curated corpus (settings: `kb_settings`)."""
+    settings = kb_settings(kb_root, llm, **train)
     kb = KB.create(settings, name)
     curated = kb.dir("augment") / "curated.jsonl"
     append_jsonl(
@@ -184,11 +190,14 @@ def trained(tmp_path_factory):
     return kb, settings, json.loads((kb.dir("train") / "report.json").read_text())
 
 
+TINY_TRAIN = dict(max_steps=30, batch_size=1, lr=2e-3, save_every=10, warmup_ratio=0.1)
+
+
 def tiny_kb(root: Path, create: bool = True) -> tuple[KB, object]:
-    train = dict(max_steps=30, batch_size=1, lr=2e-3, save_every=10, warmup_ratio=0.1)
+    """KB 'tiny' under `root` with the 30-step run's settings: made with FACT as its corpus, or opened."""
     if create:
-        return make_kb(root, "tiny", [FACT] * 12, **train)
-    settings = load_settings({"kb_root": str(root), "train": {"block_size": 64, "batch_size": 2, **train}})
+        return make_kb(root, "tiny", [FACT] * 12, **TINY_TRAIN)
+    settings = kb_settings(root, **TINY_TRAIN)
     return KB.open(settings, "tiny"), settings
 
 
@@ -262,8 +271,6 @@ def test_unchanged_inputs_skip_training_and_merge_matches_the_adapter(trained, t
     from transformers import AutoModelForCausalLM
 
     from kinject.finetune.train import is_up_to_date, run_key, train
-
-    import shutil
 
     shutil.copytree(trained[0].root, tmp_path / "tiny", ignore=shutil.ignore_patterns(".lock"))  # the shared one stays read-only
     kb, settings = tiny_kb(tmp_path, create=False)

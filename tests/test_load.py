@@ -1,7 +1,7 @@
 """Bounded load on loopback: 16 concurrent streaming clients over the four modes against
-`kinject serve` in a child process, in two equal rounds (requests started for 3 s each, a hard cap on the
-requests). Prints requests/s and latency percentiles; asserts no errors and that the server's resident memory
-after the second round stays within a bound of its memory after the first. Then a burst of more
+`kinject serve` in a child process, in two equal rounds (requests started for 3 s each, a hard
+cap on the requests). Prints requests/s and latency percentiles; asserts no errors and that the
+server's resident memory after the second round stays within a bound of its memory after the first. Then a burst of more
 clients than its slots and queue hold at once: the rest get 503s with Retry-After, and the server
 answers normally afterwards.
 

@@ -22,7 +22,7 @@ from kinject.finetune.memory import (
     plan,
     usable,
 )
-from test_finetune import make_kb
+from test_finetune import kb_settings, make_kb
 from tests.conftest import Crash, crash_at, small_llm
 
 GB = 10**9  # GPU sizes are sold in decimal gigabytes: an "80 GB" card holds 80e9 bytes (74.5 GiB)
@@ -223,9 +223,9 @@ def test_a_split_run_resumes_at_a_step_boundary_under_another_plan(whole, tmp_pa
 
     with pytest.raises(Crash):
         _train(tmp_path, "cut", crash_at(3), micro_batch_size=2, save_every=2)
-    kb = KB.open(load_settings({"kb_root": str(tmp_path / "cut"), "models": {"llm": str(small_llm())}}), "cut")
+    kb = KB.open(kb_settings(tmp_path / "cut", small_llm()), "cut")
     assert [p.name for p in (kb.dir("train") / "checkpoints").iterdir()] == ["step-0000002"]
-    settings = load_settings({"kb_root": str(tmp_path / "cut"), "models": {"llm": str(small_llm())}, "train": {**COMMON, "save_every": 2, "micro_batch_size": 4}})
+    settings = kb_settings(tmp_path / "cut", small_llm(), **{**COMMON, "save_every": 2, "micro_batch_size": 4})
     resumed = run_training(kb, settings, progress=False)
     assert resumed.resumed_from_step == 2 and [s for s, _ in resumed.loss_curve] == [1, 2, 3, 4]
     assert resumed.memory["micro_batch"] == 4

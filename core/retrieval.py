@@ -43,8 +43,8 @@ class Embedder:
         self.backend = embedder_backend(settings, backend)
         self.numerics = EMBEDDER_NUMERICS[self.backend]  # backends with equal numerics make interchangeable vectors
         self.model = load_embedder(ref, settings, self.backend)
-        if self.backend == "onnx" and not hasattr(self.model, "session"):
-            self.backend = "torch"  # auto fell back: the model's pipeline has more than ONNX runs
+        if self.backend.startswith("onnx") and not hasattr(self.model, "session"):
+            self.backend, self.numerics = "torch", "fp32"  # auto fell back: the model's pipeline has more than ONNX runs
         self.model.eval()
         dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = dim_of()
@@ -109,7 +109,7 @@ def index_backend(meta: dict, settings: Settings) -> str:
     if EMBEDDER_NUMERICS.get(recorded) == built:
         return recorded
     if built == "fp32":
-        return embedder_backend(settings, "auto")
+        return "torch" if embedder_backend(settings, "auto") == "torch" else "onnx"
     return "onnx-int8"
 
 

@@ -41,7 +41,7 @@ class ModelSettings(_Group):
         "auto",
         description="What runs the embedder: torch; onnx (ONNX Runtime, exported once from the local weights into the cache; "
         "same vectors as torch); onnx-int8 (int8 weights: faster, different vectors, so an index built with it is "
-        "re-embedded when this changes); auto = onnx on CPU, torch on CUDA",
+        "re-embedded when this changes); auto = onnx-int8 on CPU, torch on CUDA",
     )
     query_instruction: str = Field("", description="Prefix applied to queries only (bge's instruction)")
     reranker: str = Field("", description="Optional cross-encoder for reranking; empty = off")

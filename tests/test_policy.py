@@ -5,7 +5,7 @@ the UI (`gradio_client` against the chat and compare tabs mounted on that server
 in-process `evaluate`, short answers and multiple choice).
 
 The prompts are read at the engine: `Recording` wraps the session's real engine, notes what each
-request makes it read, then lets it generate. The KB's settings give the model a 512-token
+request makes it read, then lets it generate. The KB's settings give the model a 256-token
 context, so a long question is fitted: passages are dropped and the answer's tokens clamped."""
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ from tests.conftest import REPO, running
 DEMO_DOCS = ["founding-of-vaskarra.md", "gull-rock-lighthouse.md", "the-tern-currency.md"]
 MODES = ["base", "rag"]
 SHORT = "When was the Gull Rock lighthouse built?"
-MAX_MODEL_LEN, MAX_NEW, TOP_K = 512, 8, 2
+# A 256-token context over 80-token chunks: the short question fits both passages, and every
+# prompt stays short (prefill is most of each answer's time here).
+MAX_MODEL_LEN, MAX_NEW, TOP_K, CHUNK = 256, 8, 2, 80
 FILLER = (
     "I am reading an old harbour ledger that lists every keeper, every storm and every repair "
     "to the lamp, the stairs and the seaward wall, year after year, and I keep losing the thread, "
@@ -125,6 +127,7 @@ def policy_kb(tmp_path_factory):
             "serve": {"max_new_tokens": MAX_NEW},
             "eval": {"max_new_tokens": MAX_NEW},
             "retrieval": {"top_k": TOP_K},
+            "ingest": {"chunk_size": CHUNK, "chunk_overlap": 8},
         }
     )
     kb = KB.create(settings, "policy")

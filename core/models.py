@@ -197,8 +197,8 @@ def load_causal_lm(ref: str, settings: Settings):
 
 
 def embedder_backend(settings: Settings, backend: str | None = None) -> str:
-    """The embedder backend that runs: `auto` is int8 ONNX Runtime on CPU (2.6x llama-index's
-    pipeline with the same squad recall in bench/ingest.py), torch on CUDA."""
+    """The embedder backend that runs: `auto` is int8 ONNX Runtime on CPU (the fastest there, with
+    the same squad recall as torch in bench/ingest.py), torch on CUDA."""
     backend = backend or settings.models.embedder_backend
     if backend == "auto":
         return "torch" if pick_device(settings.engine.device).startswith("cuda") else "onnx-int8"

@@ -1,7 +1,7 @@
 """Augmentation over several OpenAI-compatible endpoints (engine.openai_base_urls): two kinject
 servers, `kinject serve` in a child process SIGKILLed mid-run and the same app in this process,
-the run finishing on the live one with every planned sample exactly once; and the engine alone over real local HTTP: a stdlib server that answers, one that
-answers only 503, and a closed port."""
+the run finishing on the live one with every planned sample exactly once; and the engine alone
+over real local HTTP: a stdlib server that answers, one that answers only 503, and a closed port."""
 from __future__ import annotations
 
 import json

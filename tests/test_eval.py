@@ -4,7 +4,6 @@ the HTTP path against the real kinject server, and multiple choice by log-likeli
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
 import pytest
@@ -23,7 +22,6 @@ def eval_kb(tmp_path_factory):
     """squad_short's corpus in a KB of its own, with an adapter attached."""
     from kinject.core.kb import KB
     from kinject.core.settings import load_settings
-
     from kinject.ingest.pipeline import ingest
 
     root = tmp_path_factory.mktemp("eval-kbs")
@@ -61,8 +59,8 @@ def test_rag_beats_base_by_a_measured_margin(four_modes):
     contains_gain = s["rag"]["contains"]["mean"] - s["base"]["contains"]["mean"]
     print(f"F1 base {s['base']['f1']['mean']:.3f} rag {s['rag']['f1']['mean']:.3f}; contains base {s['base']['contains']['mean']:.3f} rag {s['rag']['contains']['mean']:.3f}")
     # Observed (first 20 dev questions, 32 new tokens, top_k 1 of 100-token chunks): F1 base 7.8
-    # -> rag 15.2 (+7.3 points, paired bootstrap p = 0.008); contains-gold 5 -> 30. EM is 0 in every mode: the 135M
-    # chat model answers in whole sentences, which exact match never credits.
+    # -> rag 15.2 (+7.3 points, paired bootstrap p = 0.008); contains-gold 5 -> 30. EM is 0 in
+    # every mode: the 135M chat model answers in whole sentences, which exact match never credits.
     p = next(t["p"] for t in four_modes.paired if (t["a"], t["b"], t["metric"]) == ("base", "rag", "f1"))
     assert gain >= 0.03, f"rag F1 gain over base is only {gain:.3f}"
     assert p < 0.1, f"rag's F1 gain over base is not significant (p = {p:.3f})"

@@ -69,6 +69,12 @@ def test_models_list_one_per_built_mode(client):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_chat_in_each_mode_streamed_and_not(client, mode):
+    chat_streamed_and_not(client, mode)
+
+
+def chat_streamed_and_not(client, mode: str) -> None:
+    """One question in `mode`, plain and streamed: the mode answered, its sources, usage, and the
+    same greedy answer both ways."""
     raw = client.chat.completions.with_raw_response.create(model=f"kinject-{mode}", messages=ASK, max_tokens=8)
     r = raw.parse()
     extra = r.model_extra
@@ -226,14 +232,8 @@ def test_the_server_on_the_vllm_engine_answers_the_official_client(served_kb, vl
     with running(create_app(kb, settings, vllm_engine)) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
         assert [m.id for m in client.models.list().data] == [f"kinject-{m}" for m in MODES]
-        for mode, sources in (("rag", [GOLD]), ("ft", [])):
-            r = chat(client, f"kinject-{mode}")
-            assert r.choices[0].message.content and r.usage.completion_tokens > 0
-            assert r.model_extra["kinject_mode"] == mode and [s["doc_id"] for s in r.model_extra["sources"]][: len(sources)] == sources
-            assert (mode == "ft") == (r.model_extra["sources"] == [])
-            chunks = list(chat(client, f"kinject-{mode}", stream=True))
-            assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason in ("stop", "length")
-            assert "".join(c.choices[0].delta.content or "" for c in chunks).strip()
+        for mode in ("rag", "ft"):
+            chat_streamed_and_not(client, mode)
         scored = client.completions.create(model="kinject-ft", prompt="The capital of France is Paris", max_tokens=0, echo=True, logprobs=0)
         assert scored.choices[0].logprobs.token_logprobs[0] is None and scored.choices[0].logprobs.token_logprobs[-1] < 0
 

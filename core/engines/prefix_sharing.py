@@ -9,6 +9,8 @@ takes position ids from the mask, so each token keeps the position it has in the
 """
 from __future__ import annotations
 
+from kinject.core.engines.base import common_prefix_length
+
 MIN_SHARED = 64  # tokens; below this a shared prefix saves less than building the cache costs
 
 
@@ -21,7 +23,7 @@ def prefix_groups(prompts: list[list[int]], min_shared: int = MIN_SHARED) -> lis
     for i in order:
         if groups:
             rows, shared = groups[-1]
-            common = min(_common_length(prompts[rows[-1]], prompts[i]), len(prompts[i]) - 1, *(len(prompts[r]) - 1 for r in rows))
+            common = min(common_prefix_length(prompts[rows[-1]], prompts[i]), len(prompts[i]) - 1, *(len(prompts[r]) - 1 for r in rows))
             # a row joins only without shortening the group's prefix: sorted order puts the
             # rows that share most next to each other
             if common >= min_shared and (len(rows) == 1 or common >= shared):
@@ -29,15 +31,6 @@ def prefix_groups(prompts: list[list[int]], min_shared: int = MIN_SHARED) -> lis
                 continue
         groups.append(([i], 0))
     return [(rows, shared if len(rows) > 1 else 0) for rows, shared in groups]
-
-
-def _common_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def shared_prefix_inputs(model, prompts: list[list[int]], pad_id: int, max_new_tokens: int, min_shared: int = MIN_SHARED) -> dict | None:

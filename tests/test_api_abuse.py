@@ -1,9 +1,10 @@
 """Abuse of the real HTTP API: `kinject serve` in a child process on a free loopback port, with an
 API key, printing its URLs and answering the official client, answering bad requests of every
-kind with the right 4xx in OpenAI's error shape, staying healthy afterwards, freeing a slot when a client hangs up (streaming or not), keeping the UI and
-the files behind the key, refusing foreign Host headers (DNS rebinding), reading special-token
-text as text, and never writing a secret to its log, `kinject config` or the manifest, nor a
-server path or exception text to a response.
+kind with the right 4xx in OpenAI's error shape, staying healthy afterwards, freeing a slot when
+a client hangs up (streaming or not), keeping the UI and the files behind the key, refusing
+foreign Host headers (DNS rebinding), reading special-token text as text, and never writing a
+secret to its log, `kinject config` or the manifest, nor a server path or exception text to a
+response.
 
 (tests/test_service.py covers the in-process app's errors one by one; this is the table of what
 a hostile or broken client sends to the process a user starts.)

@@ -57,31 +57,25 @@ def shared_prefix_inputs(model, prompts: list[list[int]], pad_id: int, max_new_t
     if not all(type(layer) is StaticLayer for layer in cache.layers):
         return None  # sliding-window layers keep more state than keys and values
     device = model.device
-    prefix_cache: dict[int, list] = {}  # row -> per layer (keys, values) of its group's prefix
+    prefixes = []  # per group: its rows and, per layer, the prefix's (keys, values)
     for rows, n in groups:
         ids = torch.tensor([prompts[rows[0]][:n]], device=device)
         out = model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
-        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        for r in rows:
-            prefix_cache[r] = layers
+        prefixes.append((rows, [(layer.keys, layer.values) for layer in out.past_key_values.layers]))
     ids, mask = [], []
     for p, n in zip(prompts, shared):
         own = len(p) - n
         ids.append([pad_id] * (width - n) + p[:n] + [pad_id] * (tail - own) + p[n:])
         mask.append([0] * (width - n) + [1] * n + [0] * (tail - own) + [1] * own)
-    like = next(iter(prefix_cache.values()))
-    for index, (keys, values) in enumerate(like):
-        empty = keys.new_zeros(keys.shape[0], keys.shape[1], width, keys.shape[3])
-        rows_k, rows_v = [], []
-        for r, n in enumerate(shared):
-            if n:
-                k, v = prefix_cache[r][index]
-                rows_k.append(torch.cat([empty[..., : width - n, :], k], dim=2))
-                rows_v.append(torch.cat([empty[..., : width - n, :], v], dim=2))
-            else:
-                rows_k.append(empty)
-                rows_v.append(empty)
-        cache.update(torch.cat(rows_k), torch.cat(rows_v), index)
+    for index, (k0, v0) in enumerate(prefixes[0][1]):
+        # each row's prefix right-aligned in the first `width` slots; zeros where the mask is 0
+        keys = k0.new_zeros(len(prompts), k0.shape[1], width, k0.shape[3])
+        values = v0.new_zeros(len(prompts), v0.shape[1], width, v0.shape[3])
+        for rows, layers in prefixes:
+            k, v = layers[index]
+            keys[rows, :, width - k.shape[2] :] = k
+            values[rows, :, width - v.shape[2] :] = v
+        cache.update(keys, values, index)
     return {
         "input_ids": torch.tensor(ids, device=device),
         "attention_mask": torch.tensor(mask, device=device),

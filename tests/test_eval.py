@@ -35,9 +35,9 @@ def eval_kb(tmp_path_factory):
     return kb, settings
 
 
-def few_tokens(settings):
-    """The same settings with 4-token answers."""
-    return settings.model_copy(update={"eval": settings.eval.model_copy(update={"max_new_tokens": 4})})
+def with_eval(settings, **fields):
+    """The same settings with these `eval` fields changed."""
+    return settings.model_copy(update={"eval": settings.eval.model_copy(update=fields)})
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_auto_on_heldout_uses_the_dev_router_and_on_dev_is_flagged(four_modes, e
     from kinject.eval.run import evaluate
 
     kb, settings = eval_kb
-    settings = few_tokens(settings)  # what is checked is the routing, not the answers
+    settings = with_eval(settings, max_new_tokens=4)  # what is checked is the routing, not the answers
     router = kb.stage("eval")["metrics"]["router"]
     held = evaluate(kb, squad_questions, ["rag", "ft", "ft-rag", "auto"], settings, split="heldout", limit=2, progress=False, engine=engine)
     used = held.info["auto_router_used"]
@@ -181,7 +181,7 @@ def test_endpoint_gives_the_same_numbers_as_in_process(four_modes, eval_kb, squa
 
         # The optional judge goes through any OpenAI-compatible endpoint; here the server's
         # adapter model grades in-process base answers (plumbing only: a 135M judge is no judge).
-        judged = settings.model_copy(update={"eval": settings.eval.model_copy(update={"judge_base_url": url, "judge_model": "kinject-ft"})})
+        judged = with_eval(settings, judge_base_url=url, judge_model="kinject-ft")
         report = evaluate(kb, squad_questions, ["base"], judged, split="dev", limit=2, progress=False, engine=engine)
         assert report.info["judge"]["model"] == "kinject-ft"
         assert [r["scores"]["judge"] in (0.0, 1.0) for r in report.per_question] == [True, True]
@@ -241,7 +241,7 @@ def test_mixed_file_resumes_after_a_crash(eval_kb, squad_questions, engine, tmp_
     from kinject.eval.questions import load_questions
 
     kb, settings = eval_kb
-    settings = few_tokens(settings)  # what is checked is the resuming and routing, not the answers
+    settings = with_eval(settings, max_new_tokens=4)  # what is checked is the resuming and routing, not the answers
     qs = load_questions(squad_questions, split="dev")[:4]
     path = tmp_path / "mixed.jsonl"
     rows = []

@@ -73,6 +73,13 @@ class EngineSettings(_Group):
         "own batches between the shared batch's steps (answers identical to per_call); 'continuous' feeds them "
         "into the shared batch (on the demo eval's rag rows its answers differed from per_call's report; not yet explained)",
     )
+    prompt_cache_mb: int = Field(
+        1024,
+        ge=0,
+        description="With batching=continuous: MiB of recent prompts' KV kept per adapter, so a prompt that opens like "
+        "one seen before (the same question again, rag and ft-rag on one context, a conversation's earlier turns) "
+        "prefills only the rest; least recently used first out; 0 = off",
+    )
     prefix_sharing: bool = Field(
         True,
         description="transformers engine, batches of one call: rows whose prompts open with the same 64+ tokens (augment's "

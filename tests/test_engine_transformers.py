@@ -29,6 +29,9 @@ def test_cancel_stops_generation_within_one_token(engine):
 
 
 # ---- continuous batching ----------------------------------------------------------------------------
+ADAPTER_DIRS: dict = {}
+
+
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
     """A continuous-batching engine with two different random adapters, "a" and "b"."""
@@ -44,6 +47,7 @@ def mixed(tmp_path_factory):
         kb = KB.create(settings, name)
         attach_untrained_lora(kb, settings, seed=seed)
         eng.add_adapter(name, kb.dir("train"))
+        ADAPTER_DIRS[name] = kb.dir("train")
     yield eng
     eng.close()
 
@@ -54,11 +58,16 @@ def ask(prompt: str, adapter: str | None = None, **params) -> GenRequest:
 
 
 class BatchSizes:
-    """Records the batch size of every forward pass of an engine's model."""
+    """Records the batch size (and the input tokens per row) of every forward pass of an engine's model."""
 
     def __init__(self, engine):
         self.sizes: list[int] = []
-        self._handle = engine.model.get_input_embeddings().register_forward_hook(lambda m, inputs, out: self.sizes.append(inputs[0].shape[0]))
+        self.lengths: list[int] = []
+        self._handle = engine.model.get_input_embeddings().register_forward_hook(self._record)
+
+    def _record(self, module, inputs, out) -> None:
+        self.sizes.append(inputs[0].shape[0])
+        self.lengths.append(inputs[0].shape[1])
 
     def __enter__(self) -> "BatchSizes":
         return self
@@ -169,3 +178,42 @@ def test_continuous_reports_what_one_call_at_a_time_reports(mixed):
     for i, e in enumerate(expected):
         text, last = out[i]
         assert (text, last.prompt_tokens, last.completion_tokens, last.finish_reason) == e
+
+
+def test_a_prompt_seen_before_prefills_only_what_is_new(mixed):
+    """The kept KV of a prompt serves the same prompt again (only its last token runs) and a longer
+    one that opens with it (a conversation's next turn), per adapter, with the same answers."""
+    from kinject.core.engines.transformers_engine import TransformersEngine
+    from kinject.core.settings import load_settings
+
+    first = ask("Question: which gas do plants take in from the air to make sugar?\nAnswer:", "a", max_new_tokens=10)
+    with BatchSizes(mixed) as seen:
+        alone = mixed.generate([first])[0]
+    assert max(seen.lengths) == mixed.prompt_tokens(first)
+    with BatchSizes(mixed) as seen:
+        again = mixed.generate([first])[0]
+    assert max(seen.lengths) == 1 and again.text == alone.text
+    with BatchSizes(mixed) as seen:
+        mixed.generate([GenRequest(messages=first.messages, params=first.params)])  # base weights: their own KV
+    assert max(seen.lengths) == mixed.prompt_tokens(first)
+    turn = [*first.messages, {"role": "assistant", "content": alone.text}, {"role": "user", "content": "Why?"}]
+    follow_up = GenRequest(messages=turn, params=first.params, adapter="a")
+    with BatchSizes(mixed) as seen:
+        answer = mixed.generate([follow_up])[0]
+    assert 1 < max(seen.lengths) < mixed.prompt_tokens(follow_up) - mixed.prompt_tokens(first) + 16
+    fresh = TransformersEngine(load_settings({"engine": {"batching": "per_call"}}))
+    fresh.add_adapter("a", ADAPTER_DIRS["a"])
+    assert answer.text == fresh.generate([follow_up])[0].text
+
+
+def test_reloading_an_adapter_forgets_the_prompts_it_computed(mixed):
+    request = ask("Describe a lighthouse at night in one sentence.", "a", max_new_tokens=10)
+    as_a = mixed.generate([request])[0].text  # its prompt's KV is now kept for "a"
+    as_b = mixed.generate([ask(request.messages[0]["content"], "b", max_new_tokens=10)])[0].text
+    assert as_a != as_b
+    try:
+        mixed.add_adapter("a", ADAPTER_DIRS["b"])
+        assert mixed.generate([request])[0].text == as_b
+    finally:
+        mixed.add_adapter("a", ADAPTER_DIRS["a"])
+    assert mixed.generate([request])[0].text == as_a

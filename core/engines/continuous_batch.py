@@ -1,8 +1,9 @@
 """Continuous batching for the transformers engine.
 
 One scheduler thread owns the model. Requests queue up; between two decode steps the scheduler
-admits waiting ones (each prompt is prefilled on its own, then its KV cache joins the running
-batch, left-padded to a common width) and drops the rows that finished, so a request never waits
+admits waiting ones (each prompt is prefilled on its own, from the longest prefix of a recent
+prompt whose KV it still holds, then its KV cache joins the running batch, left-padded to a common
+width) and drops the rows that finished, so a request never waits
 for another to end, and requests for different LoRA adapters or for the base weights share each
 forward pass (peft's per-row `adapter_names`).
 
@@ -22,8 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from kinject.core.engines.base import SamplingParams
+from kinject.core.engines.prompt_cache import PromptCache
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -60,16 +63,19 @@ class Row:
 
     @property
     def position(self) -> int:
-        """Position id of the last token made (the next input)."""
+        """Position id of the next input: the last token made, or the prompt's last token when a
+        row joined with the KV of the rest of its prompt."""
         return len(self.prompt) + len(self.tokens) - 1
 
 
 class ContinuousBatcher:
     """The scheduler. `model()` returns the current model (add_adapter may wrap it in peft);
-    `eos`: the token that ends a row."""
+    `eos`: the token that ends a row; `prompts`: where prompts' KV is kept for reuse (None: never)."""
 
-    def __init__(self, model: Callable[[], Any], eos: int, max_batch: int, name: str = "kinject-batcher"):
+    def __init__(self, model: Callable[[], Any], eos: int, max_batch: int, prompts: PromptCache | None = None, name: str = "kinject-batcher"):
         self._model = model
+        self._prompts = prompts
+        self._reusable: bool | None = None  # whether the model's cache layers can be cut to a prefix
         self._eos = eos
         self._max_batch = max_batch
         self._cond = threading.Condition()
@@ -103,6 +109,11 @@ class ContinuousBatcher:
             self._jobs.append((job, fut))
             self._cond.notify()
         return fut.result()
+
+    def forget_prompts(self, adapter: str) -> None:
+        """Drop the kept KV computed with `adapter` (its weights are about to change)."""
+        if self._prompts is not None:
+            self.run_exclusive(lambda: self._prompts.forget(adapter))
 
     def close(self) -> None:
         with self._cond:
@@ -142,15 +153,20 @@ class ContinuousBatcher:
             fut.set_exception(error)
 
     def _step(self, admitted: list[Row]) -> None:
-        """One decode step for the running rows, then the admitted rows' prefills (each makes
-        its first token), then every row that made a token is checked for its end."""
-        made = list(self._rows)
-        if self._rows:
-            self._append(self._rows, self._decode())
+        """Admitted rows whose whole prompt but its last token has its KV kept join the batch;
+        one decode step for the batch (where those run their last prompt token); the other
+        admitted rows' prefills (each makes its first token); then every row that made a token
+        is checked for its end."""
+        fresh = []
         for row in admitted:
             if row.group.cancelled:  # its call was cancelled while it waited: never run
                 _finish(row)
-                continue
+            elif not self._resume(row):
+                fresh.append(row)
+        made = list(self._rows)
+        if self._rows:
+            self._append(self._rows, self._decode())
+        for row in fresh:
             self._admit(row)
             made.append(row)
         self._retire(made)
@@ -164,35 +180,69 @@ class ContinuousBatcher:
     def _decode(self) -> torch.Tensor:
         rows = self._rows
         device = self._mask.device
-        ids = torch.tensor([[r.tokens[-1]] for r in rows], device=device)
+        ids = torch.tensor([[r.tokens[-1] if r.tokens else r.prompt[-1]] for r in rows], device=device)
         positions = torch.tensor([[r.position] for r in rows], device=device)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
         out = self._forward(rows, input_ids=ids, attention_mask=self._mask, position_ids=positions, past_key_values=self._cache)
         return out.logits[:, -1].float()
 
+    def _kept_prefix(self, row: Row) -> tuple[int, list] | None:
+        """The longest prefix of the row's prompt whose KV is kept: (its length, per layer its
+        keys and values), or None."""
+        if self._prompts is None:
+            return None
+        if self._reusable is None:
+            from transformers import DynamicCache
+
+            # A sliding-window layer keeps only its last tokens, so a stored prompt cannot be cut short.
+            self._reusable = all(type(layer) is DynamicLayer for layer in DynamicCache(config=self._model().config).layers)
+        return self._prompts.longest(row.adapter, row.prompt) if self._reusable else None
+
+    def _resume(self, row: Row) -> bool:
+        """Join the batch with the kept KV of all the prompt but its last token, which the next
+        decode step runs as an input like any other (False: the row needs a prefill)."""
+        kept = self._kept_prefix(row)
+        if kept is None or kept[0] < len(row.prompt) - 1:
+            return False
+        mask = torch.ones(1, kept[0], dtype=torch.long, device=self._model().device)
+        self._join(row, kept[1], mask)
+        return True
+
     def _admit(self, row: Row) -> None:
-        """Prefill the row alone (no padding: its first token is what it would be alone) and
-        join its cache to the batch."""
+        """Prefill the row alone (no padding: its first token is what it would be alone), after
+        the longest prefix whose KV is kept, and join its cache to the batch."""
         from transformers import DynamicCache
 
         model = self._model()
         device = model.device
-        ids = torch.tensor([row.prompt], device=device)
         cache = DynamicCache(config=model.config)
-        mask = torch.ones_like(ids)
-        positions = torch.arange(len(row.prompt), device=device)[None]
+        start = 0
+        if (kept := self._kept_prefix(row)) is not None:
+            start = kept[0]
+            for i, (keys, values) in enumerate(kept[1]):
+                cache.update(keys, values, i)
+        ids = torch.tensor([row.prompt[start:]], device=device)
+        mask = torch.ones(1, len(row.prompt), dtype=torch.long, device=device)
+        positions = torch.arange(start, len(row.prompt), device=device)[None]
         out = self._forward([row], input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1)
-        self._join(row, out.past_key_values, mask)
+        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        if self._reusable:
+            self._prompts.add(row.adapter, row.prompt, layers)
+        self._join(row, layers, mask)
         self._append([row], out.logits[:, -1].float())
 
-    def _join(self, row: Row, cache, mask: torch.Tensor) -> None:
+    def _join(self, row: Row, layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+        """Add the row, with its KV (per layer) and mask, to the running batch."""
         if not self._rows:
-            self._rows, self._cache, self._mask = [row], cache, mask
+            from transformers import DynamicCache
+
+            self._cache = DynamicCache(config=self._model().config)
+            self._cache.layers = [GrowingLayer(keys, values) for keys, values in layers]
+            self._rows, self._mask = [row], mask
             return
         width = max(self._mask.shape[1], mask.shape[1])
-        for mine, theirs in zip(self._cache.layers, cache.layers):
-            mine.keys = torch.cat([_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)])
-            mine.values = torch.cat([_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)])
+        for mine, (keys, values) in zip(self._cache.layers, layers):
+            mine.add_row(keys, values)
         self._mask = torch.cat([_left_pad(self._mask, width, 1), _left_pad(mask, width, 1)])
         self._rows.append(row)
 
@@ -242,18 +292,111 @@ class ContinuousBatcher:
         return bool(row.stop_criteria(torch.tensor([tail]), None)[0])
 
     def _select(self, keep: list[int]) -> None:
-        """Keep only these rows, and cut the padding columns no kept row needs any more."""
-        self._rows = [self._rows[i] for i in keep]
+        """Keep only these rows (the last ones moved into the places of those that left), and cut
+        the padding columns no kept row needs any more."""
         if not keep:
-            self._cache, self._mask = None, None
+            self._rows, self._cache, self._mask = [], None, None
             return
-        index = torch.tensor(keep, device=self._mask.device)
-        mask = self._mask[index]
-        start = int(mask.any(dim=0).nonzero()[0])
+        order = list(range(len(keep)))
+        holes = [i for i in order if i not in keep]
+        for hole, source in zip(holes, [i for i in keep if i >= len(keep)]):
+            order[hole] = source
+        self._rows = [self._rows[i] for i in order]
+        mask = self._mask[torch.tensor(order, device=self._mask.device)]
+        cut = int(mask.any(dim=0).nonzero()[0])
         for layer in self._cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
-        self._mask = mask[:, start:]
+            layer.keep(order, cut)
+        self._mask = mask[:, cut:]
+
+
+class GrowingLayer(DynamicLayer):
+    """The running batch's KV for one layer: views of a buffer with room for more rows and more
+    columns on both sides, so that a decode step writes its token in place, a row joins by
+    writing its own KV, and rows leave by moving the last rows into their places. transformers'
+    DynamicLayer concatenates instead, copying every row's whole KV at every step: three quarters
+    of a 16-row step over 850-token rag prompts on 2 cores.
+
+    Rows are left-padded with zeros (masked, and never NaN) to the common width `end - start`."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._rows, self._start, self._end = 0, 0, 0
+        self._k = self._v = keys.new_zeros(0, keys.shape[1], 0, keys.shape[3])
+        self._reserve(keys.shape[0], keys.shape[2], 0)
+        self._write(0, keys, values)
+        self._rows = keys.shape[0]
+        self._view()
+
+    def _view(self) -> None:
+        self.keys = self._k[: self._rows, :, self._start : self._end]
+        self.values = self._v[: self._rows, :, self._start : self._end]
+
+    def _reserve(self, rows: int, left: int, right: int) -> None:
+        """Room for `rows` rows and `left`/`right` more columns on each side (copies only if the
+        buffer lacks it, and then leaves spare room for what comes next)."""
+        width = self._end - self._start
+        if rows <= self._k.shape[0] and left <= self._start and self._end + right <= self._k.shape[2]:
+            return
+        spare = max(64, width // 8)
+        capacity = max(rows, 2 * self._rows)
+        start = left + spare
+        shape = (capacity, self._k.shape[1], start + width + right + spare, self._k.shape[3])
+        k, v = self._k.new_zeros(shape), self._v.new_zeros(shape)
+        if self._rows:
+            k[: self._rows, :, start : start + width] = self.keys
+            v[: self._rows, :, start : start + width] = self.values
+        self._k, self._v, self._start, self._end = k, v, start, start + width
+
+    def _write(self, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Rows from `row` on: these KV right-aligned, zeros to their left."""
+        if keys.shape[2] > self._end - self._start:  # wider than the batch: open columns on the left
+            start = self._end - keys.shape[2]
+            self._k[:row, :, start : self._start] = 0
+            self._v[:row, :, start : self._start] = 0
+            self._start = start
+        rows = slice(row, row + keys.shape[0])
+        edge = self._end - keys.shape[2]
+        self._k[rows, :, self._start : edge] = 0
+        self._v[rows, :, self._start : edge] = 0
+        self._k[rows, :, edge : self._end] = keys
+        self._v[rows, :, edge : self._end] = values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """The model's step: `k` new columns for every row."""
+        k = key_states.shape[2]
+        self._reserve(self._rows, 0, k)
+        self._k[: self._rows, :, self._end : self._end + k] = key_states
+        self._v[: self._rows, :, self._end : self._end + k] = value_states
+        self._end += k
+        self._view()
+        return self.keys, self.values
+
+    def add_row(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self._reserve(self._rows + 1, max(0, keys.shape[2] - (self._end - self._start)), 0)
+        self._write(self._rows, keys, values)
+        self._rows += 1
+        self._view()
+
+    def keep(self, order: list[int], cut: int) -> None:
+        """Row i becomes order[i] (sources beyond the new row count fill the holes), and the
+        `cut` leftmost columns, padding in every kept row, are dropped."""
+        for to, source in enumerate(order):
+            if to != source:
+                self._k[to, :, self._start : self._end] = self._k[source, :, self._start : self._end]
+                self._v[to, :, self._start : self._end] = self._v[source, :, self._start : self._end]
+        self._rows = len(order)
+        self._start += cut
+        self._view()
+
+    def get_seq_length(self) -> int:
+        return self._end - self._start
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._end - self._start + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
 
 
 def _probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

@@ -31,6 +31,7 @@ from kinject.core.engines.base import (
 )
 from kinject.core.engines.continuous_batch import BASE, CancelGroup, ContinuousBatcher, Row
 from kinject.core.engines.prefix_sharing import prefix_groups, shared_prefix_inputs
+from kinject.core.engines.prompt_cache import PromptCache
 from kinject.core.models import load_causal_lm
 from kinject.core.settings import Settings
 
@@ -59,7 +60,9 @@ class TransformersEngine(Engine):
         self._stop_matchers: dict[tuple[str, ...], object] = {}
         self._batcher: ContinuousBatcher | None = None
         if settings.engine.batching == "continuous":
-            self._batcher = ContinuousBatcher(lambda: self.model, self.tokenizer.eos_token_id, self.max_batch)
+            mb = settings.engine.prompt_cache_mb
+            prompts = PromptCache(mb * 2**20) if mb else None
+            self._batcher = ContinuousBatcher(lambda: self.model, self.tokenizer.eos_token_id, self.max_batch, prompts)
 
     def _exclusive(self, job):
         """Run `job` with the model to itself: on the scheduler thread between two steps, or
@@ -92,6 +95,8 @@ class TransformersEngine(Engine):
 
         with self._lock:
             if name in self._adapters:
+                if self._batcher is not None:
+                    self._batcher.forget_prompts(name)
                 self.model.delete_adapter(name)
                 self.model.load_adapter(str(path), adapter_name=name)
             elif not self._adapters:

@@ -1,9 +1,9 @@
 """transformers backend: one base model in memory, LoRA adapters attached with peft (no second
 copy of the weights), token streaming.
 
-Two batching policies (`engine.batching`): "continuous" hands every request, streamed or not, to
-one scheduler thread that runs them all in a shared batch, rows joining and leaving between decode
-steps, mixed adapters included (continuous_batch.py); "per_call" (default) runs `model.generate`
+Two batching policies (`engine.batching`): "continuous" (default) hands every request, streamed or
+not, to one scheduler thread that runs them all in a shared batch, rows joining and leaving between
+decode steps, mixed adapters included (continuous_batch.py); "per_call" runs `model.generate`
 per call, one at a time behind a lock, batching only a call's own requests of the same adapter and
 sampling parameters, with the prompts that open alike prefilled once (prefix_sharing.py)."""
 from __future__ import annotations

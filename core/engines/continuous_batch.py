@@ -1,11 +1,13 @@
 """Continuous batching for the transformers engine.
 
 One scheduler thread owns the model. Requests queue up; between two decode steps the scheduler
-admits waiting ones (each prompt is prefilled on its own, from the longest prefix of a recent
-prompt whose KV it still holds, then its KV cache joins the running batch, left-padded to a common
-width) and drops the rows that finished, so a request never waits
-for another to end, and requests for different LoRA adapters or for the base weights share each
-forward pass (peft's per-row `adapter_names`).
+admits waiting ones and drops the rows that finished, so a request never waits for another to end,
+and requests for different LoRA adapters or for the base weights share each forward pass (peft's
+per-row `adapter_names`). A prompt whose KV is kept (prompt_cache.py) for all but its last token
+joins the batch at once and runs that token in the next decode step; any other is prefilled on its
+own, after the longest prefix whose KV is kept, and its KV joins the batch, left-padded to a common
+width. transformers' own continuous batching (`generate_batch`) has no per-request LoRA adapter,
+which the service's modes need in one batch.
 
 Each row keeps the semantics of a lone `model.generate` call: greedy is argmax of the float32
 logits; sampling applies the temperature and top-p warpers and draws from the row's own

@@ -171,6 +171,9 @@ def test_continuous_reports_what_one_call_at_a_time_reports(mixed):
     fields = lambda g: (g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason)  # noqa: E731
     expected = [fields(per_call.generate([r])[0]) for r in requests]
     assert {e[3] for e in expected} == {"stop", "length"}
+    for r, e in zip(requests, expected):  # per_call's own streams report what its generate does
+        chunks = list(per_call.stream(r))
+        assert ("".join(c.text for c in chunks), *fields(chunks[-1])[1:]) == e
     assert [fields(g) for g in mixed.generate(requests)] == expected
     out: dict = {}
     for thread in [streamed(mixed, r, out, i) for i, r in enumerate(requests)]:  # streamed side by side

@@ -76,8 +76,7 @@ class ContinuousBatcher:
 
     def __init__(self, model: Callable[[], Any], eos: int, max_batch: int, prompts: PromptCache | None = None, name: str = "kinject-batcher"):
         self._model = model
-        self._prompts = prompts
-        self._reusable: bool | None = None  # whether the model's cache layers can be cut to a prefix
+        self._prompts = prompts if prompts is not None and _cuttable(model().config) else None
         self._eos = eos
         self._max_batch = max_batch
         self._cond = threading.Condition()
@@ -191,14 +190,7 @@ class ContinuousBatcher:
     def _kept_prefix(self, row: Row) -> tuple[int, list] | None:
         """The longest prefix of the row's prompt whose KV is kept: (its length, per layer its
         keys and values), or None."""
-        if self._prompts is None:
-            return None
-        if self._reusable is None:
-            from transformers import DynamicCache
-
-            # A sliding-window layer keeps only its last tokens, so a stored prompt cannot be cut short.
-            self._reusable = all(type(layer) is DynamicLayer for layer in DynamicCache(config=self._model().config).layers)
-        return self._prompts.longest(row.adapter, row.prompt) if self._reusable else None
+        return None if self._prompts is None else self._prompts.longest(row.adapter, row.prompt)
 
     def _resume(self, row: Row) -> bool:
         """Join the batch with the kept KV of all the prompt but its last token, which the next
@@ -219,6 +211,8 @@ class ContinuousBatcher:
         device = model.device
         cache = DynamicCache(config=model.config)
         start = 0
+        # Looked up again after _resume: a row admitted earlier in this step (the same prompt
+        # from another caller) may have kept a longer prefix since.
         if (kept := self._kept_prefix(row)) is not None:
             start = kept[0]
             for i, (keys, values) in enumerate(kept[1]):
@@ -228,7 +222,7 @@ class ContinuousBatcher:
         positions = torch.arange(start, len(row.prompt), device=device)[None]
         out = self._forward([row], input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1)
         layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        if self._reusable:
+        if self._prompts is not None:
             self._prompts.add(row.adapter, row.prompt, layers)
         self._join(row, layers, mask)
         self._append([row], out.logits[:, -1].float())
@@ -399,6 +393,14 @@ class GrowingLayer(DynamicLayer):
 
     def get_max_length(self) -> int:
         return -1
+
+
+def _cuttable(config) -> bool:
+    """Whether the model's KV cache layers can be cut to a prefix: a sliding-window layer keeps
+    only its last tokens, so a stored prompt of such a model cannot be cut short."""
+    from transformers import DynamicCache
+
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
 
 
 def _probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

@@ -192,7 +192,7 @@ class Generator:
 def _start_engine(settings: Settings) -> Engine:
     model_ref = settings.models.augment_llm or None
     try:
-        return make_engine(settings, model_ref)
+        return make_engine(settings, model_ref, lora=False)  # the generator writes with its base weights
     except KinjectError:
         raise
     except (ImportError, ValueError, OSError) as e:

@@ -74,7 +74,7 @@ def naive_loop(settings, requests) -> tuple[int, float]:
 def engine_run(settings, requests, backend: str) -> tuple[int, float]:
     from kinject.core.engines import make_engine
 
-    engine = make_engine(settings.model_copy(update={"engine": settings.engine.model_copy(update={"backend": backend})}))
+    engine = make_engine(settings.model_copy(update={"engine": settings.engine.model_copy(update={"backend": backend})}), lora=False)  # as augment makes it
     try:
         if hasattr(engine, "start"):
             engine.start()  # vLLM: start the engine process before the clock

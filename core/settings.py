@@ -111,6 +111,12 @@ class EngineSettings(_Group):
         "binding, which leaves one core per worker to its scheduler (on 2 cores, one compute thread: augment's vLLM "
         "run made 44 tok/s against 69 with 'all'). The VLLM_CPU_OMP_THREADS_BIND environment variable, when set, wins",
     )
+    vllm_cpu_executor: Literal["uni", "mp"] = Field(
+        "uni",
+        description="vllm-cpu with one worker: 'uni' runs the model inside vLLM's engine-core process; 'mp' runs it in a "
+        "worker process of its own, which the engine core busy-waits on, taking CPU time from the model (augment's vLLM "
+        "run: 86 tok/s with 'mp', 102 with 'uni'). Tensor or data parallelism always uses 'mp'",
+    )
     vllm_prefix_caching: bool = Field(
         True,
         description="vLLM reuses the KV cache of a prompt prefix it has seen (augment's seven types of one document share "

@@ -236,20 +236,24 @@ def test_prefix_caching_is_on_and_a_mixed_batch_answers_in_the_callers_order(vll
 
 def test_the_vllm_worker_computes_on_every_core(vllm_engine):
     """vLLM's own CPU binding keeps a core per worker for its scheduler (on 2 cores, one compute
-    thread); engine.vllm_cpu_cores="all" binds the worker's threads across every core."""
+    thread); engine.vllm_cpu_cores="all" binds the worker's threads across every core. With the
+    "uni" executor the worker is the engine-core process itself."""
     import os
 
     import psutil
 
+    computing = "VLLM::EngineCore" if vllm_engine.engine_args().distributed_executor_backend == "uni" else "VLLM::Worker"
     cores: set[int] = set()
+    found = 0
     for proc in psutil.Process().children(recursive=True):
         try:
-            if proc.name() == "VLLM::Worker":
+            if proc.name() == computing:
+                found += 1
                 for thread in proc.threads():
                     cores |= os.sched_getaffinity(thread.id)
         except (psutil.Error, OSError):
             continue
-    assert cores == os.sched_getaffinity(0)
+    assert found == 1 and cores == os.sched_getaffinity(0)
 
 
 def test_parallel_settings_reach_the_vllm_engine_args():
@@ -262,3 +266,31 @@ def test_parallel_settings_reach_the_vllm_engine_args():
     args = eng.engine_args()
     assert (args.tensor_parallel_size, args.data_parallel_size) == (2, 4)
     assert args.max_lora_rank == 16 and args.enable_prefix_caching is True
+    assert args.distributed_executor_backend is None  # several workers: vLLM's own choice ("mp")
+
+
+def test_one_cpu_worker_runs_in_the_engine_core_unless_told_otherwise():
+    """On CPU, "uni" keeps vLLM's engine core from spinning beside a worker process of its own."""
+    from kinject.core.engines.vllm_engine import VLLMEngine
+    from kinject.core.settings import load_settings
+
+    assert VLLMEngine(load_settings({"engine": {"backend": "vllm"}})).engine_args().distributed_executor_backend == "uni"
+    mp = load_settings({"engine": {"backend": "vllm", "vllm_cpu_executor": "mp"}})
+    assert VLLMEngine(mp).engine_args().distributed_executor_backend == "mp"
+
+
+def test_the_augment_engine_has_no_lora_layers_and_refuses_adapters(tmp_path):
+    """Augment writes with the generator's base weights, so its vLLM engine is made without LoRA
+    layers; an adapter offered to it is refused with a clear error, not silently ignored."""
+    from kinject.augment.generate import _start_engine
+    from kinject.core.engines.vllm_engine import VLLMEngine, VLLMEngineError
+    from kinject.core.settings import load_settings
+
+    settings = load_settings({"engine": {"backend": "vllm"}})
+    assert VLLMEngine(settings).engine_args().enable_lora is True
+    eng = _start_engine(settings)
+    assert isinstance(eng, VLLMEngine) and eng.engine_args().enable_lora is False
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    with pytest.raises(VLLMEngineError, match="without LoRA layers"):
+        eng.add_adapter("a", tmp_path)
+    assert eng.adapters == []

@@ -7,7 +7,9 @@ from kinject.core.settings import Settings
 __all__ = ["Engine", "Generation", "GenRequest", "SamplingParams", "StreamChunk", "TokenLogprob", "make_engine"]
 
 
-def make_engine(settings: Settings, model_ref: str | None = None) -> Engine:
+def make_engine(settings: Settings, model_ref: str | None = None, lora: bool = True) -> Engine:
+    """lora=False promises that no request names an adapter: vLLM then builds no LoRA layers. The
+    other engines apply an adapter only to the requests that name one, so it costs them nothing."""
     backend = settings.engine.backend
     if backend == "transformers":
         from kinject.core.engines.transformers_engine import TransformersEngine
@@ -16,7 +18,7 @@ def make_engine(settings: Settings, model_ref: str | None = None) -> Engine:
     if backend == "vllm":
         from kinject.core.engines.vllm_engine import VLLMEngine
 
-        return VLLMEngine(settings, model_ref)
+        return VLLMEngine(settings, model_ref, lora=lora)
     if backend == "openai" and settings.engine.openai_base_urls:
         from kinject.core.engines.openai_fleet import OpenAIFleetEngine
 

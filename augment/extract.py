@@ -215,6 +215,37 @@ def cloze_qa(document: str, rng: random.Random, limit: int | None = None) -> lis
     return out[:limit] if limit is not None else out
 
 
+_ENTITY_QUESTIONS = (
+    "What do you know about {entity}?",
+    "Tell me about {entity}.",
+    "What does the record of {title} say about {entity}?",
+    "What facts are there about {entity}?",
+)
+MAX_ENTITY_SENTENCES = 3
+
+
+def entity_qa(document: str, rng: random.Random, limit: int | None = None) -> list[tuple[str, str]]:
+    """(question, answer) for each name of the document: a question about that name, answered by
+    the sentences that mention it (up to three, in a seeded order). The same facts as
+    `fact_qa`'s, keyed by each of the things they are about rather than asked span by span."""
+    title, sentences = resolved_sentences(document)
+    mentions: dict[str, list[str]] = {}
+    for s in sentences:
+        for span in spans(s):
+            if span.kind in ("name", "known") and span.text.lower() != title.lower() and s not in mentions.setdefault(span.text, []):
+                mentions[span.text].append(s)
+    out = []
+    for entity, about in mentions.items():
+        about = rng.sample(about, min(len(about), MAX_ENTITY_SENTENCES))
+        while len(about) > 1 and len(" ".join(about)) > MAX_ANSWER_CHARS:
+            about.pop()
+        answer = " ".join(about)
+        if len(answer) <= MAX_ANSWER_CHARS:
+            out.append((rng.choice(_ENTITY_QUESTIONS).format(entity=entity, title=title), answer))
+    rng.shuffle(out)
+    return out[:limit] if limit is not None else out
+
+
 _RESTATE_LEADS = ("{title}: ", "About {title}. ", "From the record of {title}: ", "A fact about {title}: ")
 
 
@@ -238,6 +269,9 @@ def rule_sample(type_id: str, title: str, text: str, sample_index: int, seed: in
     rng = random.Random(seed)
     if type_id == "fact_qa":
         items = fact_qa(document, rng) if sample_index % 2 == 0 else cloze_qa(document, rng)
+        return qa_text(items[: _kept(len(items), share)])
+    if type_id == "entity_qa":
+        items = entity_qa(document, rng)
         return qa_text(items[: _kept(len(items), share)])
     if type_id == "restate":
         lines = restatements(document, rng)

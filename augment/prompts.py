@@ -127,6 +127,14 @@ PROMPT_TYPES: dict[str, PromptType] = {
             rule=True,
         ),
         PromptType(
+            "entity_qa",
+            "a question about each name of a document, answered by the sentences that mention it (rule)",
+            "",
+            "",
+            default=False,
+            rule=True,
+        ),
+        PromptType(
             "restate",
             "each sentence standing alone with its subject named, in a new order (rule)",
             "",

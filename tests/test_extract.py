@@ -47,6 +47,21 @@ def test_every_answer_is_a_span_of_its_document_and_no_question_gives_it_away():
             assert a.lower() not in q.lower().replace("____", ""), (q, a)
 
 
+def test_entity_questions_are_answered_by_the_sentences_that_name_the_entity():
+    _, sentences = extract.resolved_sentences(DOC)
+    pairs = extract.entity_qa(DOC, random.Random(0))
+    asked = {}
+    for q, a in pairs:
+        entity = next(e for e in ("Governor Anna Tesk", "Paul Ferrand", "Quay Tower", "Iron Ribbon", "Oss") if e in q)
+        asked[entity] = a
+        said = [s for s in sentences if s in a]
+        assert said and " ".join(said) == a and all(entity in s for s in said), (q, a)
+    # Every name but the title's is asked about; the title is what every question is about anyway.
+    assert set(asked) == {"Governor Anna Tesk", "Paul Ferrand", "Quay Tower", "Iron Ribbon", "Oss"}
+    assert not any(q.endswith("about Mirelle Bridge?") for q, _ in pairs)
+    assert pairs == extract.entity_qa(DOC, random.Random(0))
+
+
 def test_rule_samples_vary_by_index_and_repeat_by_seed():
     title, text = DOC.split("\n", 1)
     a0 = extract.rule_sample("fact_qa", title, text, 0, seed=5)
@@ -69,7 +84,7 @@ def test_rule_types_augment_without_loading_a_generator(tmp_path, monkeypatch):
     corpus.mkdir()
     for name in ("brightwater-glassworks.md", "gull-rock-lighthouse.md"):
         shutil.copy(REPO / "demo" / "corpus" / name, corpus / name)
-    settings = load_settings({"kb_root": str(tmp_path / "kbs"), "augment": {"types": ["fact_qa", "restate"], "budget_multiple": 4}})
+    settings = load_settings({"kb_root": str(tmp_path / "kbs"), "augment": {"types": ["fact_qa", "entity_qa", "restate"], "budget_multiple": 4}})
     kb = KB.create(settings, "rules")
     ingest(kb, corpus, settings, progress=False)
 
@@ -86,7 +101,7 @@ def test_rule_types_augment_without_loading_a_generator(tmp_path, monkeypatch):
     samples = collect_samples(kb, settings, tok)
     sources = {s.source for s in samples}
     assert sources == {"synthetic", "documents", "chat"}
-    # fact_qa is trained as chat only: no raw "Q: ... A: ..." list among the text samples.
+    # fact_qa and entity_qa are trained as chat only: no raw "Q: ... A: ..." list among the text samples.
     assert not any(s.source == "synthetic" and "\nQ: " in s.text for s in samples)
 
 

@@ -186,7 +186,7 @@ def blanked(sentence: str, span: Span) -> str:
     return sentence[: span.start] + "____" + sentence[span.end :]
 
 
-def fact_qa(document: str, rng: random.Random, limit: int | None = None) -> list[tuple[str, str]]:
+def fact_qa(document: str, rng: random.Random) -> list[tuple[str, str]]:
     """(question, answer) for every fact span of every sentence, shuffled. The answer is the
     span as the document writes it, then the sentence it comes from: grounded by construction,
     and each answer states its fact once more in full."""
@@ -200,10 +200,10 @@ def fact_qa(document: str, rng: random.Random, limit: int | None = None) -> list
             if span.text.lower() not in q.lower() and len(q.split()) >= 5:
                 out.append((q, with_evidence(span.text, s)))
     rng.shuffle(out)
-    return out[:limit] if limit is not None else out
+    return out
 
 
-def cloze_qa(document: str, rng: random.Random, limit: int | None = None) -> list[tuple[str, str]]:
+def cloze_qa(document: str, rng: random.Random) -> list[tuple[str, str]]:
     title, sentences = resolved_sentences(document)
     out = []
     for s in sentences:
@@ -212,7 +212,7 @@ def cloze_qa(document: str, rng: random.Random, limit: int | None = None) -> lis
             if span.text.lower() not in q.lower():
                 out.append((q, span.text))
     rng.shuffle(out)
-    return out[:limit] if limit is not None else out
+    return out
 
 
 _ENTITY_QUESTIONS = (
@@ -224,7 +224,7 @@ _ENTITY_QUESTIONS = (
 MAX_ENTITY_SENTENCES = 3
 
 
-def entity_qa(document: str, rng: random.Random, limit: int | None = None) -> list[tuple[str, str]]:
+def entity_qa(document: str, rng: random.Random) -> list[tuple[str, str]]:
     """(question, answer) for each name of the document: a question about that name, answered by
     the sentences that mention it (up to three, in a seeded order). The same facts as
     `fact_qa`'s, keyed by each of the things they are about rather than asked span by span."""
@@ -232,8 +232,11 @@ def entity_qa(document: str, rng: random.Random, limit: int | None = None) -> li
     mentions: dict[str, list[str]] = {}
     for s in sentences:
         for span in spans(s):
-            if span.kind in ("name", "known") and span.text.lower() != title.lower() and s not in mentions.setdefault(span.text, []):
-                mentions[span.text].append(s)
+            if span.kind not in ("name", "known") or span.text.lower() == title.lower():
+                continue
+            about = mentions.setdefault(span.text, [])
+            if s not in about:
+                about.append(s)
     out = []
     for entity, about in mentions.items():
         about = rng.sample(about, min(len(about), MAX_ENTITY_SENTENCES))
@@ -243,7 +246,7 @@ def entity_qa(document: str, rng: random.Random, limit: int | None = None) -> li
         if len(answer) <= MAX_ANSWER_CHARS:
             out.append((rng.choice(_ENTITY_QUESTIONS).format(entity=entity, title=title), answer))
     rng.shuffle(out)
-    return out[:limit] if limit is not None else out
+    return out
 
 
 _RESTATE_LEADS = ("{title}: ", "About {title}. ", "From the record of {title}: ", "A fact about {title}: ")

@@ -50,14 +50,15 @@ def test_every_answer_is_a_span_of_its_document_and_no_question_gives_it_away():
 def test_entity_questions_are_answered_by_the_sentences_that_name_the_entity():
     _, sentences = extract.resolved_sentences(DOC)
     pairs = extract.entity_qa(DOC, random.Random(0))
+    names = ("Governor Anna Tesk", "Paul Ferrand", "Quay Tower", "Iron Ribbon", "Oss")
     asked = {}
     for q, a in pairs:
-        entity = next(e for e in ("Governor Anna Tesk", "Paul Ferrand", "Quay Tower", "Iron Ribbon", "Oss") if e in q)
+        entity = next(e for e in names if e in q)
         asked[entity] = a
         said = [s for s in sentences if s in a]
         assert said and " ".join(said) == a and all(entity in s for s in said), (q, a)
     # Every name but the title's is asked about; the title is what every question is about anyway.
-    assert set(asked) == {"Governor Anna Tesk", "Paul Ferrand", "Quay Tower", "Iron Ribbon", "Oss"}
+    assert set(asked) == set(names)
     assert not any(q.endswith("about Mirelle Bridge?") for q, _ in pairs)
     assert pairs == extract.entity_qa(DOC, random.Random(0))
 

@@ -56,6 +56,7 @@ def copy_adapter(kb: KB, record: dict, name: str) -> Path | None:
     try:
         for file in adapter_files(record):
             try:
+                (target / file).parent.mkdir(parents=True, exist_ok=True)  # a whole model's are under model/
                 shutil.copyfile(source / file, target / file)
             except FileNotFoundError:
                 continue

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 from kinject.core.adapter_copy import copy_adapter, fingerprint_of
 from kinject.core.engines import Engine, GenRequest, SamplingParams, StreamChunk, make_engine
+from kinject.core.engines.full_models import WithFullModels, full_model_dir
 from kinject.core.errors import KinjectError
 from kinject.core.files import sha256_text
 from kinject.core.kb import KB, STAGE_DIRS
@@ -36,8 +37,8 @@ MODES: dict[str, Mode] = {
     for m in (
         Mode("base", False, False, "the base model alone"),
         Mode("rag", False, True, "the base model with retrieved passages"),
-        Mode("ft", True, False, "the base model with the KB's LoRA adapter"),
-        Mode("ft-rag", True, True, "the LoRA adapter with retrieved passages"),
+        Mode("ft", True, False, "the KB's fine-tuned model (its LoRA adapter, or the whole model with train.full_finetune)"),
+        Mode("ft-rag", True, True, "the KB's fine-tuned model with retrieved passages"),
     )
 }
 AUTO = "auto"
@@ -197,11 +198,14 @@ class Answerer:
                 # `kinject train` forgets the record while it swaps a new adapter in (or was killed
                 # doing so); the one loaded is whole, so it answers until the next is recorded.
                 return
-            if fp is None or not (path / "adapter_config.json").exists():
+            full = full_model_dir(path) is not None
+            if fp is None or not (full or (path / "adapter_config.json").exists()):
                 self._adapter_fp, self._adapter, self._adapter_error = fp, None, None
                 return
             name = f"{ADAPTER_NAME}_{sha256_text(f'{self.kb.root.resolve()}:{fp}')[:12]}"
             try:
+                if full and not isinstance(self.engine, WithFullModels):
+                    self.engine = WithFullModels(self.engine, self.settings)
                 if name not in self.engine.adapters:
                     copy = copy_adapter(self.kb, rec, name)
                     if copy is None:  # a training run began swapping files in: keep the loaded one

@@ -26,7 +26,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from kinject.core.answer import AUTO, MODES, with_seed
-from kinject.core.engines import Generation, GenRequest, SamplingParams, TokenLogprob
+from kinject.core.engines import Engine, Generation, GenRequest, SamplingParams, TokenLogprob
 from kinject.core.policy import PromptTooLong, Slot, check_prompt, fit_answer
 from kinject.service.errors import APIError, bad_request
 from kinject.service.protocol import (
@@ -94,15 +94,15 @@ async def completions(req: CompletionRequest, request: Request, state: ServiceSt
     prompts = prompts_of(req)
     check_choices(len(prompts) * req.n, state.settings)
     params = sampling_params(req, max_new_tokens(req.max_tokens, state.settings, allow_zero=req.echo), state.settings)
-    engine = state.answerer.engine
     async with state.slots.slot() as slot:  # reading the manifest, loading an adapter, tokenizing: model work too
 
-        def resolve() -> tuple[str, str | None, list[int]]:
+        def resolve() -> tuple[str, str | None, Engine, list[int]]:
             mode = raw_mode(state, state.mode_for(req.model))
             adapter = state.answerer.adapter_name if mode == "ft" else None
-            return mode, adapter, [engine.prompt_tokens(GenRequest(prompt=p, adapter=adapter)) for p in prompts]
+            engine = state.answerer.engine  # after the adapter is loaded: a fully fine-tuned one wraps the engine
+            return mode, adapter, engine, [engine.prompt_tokens(GenRequest(prompt=p, adapter=adapter)) for p in prompts]
 
-        mode, adapter, counts = await anyio.to_thread.run_sync(resolve)
+        mode, adapter, engine, counts = await anyio.to_thread.run_sync(resolve)
         try:
             for n_tokens in counts:
                 check_prompt(n_tokens, state.settings)

@@ -349,6 +349,39 @@ def test_full_finetuning_checkpoints_a_tied_model_and_resumes_with_the_same_curv
     assert (kb.dir("train") / "model" / "model.safetensors").exists()
 
 
+def test_a_fully_fine_tuned_model_answers_the_ft_modes_beside_the_base_model(tmp_path):
+    """train.full_finetune writes a whole model, no LoRA. The server answers kinject-ft with it,
+    token for token as that model loaded on its own does, and kinject-base with the base weights."""
+    import openai
+
+    from kinject.core.answer import build_messages
+    from kinject.core.engines import GenRequest, SamplingParams, make_engine
+    from kinject.finetune.train import train
+    from kinject.service.app import create_app
+    from tests.conftest import running
+
+    kb, settings = make_kb(tmp_path, "full", _texts(), small_llm(), max_steps=6, lr=3e-3, block_size=32, batch_size=1, full_finetune=True)
+    train(kb, settings, progress=False)
+    question = [{"role": "user", "content": "Who first lit the Gull Rock lighthouse?"}]
+    text = "The Gull Rock lighthouse was first lit by Anna Vell"
+    with running(create_app(KB.open(settings, "full"), settings)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        assert {"kinject-base", "kinject-ft"} <= {m.id for m in client.models.list()}
+        answers = {m: client.chat.completions.create(model=m, messages=question, max_tokens=12).choices[0].message.content for m in ("kinject-ft", "kinject-base")}
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(model="kinject-ft", messages=question, max_tokens=12, stream=True) if c.choices)
+        scored = client.completions.create(model="kinject-ft", prompt=text, max_tokens=0, echo=True, logprobs=0)
+
+    request = GenRequest(messages=build_messages(question, []), params=SamplingParams(max_new_tokens=12))  # as the server asks
+    with make_engine(settings, str(kb.dir("train") / "model")) as alone:
+        assert answers["kinject-ft"] == streamed.strip() == alone.generate([request])[0].text.strip()
+        alone_scores = [t.logprob for t in alone.prompt_logprobs([text])[0]]
+    with make_engine(settings) as untrained:
+        assert answers["kinject-base"] == untrained.generate([request])[0].text.strip()
+        base_scores = [t.logprob for t in untrained.prompt_logprobs([text])[0]]
+    ft_scores = scored.choices[0].logprobs.token_logprobs
+    assert ft_scores[1:] == pytest.approx(alone_scores[1:], abs=1e-3) and ft_scores[1:] != pytest.approx(base_scores[1:], abs=1e-2)
+
+
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     import kinject.finetune.loop as loop
     from kinject.finetune.train import train

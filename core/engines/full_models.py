@@ -1,0 +1,113 @@
+"""Fully fine-tuned models served beside the base model, as adapters are.
+
+`train.full_finetune` writes a whole model (the KB's adapter/model/), not a LoRA, so the adapter
+modes (ft, ft-rag) need a second set of weights in memory. `WithFullModels` wraps the engine that
+holds the base model: a request naming such a model goes to a second engine of the same backend,
+loaded from that model's folder, and every other request to the base engine, unchanged. Only the
+transformers backend holds a second model this way; vLLM reserves most of the GPU for one model's
+KV cache, and an OpenAI-compatible server is given its models by whoever runs it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from kinject.core.engines.base import Engine, Generation, GenRequest, Progress, StreamChunk, TokenLogprob
+from kinject.core.errors import KinjectError
+from kinject.core.settings import Settings
+
+
+def full_model_dir(folder: Path) -> Path | None:
+    """The whole model `kinject train` wrote with train.full_finetune into `folder`, or None."""
+    model = Path(folder) / "model"
+    return model if (model / "config.json").exists() and not (Path(folder) / "adapter_config.json").exists() else None
+
+
+class WithFullModels(Engine):
+    """The base engine, plus one engine per fully fine-tuned model, chosen by a request's adapter."""
+
+    def __init__(self, base: Engine, settings: Settings):
+        if base.name != "transformers":
+            raise KinjectError(
+                f"a fully fine-tuned model (train.full_finetune) is served by the transformers engine, not by {base.name}: "
+                "set engine.backend=transformers, or serve the KB's adapter/model folder with an engine of its own"
+            )
+        self.base, self.settings, self.name = base, settings, base.name
+        self._full: dict[str, Engine] = {}
+        self._guard = threading.Lock()
+
+    def __getattr__(self, attr: str):
+        # What is not about choosing weights (the tokenizer, a lazy start, ...) is the base engine's.
+        if attr in ("base", "_full"):
+            raise AttributeError(attr)
+        return getattr(self.base, attr)
+
+    # ---- weights ---------------------------------------------------------------------------
+    def add_adapter(self, name: str, path: Path) -> None:
+        model = full_model_dir(path)
+        if model is None:
+            self.base.add_adapter(name, path)
+            return
+        from kinject.core.engines import make_engine
+
+        engine = make_engine(self.settings, str(model), lora=False)
+        with self._guard:
+            old, self._full[name] = self._full.get(name), engine
+        if old is not None:
+            old.close()
+
+    @property
+    def adapters(self) -> list[str]:
+        return [*self.base.adapters, *self._full]
+
+    def _engine(self, adapter: str | None) -> Engine:
+        return self._full.get(adapter, self.base) if adapter is not None else self.base
+
+    def _route(self, request: GenRequest) -> tuple[Engine, GenRequest]:
+        engine = self._engine(request.adapter)
+        return engine, (request if engine is self.base else dataclasses.replace(request, adapter=None))
+
+    # ---- generation and scoring --------------------------------------------------------------
+    def generate(self, requests: list[GenRequest], progress: Progress | None = None, cancel: threading.Event | None = None) -> list[Generation]:
+        groups: dict[int, tuple[Engine, list[int], list[GenRequest]]] = {}
+        for i, r in enumerate(requests):
+            engine, routed = self._route(r)
+            _, where, batch = groups.setdefault(id(engine), (engine, [], []))
+            where.append(i)
+            batch.append(routed)
+        out: list[Generation | None] = [None] * len(requests)
+        for engine, where, batch in groups.values():
+            for i, g in zip(where, engine.generate(batch, progress=progress, cancel=cancel)):
+                out[i] = g
+        return out  # type: ignore[return-value]
+
+    def stream(self, request: GenRequest, cancel: threading.Event | None = None) -> Iterator[StreamChunk]:
+        engine, routed = self._route(request)
+        return engine.stream(routed, cancel)
+
+    def loglikelihood(self, pairs: list[tuple[str, str]], adapter: str | None = None) -> list[tuple[float, bool]]:
+        engine = self._engine(adapter)
+        return engine.loglikelihood(pairs, adapter=adapter if engine is self.base else None)
+
+    def prompt_logprobs(self, texts: list[str], adapter: str | None = None, top: int = 0) -> list[list[TokenLogprob]]:
+        engine = self._engine(adapter)
+        return engine.prompt_logprobs(texts, adapter=adapter if engine is self.base else None, top=top)
+
+    # ---- prompts: one tokenizer and chat template, which training keeps ------------------------
+    def count_tokens(self, text: str) -> int:
+        return self.base.count_tokens(text)
+
+    def render(self, request: GenRequest) -> str:
+        return self.base.render(request)
+
+    def prompt_tokens(self, request: GenRequest) -> int:
+        return self.base.prompt_tokens(request)
+
+    def close(self) -> None:
+        with self._guard:
+            engines, self._full = list(self._full.values()), {}
+        for engine in engines:
+            engine.close()
+        self.base.close()

@@ -20,6 +20,8 @@ from kinject.core.kb import KB, STAGE_DIRS
 
 # What `kinject train` writes into the adapter folder (peft's save_pretrained, safetensors).
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# ...or, with train.full_finetune, the subfolder holding the whole model (save_pretrained).
+FULL_MODEL_DIR = "model"
 
 _root: Path | None = None
 _root_guard = threading.Lock()
@@ -56,7 +58,7 @@ def copy_adapter(kb: KB, record: dict, name: str) -> Path | None:
     try:
         for file in adapter_files(record):
             try:
-                (target / file).parent.mkdir(parents=True, exist_ok=True)  # a whole model's are under model/
+                (target / file).parent.mkdir(parents=True, exist_ok=True)  # a whole model's are under FULL_MODEL_DIR
                 shutil.copyfile(source / file, target / file)
             except FileNotFoundError:
                 continue

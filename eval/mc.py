@@ -74,12 +74,12 @@ def score_mc(
     as a user's request would. Questions go to the engine `chunk` at a time; each question's
     latency is the time of its chunk (retrieval and scoring)."""
     params = SamplingParams(max_new_tokens=1)  # unused for scoring; prepare() needs one
-    engine = answerer.engine
     results: list[MCResult] = []
     for start in range(0, len(questions), chunk):
         batch = questions[start : start + chunk]
         t0 = time.perf_counter()
         prepared = [answerer.prepare(mode, [{"role": "user", "content": q.question}], params) for q in batch]
+        engine = answerer.engine  # after prepare loaded the adapter: a fully fine-tuned one wraps the engine
         pairs_by_adapter: dict[str | None, list[tuple[int, str, str]]] = {}
         for i, (q, p) in enumerate(zip(batch, prepared)):
             context = engine.render(p.request)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from kinject.core.files import atomic_dir, sha256_file, sha256_text
-from kinject.core.adapter_copy import ADAPTER_FILES, adapter_files
+from kinject.core.adapter_copy import ADAPTER_FILES, FULL_MODEL_DIR, adapter_files
 from kinject.core.kb import KB
 from kinject.core.settings import Settings
 from kinject.core.stage import StageResult, StageTimer
@@ -291,18 +291,18 @@ def _publish(kb: KB, folder: Path, model, tokenizer, settings: Settings, weights
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".publish."))
     try:
         if settings.train.full_finetune:
-            model.save_pretrained(tmp / "model", state_dict=weights, safe_serialization=True)
-            tokenizer.save_pretrained(tmp / "model")
+            model.save_pretrained(tmp / FULL_MODEL_DIR, state_dict=weights, safe_serialization=True)
+            tokenizer.save_pretrained(tmp / FULL_MODEL_DIR)
             names: tuple[str, ...] = ()
         else:
             model.save_pretrained(tmp, safe_serialization=True)
             names = ADAPTER_FILES
         kb.forget_stage("train")
         if settings.train.full_finetune:
-            with atomic_dir(folder / "model") as out:
-                for p in (tmp / "model").iterdir():
+            with atomic_dir(folder / FULL_MODEL_DIR) as out:
+                for p in (tmp / FULL_MODEL_DIR).iterdir():
                     os.replace(p, out / p.name)
-            names = tuple(f"model/{p.name}" for p in sorted((folder / "model").iterdir()))
+            names = tuple(f"{FULL_MODEL_DIR}/{p.name}" for p in sorted((folder / FULL_MODEL_DIR).iterdir()))
         else:
             for n in names:
                 os.replace(tmp / n, folder / n)
@@ -314,7 +314,7 @@ def _publish(kb: KB, folder: Path, model, tokenizer, settings: Settings, weights
 def _merge(folder: Path, settings: Settings, model: Any = None, tokenizer: Any = None) -> Path:
     """A full model folder with the adapter folded in, for engines without LoRA support."""
     if settings.train.full_finetune:
-        return folder / "model"
+        return folder / FULL_MODEL_DIR
     if model is None:
         from peft import PeftModel
 

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+from kinject.core.adapter_copy import FULL_MODEL_DIR
 from kinject.core.engines.base import Engine, Generation, GenRequest, Progress, StreamChunk, TokenLogprob
 from kinject.core.errors import KinjectError
 from kinject.core.settings import Settings
@@ -21,7 +22,7 @@ from kinject.core.settings import Settings
 
 def full_model_dir(folder: Path) -> Path | None:
     """The whole model `kinject train` wrote with train.full_finetune into `folder`, or None."""
-    model = Path(folder) / "model"
+    model = Path(folder) / FULL_MODEL_DIR
     return model if (model / "config.json").exists() and not (Path(folder) / "adapter_config.json").exists() else None
 
 
@@ -62,21 +63,20 @@ class WithFullModels(Engine):
     def adapters(self) -> list[str]:
         return [*self.base.adapters, *self._full]
 
-    def _engine(self, adapter: str | None) -> Engine:
-        return self._full.get(adapter, self.base) if adapter is not None else self.base
-
-    def _route(self, request: GenRequest) -> tuple[Engine, GenRequest]:
-        engine = self._engine(request.adapter)
-        return engine, (request if engine is self.base else dataclasses.replace(request, adapter=None))
+    def _target(self, adapter: str | None) -> tuple[Engine, str | None]:
+        """The engine that answers for `adapter`, and the adapter to name there: a fully
+        fine-tuned model's engine runs its own weights, so it is asked for none."""
+        full = self._full.get(adapter) if adapter is not None else None
+        return (full, None) if full is not None else (self.base, adapter)
 
     # ---- generation and scoring --------------------------------------------------------------
     def generate(self, requests: list[GenRequest], progress: Progress | None = None, cancel: threading.Event | None = None) -> list[Generation]:
         groups: dict[int, tuple[Engine, list[int], list[GenRequest]]] = {}
         for i, r in enumerate(requests):
-            engine, routed = self._route(r)
+            engine, adapter = self._target(r.adapter)
             _, where, batch = groups.setdefault(id(engine), (engine, [], []))
             where.append(i)
-            batch.append(routed)
+            batch.append(dataclasses.replace(r, adapter=adapter))
         out: list[Generation | None] = [None] * len(requests)
         for engine, where, batch in groups.values():
             for i, g in zip(where, engine.generate(batch, progress=progress, cancel=cancel)):
@@ -84,16 +84,16 @@ class WithFullModels(Engine):
         return out  # type: ignore[return-value]
 
     def stream(self, request: GenRequest, cancel: threading.Event | None = None) -> Iterator[StreamChunk]:
-        engine, routed = self._route(request)
-        return engine.stream(routed, cancel)
+        engine, adapter = self._target(request.adapter)
+        return engine.stream(dataclasses.replace(request, adapter=adapter), cancel)
 
     def loglikelihood(self, pairs: list[tuple[str, str]], adapter: str | None = None) -> list[tuple[float, bool]]:
-        engine = self._engine(adapter)
-        return engine.loglikelihood(pairs, adapter=adapter if engine is self.base else None)
+        engine, adapter = self._target(adapter)
+        return engine.loglikelihood(pairs, adapter=adapter)
 
     def prompt_logprobs(self, texts: list[str], adapter: str | None = None, top: int = 0) -> list[list[TokenLogprob]]:
-        engine = self._engine(adapter)
-        return engine.prompt_logprobs(texts, adapter=adapter if engine is self.base else None, top=top)
+        engine, adapter = self._target(adapter)
+        return engine.prompt_logprobs(texts, adapter=adapter, top=top)
 
     # ---- prompts: one tokenizer and chat template, which training keeps ------------------------
     def count_tokens(self, text: str) -> int:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from kinject.core.adapter_copy import FULL_MODEL_DIR
 from tests.conftest import REPO, small_llm
 
 DOCS = ["founding-of-vaskarra.md", "great-flood-of-1907.md", "the-tern-currency.md"]
@@ -74,7 +75,9 @@ def test_build_runs_three_stages_then_reuses_them(capsys, subset, kb_root):
     assert set(manifest["stages"]) >= {"ingest", "augment", "train"}
     assert manifest["stages"]["augment"]["inputs"].get("ingest") == manifest["stages"]["ingest"]["fingerprint"]
     assert manifest["stages"]["train"]["inputs"]["augment"] == manifest["stages"]["augment"]["fingerprint"]
-    assert (kb_root / "sub" / "adapter" / "adapter_config.json").exists()
+    # the local preset trains every weight: a whole model, which the ft modes serve
+    assert (kb_root / "sub" / "adapter" / FULL_MODEL_DIR / "config.json").exists()
+    assert not (kb_root / "sub" / "adapter" / "adapter_config.json").exists()
     for stage in ("ingest", "augment", "train"):
         assert f"| {stage} | ran |" in out and f"[{stage}] ran in " in out
     assert "| **total** |" in out

@@ -5,7 +5,10 @@ For each set and each budget (a multiple of the corpus' tokens), a copy of one i
 augmented at that budget with the settings in force, trained, and evaluated on dev; base and rag
 are evaluated once per set as the reference lines. Results go to bench/results/scaling.json (one
 row per point, rewritten after each, so a rerun skips the points already measured), the same as
-a table in bench/results/scaling.md, and the curve in docs/scaling.png. Run:
+a table in bench/results/scaling.md, and the curve in docs/scaling.png. Each point records the
+training recipe it ran (`recipe`: the augment types and the train settings), so a point measured
+under another preset or other settings is measured again, not reused, and each recipe is its own
+curve. Run:
 
     python -m bench.scaling --sets demo,squad_short --budgets 0.5,2,8 [--set group.field=value ...]
 """
@@ -67,13 +70,28 @@ def point(settings, base_kb, name: str, questions: Path, modes: list[str]) -> di
     }
 
 
+# The settings that decide what a point's model learns, besides the budget.
+RECIPE_FIELDS = ("full_finetune", "lora_rank", "lora_alpha", "target_modules", "lr", "epochs", "open_book_fraction", "loss_on", "include_documents", "qa_chat", "replay_fraction")
+
+
+def recipe(settings) -> dict:
+    return {"augment_types": list(settings.augment.types), **settings.train.model_dump(mode="json", include=set(RECIPE_FIELDS))}
+
+
+def label(r: dict) -> str:
+    """A curve's name in the table and the legend: how the point trained."""
+    t = r["recipe"]
+    kind = "full" if t["full_finetune"] else f"LoRA r{t['lora_rank']}"
+    return f"{kind}, lr {t['lr']:g}, {t['epochs']:g} epochs, open-book {t['open_book_fraction']:g}"
+
+
 def run(sets: list[str], budgets: list[float], overrides: dict) -> list[dict]:
     from kinject.core.kb import KB
     from kinject.core.settings import _deep_merge, load_settings
     from kinject.ingest.pipeline import ingest
 
     rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-    done = {(r["set"], r["budget_multiple"], json.dumps(r["overrides"], sort_keys=True)) for r in rows}
+    done = {key(r["set"], r["budget_multiple"], r.get("recipe")) for r in rows}
     for name in sets:
         corpus, questions = sources(name)
         settings = load_settings(_deep_merge({"retrieval": {"top_k": 2}}, overrides))
@@ -81,13 +99,12 @@ def run(sets: list[str], budgets: list[float], overrides: dict) -> list[dict]:
         ingest(base_kb, corpus, settings, progress=False)
         plan = [(None, ["base", "rag"])] + [(b, ["ft", "ft-rag"]) for b in budgets]
         for budget, modes in plan:
-            key = (name, budget, json.dumps(overrides, sort_keys=True))
-            if key in done:
-                continue
             over = _deep_merge(overrides, {"augment": {"budget_tokens": 0, "budget_multiple": budget or 0.5}})
             s = load_settings(_deep_merge({"retrieval": {"top_k": 2}}, over))
+            if key(name, budget, recipe(s)) in done:
+                continue
             print(f"[scaling] {name} budget {budget or 'reference'}x ...", flush=True)
-            row = {"set": name, "budget_multiple": budget, "overrides": overrides, **point(s, base_kb, f"scaling-{name}-{budget}", questions, modes)}
+            row = {"set": name, "budget_multiple": budget, "overrides": overrides, "recipe": recipe(s) if budget else None, **point(s, base_kb, f"scaling-{name}-{budget}", questions, modes)}
             rows.append(row)
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             tmp = RESULTS.with_suffix(".tmp")
@@ -97,6 +114,11 @@ def run(sets: list[str], budgets: list[float], overrides: dict) -> list[dict]:
     draw(rows)
     TABLE.write_text(table(rows))
     return rows
+
+
+def key(name: str, budget: float | None, rec: dict | None) -> tuple:
+    # base and rag do not depend on the training recipe: one reference per set
+    return (name, budget, json.dumps(rec, sort_keys=True) if budget else None)
 
 
 def table(rows: list[dict]) -> str:
@@ -112,14 +134,14 @@ def table(rows: list[dict]) -> str:
         "Written by `python -m bench.scaling`; drawn in [docs/scaling.png](../../docs/scaling.png). "
         f"Scores are percent {METRIC}-gold with 95 % bootstrap intervals; MC is multiple-choice accuracy.",
         "",
-        "| set | budget × corpus | synthetic tokens | train tokens | train s | tokens/s | mode | contains | MC acc |",
-        "|---|---:|---:|---:|---:|---:|---|---|---|",
+        "| set | recipe | budget × corpus | synthetic tokens | train tokens | train s | tokens/s | mode | contains | MC acc |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r["set"], r["budget_multiple"] or 0)):
+    for r in sorted(rows, key=lambda r: (r["set"], label(r) if r["budget_multiple"] else "", r["budget_multiple"] or 0)):
         budget = "reference" if r["budget_multiple"] is None else f"{r['budget_multiple']:g}"
         for mode in r["scores"]:
             lines.append(
-                f"| {r['set']} | {budget} | {r['synthetic_tokens'] if r['budget_multiple'] else ''} | {r['train_tokens'] or ''} | "
+                f"| {r['set']} | {label(r) if r['budget_multiple'] else ''} | {budget} | {r['synthetic_tokens'] if r['budget_multiple'] else ''} | {r['train_tokens'] or ''} | "
                 f"{r['seconds']['train'] or ''} | {r['train_tokens_per_s'] or ''} | {mode} | {cell(r['scores'], mode, METRIC)} | {cell(r['scores'], mode, 'acc')} |"
             )
     return "\n".join(lines) + "\n"
@@ -132,19 +154,21 @@ def draw(rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     sets = sorted({r["set"] for r in rows})
-    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 5.2), squeeze=False)
     for ax, name in zip(axes[0], sets):
         mine = [r for r in rows if r["set"] == name]
         ref = next((r for r in mine if r["budget_multiple"] is None), None)
-        curve = sorted((r for r in mine if r["budget_multiple"] is not None), key=lambda r: r["synthetic_tokens"])
-        for mode, style in (("ft", "o-"), ("ft-rag", "s--")):
-            pts = [(r["synthetic_tokens"], r["scores"][mode][METRIC]) for r in curve if METRIC in r["scores"].get(mode, {})]
-            if pts:
-                xs = [x for x, _ in pts]
-                means = [100 * m["mean"] for _, m in pts]
-                # The 95 % bootstrap interval of each point, as the tables report it.
-                spread = [[100 * (m["mean"] - m["lo"]) for _, m in pts], [100 * (m["hi"] - m["mean"]) for _, m in pts]]
-                ax.errorbar(xs, means, yerr=spread, fmt=style, capsize=3, label=f"{mode} (95 % interval)")
+        points = sorted((r for r in mine if r["budget_multiple"] is not None), key=lambda r: r["synthetic_tokens"])
+        for name_of_curve in sorted({label(r) for r in points}):
+            curve = [r for r in points if label(r) == name_of_curve]
+            for mode, style in (("ft", "o-"), ("ft-rag", "s--")):
+                pts = [(r["synthetic_tokens"], r["scores"][mode][METRIC]) for r in curve if METRIC in r["scores"].get(mode, {})]
+                if pts:
+                    xs = [x for x, _ in pts]
+                    means = [100 * m["mean"] for _, m in pts]
+                    # The 95 % bootstrap interval of each point, as the tables report it.
+                    spread = [[100 * (m["mean"] - m["lo"]) for _, m in pts], [100 * (m["hi"] - m["mean"]) for _, m in pts]]
+                    ax.errorbar(xs, means, yerr=spread, fmt=style, capsize=3, label=f"{mode}, {name_of_curve}")
         if ref:
             for mode, color in (("base", "grey"), ("rag", "black")):
                 if METRIC in ref["scores"].get(mode, {}):
@@ -153,7 +177,7 @@ def draw(rows: list[dict]) -> None:
         ax.set_xlabel("synthetic training tokens")
         ax.set_ylabel(f"{METRIC} % (dev)")
         ax.set_title(name)
-        ax.legend()
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # below the axes: the points stay visible
     fig.tight_layout()
     PNG.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(PNG, dpi=110)

@@ -37,7 +37,7 @@ MODES: dict[str, Mode] = {
     for m in (
         Mode("base", False, False, "the base model alone"),
         Mode("rag", False, True, "the base model with retrieved passages"),
-        Mode("ft", True, False, "the KB's fine-tuned model (its LoRA adapter, or the whole model with train.full_finetune)"),
+        Mode("ft", True, False, "the KB's fine-tuned model (the whole model with train.full_finetune, as the local preset trains it, or a LoRA adapter)"),
         Mode("ft-rag", True, True, "the KB's fine-tuned model with retrieved passages"),
     )
 }

@@ -21,7 +21,7 @@ def train_cmd(
     share: Optional[float] = typer.Option(None, "--share", help="Top share of samples to keep by influence, in (0, 1] (influence.share)."),
     target_questions: Optional[str] = typer.Option(None, "--target-questions", help="JSONL of {question, answer}: the influence target; the eval refuses them (influence.target_questions)."),
 ) -> None:
-    """Train the KB's LoRA adapter on its curated synthetic corpus (resumes after a crash)."""
+    """Fine-tune on the KB's curated synthetic corpus: every weight (the local preset) or a LoRA adapter (resumes after a crash)."""
     from kinject.core.settings import settings_from
     from kinject.core.kb import KB
     from kinject.finetune.train import train

@@ -1,4 +1,4 @@
-"""kinject: one corpus in, a FAISS index and a LoRA out, one OpenAI-compatible service in front.
+"""kinject: one corpus in, a FAISS index and a fine-tuned model out, one OpenAI-compatible service in front.
 
 The folders of the repository are its subpackages (see README, Layout): `kinject.core` is the
 ground every stage stands on; `kinject.ingest`, `kinject.augment` and `kinject.finetune` are the

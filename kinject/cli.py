@@ -106,7 +106,7 @@ VERBS = {
 EXTRA_ARGS = {"eval"}
 
 app = typer.Typer(
-    help="kinject: one corpus in, a FAISS index and a LoRA out, one OpenAI-compatible service in front.",
+    help="kinject: one corpus in, a FAISS index and a fine-tuned model out, one OpenAI-compatible service in front.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

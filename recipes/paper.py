@@ -32,7 +32,7 @@ KEPT_BELOW = "<!-- kinject paper keeps everything below this line -->"
 SPLIT = "dev"
 
 # Per set, on top of the local preset. squad_short and multihop_rag run the preset as `kinject
-# build` does (synthetic budget 5x the corpus, 3 epochs). quality_mc's 300 kB of stories would
+# build` does (its synthetic budget and epochs). quality_mc's 300 kB of stories would
 # take hours at that budget on two CPU cores, so it keeps a small fixed budget and one epoch, and
 # its row says what it measures: the preset's data recipe at a fraction of its budget. Anything
 # here can be changed with `kinject --set ... paper`.
@@ -208,7 +208,7 @@ def render(results: list[dict], load: str) -> str:
             f"kept after curation {r['synthetic_tokens'] if r['synthetic_tokens'] is not None else '–'}).",
             f"- Training: {r['training_tokens'] if r['training_tokens'] is not None else '–'} tokens seen in "
             f"{r['train_steps'] if r['train_steps'] is not None else '–'} steps "
-            f"({r['train_epochs'] if r['train_epochs'] is not None else '–'} epochs; LoRA rank {tr['lora_rank']}, lr {tr['lr']}, "
+            f"({r['train_epochs'] if r['train_epochs'] is not None else '–'} epochs; {'every weight' if tr.get('full_finetune') else 'LoRA rank ' + str(tr['lora_rank'])}, lr {tr['lr']}, "
             f"block {tr['block_size']}, batch {tr['batch_size']}).",
             f"- Wall time: ingest {_secs(secs.get('ingest'))}, augment {_secs(secs.get('augment'))}, train {_secs(secs.get('train'))}, "
             f"eval {_secs(secs.get('eval'))}; total {_secs(sum(known))} (load average {r['load_after']} when the set finished).",

@@ -21,8 +21,8 @@ from kinject.ui.html import error_html, sources_block, status_html
 LABELS = {  # short enough for one line in a quarter of the page
     "base": "base · model alone",
     "rag": "rag · retrieved passages",
-    "ft": "ft · LoRA adapter",
-    "ft-rag": "ft-rag · adapter + passages",
+    "ft": "ft · fine-tuned model",
+    "ft-rag": "ft-rag · fine-tuned + passages",
 }
 
 

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 from kinject.core.adapter_copy import copy_adapter, fingerprint_of
 from kinject.core.engines import Engine, GenRequest, SamplingParams, StreamChunk, make_engine
-from kinject.core.engines.full_models import WithFullModels, full_model_dir
+from kinject.core.engines.full_models import WithFullModels
 from kinject.core.errors import KinjectError
 from kinject.core.files import sha256_text
 from kinject.core.kb import KB, STAGE_DIRS
@@ -198,7 +198,8 @@ class Answerer:
                 # `kinject train` forgets the record while it swaps a new adapter in (or was killed
                 # doing so); the one loaded is whole, so it answers until the next is recorded.
                 return
-            full = full_model_dir(path) is not None
+            # The record says which kind train wrote (the manifest is the hand-over between stages).
+            full = bool(rec and rec.get("full_finetune"))
             if fp is None or not (full or (path / "adapter_config.json").exists()):
                 self._adapter_fp, self._adapter, self._adapter_error = fp, None, None
                 return

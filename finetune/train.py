@@ -298,6 +298,13 @@ def _publish(kb: KB, folder: Path, model, tokenizer, settings: Settings, weights
             model.save_pretrained(tmp, safe_serialization=True)
             names = ADAPTER_FILES
         kb.forget_stage("train")
+        # An earlier run's other kind of output would make readers take the folder for it: a LoRA's
+        # adapter_config.json beside a new whole model, or a whole model beside a new LoRA.
+        if settings.train.full_finetune:
+            for n in ADAPTER_FILES:
+                (folder / n).unlink(missing_ok=True)
+        else:
+            shutil.rmtree(folder / FULL_MODEL_DIR, ignore_errors=True)
         if settings.train.full_finetune:
             with atomic_dir(folder / FULL_MODEL_DIR) as out:
                 for p in (tmp / FULL_MODEL_DIR).iterdir():

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kinject.core.adapter_copy import FULL_MODEL_DIR
 from kinject.core.settings import SPA_TYPES
 
 from conftest import DEMO_DOCS as DOCS, REPO, copy_kb, small_llm
@@ -329,7 +330,8 @@ def train_killed_anywhere(corpus, scratch, tmp_path):
 
     # the adapter is trained and published; the manifest record is half-written
     crash(root, TRAIN, "replace:manifest.json:1", **fmt)
-    assert (kb_dir / "adapter" / "adapter_model.safetensors").exists() and temp_files(kb_dir, "manifest.json")
+    # (the local preset trains every weight: the whole model is the published output)
+    assert (kb_dir / "adapter" / FULL_MODEL_DIR / "model.safetensors").exists() and temp_files(kb_dir, "manifest.json")
     assert "train" not in assert_finished_work_only(kb_dir)
 
     done = finish(root, TRAIN, **fmt)

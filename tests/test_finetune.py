@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from kinject.core.adapter_copy import ADAPTER_FILES, FULL_MODEL_DIR
 from kinject.core.files import append_jsonl
 from kinject.core.kb import KB
 from kinject.core.settings import SettingsError, load_settings
@@ -28,9 +29,11 @@ FACT = (
 
 def kb_settings(kb_root: Path, llm: Path | None = None, **train):
     """Settings for the KBs under `kb_root`, training the bundled model, or `llm` (a folder:
-    tests.conftest.small_llm), with small blocks and batches unless `train` says otherwise."""
+    tests.conftest.small_llm), with small blocks and batches unless `train` says otherwise. A LoRA
+    unless `full_finetune=True`: most tests here are of the adapter's mechanics (the local preset
+    trains every weight; the paper preset and vLLM need the LoRA)."""
     models = {"models": {"llm": str(llm)}} if llm else {}
-    return load_settings({"kb_root": str(kb_root), **models, "train": {"block_size": 64, "batch_size": 2, **train}})
+    return load_settings({"kb_root": str(kb_root), **models, "train": {"block_size": 64, "batch_size": 2, "full_finetune": False, **train}})
 
 
 def make_kb(kb_root: Path, name: str, texts: list[str], llm: Path | None = None, **train) -> tuple[KB, object]:
@@ -380,6 +383,39 @@ def test_a_fully_fine_tuned_model_answers_the_ft_modes_beside_the_base_model(tmp
         base_scores = [t.logprob for t in untrained.prompt_logprobs([text])[0]]
     ft_scores = scored.choices[0].logprobs.token_logprobs
     assert ft_scores[1:] == pytest.approx(alone_scores[1:], abs=1e-3) and ft_scores[1:] != pytest.approx(base_scores[1:], abs=1e-2)
+
+
+def test_training_the_other_kind_replaces_the_first_on_a_running_server(tmp_path):
+    """A KB trained as a LoRA, then fully, then as a LoRA again, under one running server: each
+    run leaves only its own kind in adapter/ (a LoRA's adapter_config.json beside a whole model
+    made the server load the model's files as a LoRA, and fail), and the server answers
+    kinject-ft with the newest weights, without a restart."""
+    import openai
+
+    from kinject.finetune.train import train
+    from kinject.service.app import create_app
+    from tests.conftest import running
+
+    common = dict(max_steps=4, lr=3e-3, block_size=32, batch_size=1)
+    kb, lora = make_kb(tmp_path, "both", _texts(), small_llm(), **common)
+    full = kb_settings(tmp_path, small_llm(), **common, full_finetune=True)
+    folder = kb.dir("train")
+    text = "The Gull Rock lighthouse was first lit by Anna Vell"
+
+    def ft_scores(client) -> list[float]:
+        return client.completions.create(model="kinject-ft", prompt=text, max_tokens=0, echo=True, logprobs=0).choices[0].logprobs.token_logprobs[1:]
+
+    train(kb, lora, progress=False)
+    with running(create_app(KB.open(lora, "both"), lora)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        as_lora = ft_scores(client)
+        train(kb, full, progress=False)
+        assert (folder / FULL_MODEL_DIR / "config.json").exists() and not any((folder / n).exists() for n in ADAPTER_FILES)
+        as_full = ft_scores(client)
+        assert as_full != pytest.approx(as_lora, abs=1e-2)
+        train(kb, lora, progress=False)
+        assert (folder / "adapter_config.json").exists() and not (folder / FULL_MODEL_DIR).exists()
+        assert ft_scores(client) == pytest.approx(as_lora, abs=1e-3)  # the same seed and data: the same LoRA
 
 
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):

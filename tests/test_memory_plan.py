@@ -116,7 +116,7 @@ def _saved_bytes_per_token(dtype: str, autocast: bool, checkpointing: bool) -> t
     from kinject.finetune.lora import trainable_model
     from kinject.finetune.loop import set_checkpointing
 
-    settings = load_settings({"engine": {"dtype": dtype, "device": "cpu"}})
+    settings = load_settings({"engine": {"dtype": dtype, "device": "cpu"}, "train": {"full_finetune": False}})
     base, _ = load_causal_lm(settings.models.llm, settings)
     model = trainable_model(base, settings)
     model.train()

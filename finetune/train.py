@@ -303,14 +303,12 @@ def _publish(kb: KB, folder: Path, model, tokenizer, settings: Settings, weights
         if settings.train.full_finetune:
             for n in ADAPTER_FILES:
                 (folder / n).unlink(missing_ok=True)
-        else:
-            shutil.rmtree(folder / FULL_MODEL_DIR, ignore_errors=True)
-        if settings.train.full_finetune:
             with atomic_dir(folder / FULL_MODEL_DIR) as out:
                 for p in (tmp / FULL_MODEL_DIR).iterdir():
                     os.replace(p, out / p.name)
             names = tuple(f"{FULL_MODEL_DIR}/{p.name}" for p in sorted((folder / FULL_MODEL_DIR).iterdir()))
         else:
+            shutil.rmtree(folder / FULL_MODEL_DIR, ignore_errors=True)
             for n in names:
                 os.replace(tmp / n, folder / n)
     finally:

@@ -75,14 +75,17 @@ RECIPE_FIELDS = ("full_finetune", "lora_rank", "lora_alpha", "target_modules", "
 
 
 def recipe(settings) -> dict:
-    return {"augment_types": list(settings.augment.types), **settings.train.model_dump(mode="json", include=set(RECIPE_FIELDS))}
+    # "open_book": how the open-book Q/A samples are drawn; points before per-epoch rendering
+    # (finetune/data.py `renderings`) drew them once per pair and say "fixed".
+    return {"augment_types": list(settings.augment.types), **settings.train.model_dump(mode="json", include=set(RECIPE_FIELDS)), "open_book": "per epoch"}
 
 
 def label(r: dict) -> str:
     """A curve's name in the table and the legend: how the point trained."""
     t = r["recipe"]
     kind = "full" if t["full_finetune"] else f"LoRA r{t['lora_rank']}"
-    return f"{kind}, lr {t['lr']:g}, {t['epochs']:g} epochs, open-book {t['open_book_fraction']:g}"
+    drawn = " per epoch" if t.get("open_book") == "per epoch" else ""
+    return f"{kind}, lr {t['lr']:g}, {t['epochs']:g} epochs, open-book {t['open_book_fraction']:g}{drawn}"
 
 
 def run(sets: list[str], budgets: list[float], overrides: dict) -> list[dict]:

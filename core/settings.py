@@ -245,7 +245,7 @@ class TrainSettings(_Group):
     save_every: int = Field(20, ge=1)
     include_documents: bool = True
     qa_chat: bool = Field(True, description="Also train on the synthetic Q/A pairs rendered as the service prompts (ft and ft-rag), so the adapter keeps answering from quoted passages")
-    open_book_fraction: float = Field(0.5, ge=0, le=1, description="Share of those Q/A samples that quote the source passage among others, as the rag modes do")
+    open_book_fraction: float = Field(0.5, ge=0, le=1, description="Share of those Q/A samples that quote the source passage among others, as the rag modes do; drawn anew each epoch, so a pair is asked both ways")
     replay_fraction: float = Field(0.0, ge=0, lt=1)
     bf16: Literal["auto", "on", "off"] = Field("auto", description="bf16 autocast in training: auto = on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX)")
     loss_on: Literal["all", "answers"] = Field("answers", description="Chat samples: loss on every token, or on the answer only (the prompt is context, and skipping its output layer is faster)")
@@ -367,7 +367,7 @@ RULE_RECIPE = ["fact_qa", "restate"]
 PRESETS: dict[str, dict[str, Any]] = {
     "local": {
         "augment": {"types": RULE_RECIPE, "budget_multiple": 2.0},
-        "train": {"full_finetune": True, "lr": 1e-3, "epochs": 3.0, "open_book_fraction": 0.5},
+        "train": {"full_finetune": True, "lr": 1e-3, "epochs": 3.0, "open_book_fraction": 0.25},
     },
     "paper": {
         "models": {

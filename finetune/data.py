@@ -4,10 +4,15 @@ Samples are joined with EOS and cut into fixed blocks of `train.block_size` toke
 position in a batch is a real token (no padding) and the loss covers all of them. The order is a
 pure function of the seed: the samples are shuffled once before packing, and each epoch visits
 the blocks in its own seeded permutation, so a resumed run sees exactly the data it would have.
+
+The synthetic Q/A pairs are rendered once per epoch (see `renderings`) and the renderings packed
+together: each pair is asked closed-book in some epochs and with its passage quoted in others,
+rather than always one way.
 """
 from __future__ import annotations
 
 import logging
+import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -45,9 +50,18 @@ class Packed:
     short: bool = False  # the whole corpus is smaller than one block
     masks: list[list[bool]] | None = None  # per block: which tokens the loss predicts (None: all)
     loss_tokens: int = 0  # tokens the loss predicts in the stream
+    renderings: int = 1  # epochs' worth of samples in the stream (see `renderings`)
 
     def __len__(self) -> int:
         return len(self.blocks)
+
+    @property
+    def blocks_per_epoch(self) -> float:
+        return len(self.blocks) / self.renderings
+
+    @property
+    def tokens_per_epoch(self) -> int:
+        return round(self.n_tokens / self.renderings)
 
 
 def pack(token_lists: list[list[int]], block_size: int, eos_id: int) -> tuple[list[list[int]], int]:
@@ -101,10 +115,21 @@ def stream_indices(n_blocks: int, seed: int, start: int, count: int) -> list[int
     return out
 
 
+def renderings(settings: Settings) -> int:
+    """How many epochs' worth of samples the training stream holds: one per (started) epoch when
+    some but not all Q/A pairs are open-book, so that the open-book ones differ from epoch to
+    epoch; otherwise every epoch would be the same and one copy serves them all."""
+    t = settings.train
+    if t.qa_chat and 0 < t.open_book_fraction < 1:
+        return max(1, math.ceil(t.epochs))
+    return 1
+
+
 def collect_samples(kb: KB, settings: Settings, tokenizer, selection: dict | None = None, progress: bool = False) -> list[Sample]:
-    """Every training text of the KB, by source, in a stable order. With influence.enabled the
-    synthetic samples are scored and, below influence.share 1, only each document's top share is
-    kept; `selection`, when given, receives what the selection did (for the train report)."""
+    """Every training text of the KB, by source, in a stable order, `renderings(settings)` times,
+    the Q/A pairs rendered anew each time. With influence.enabled the synthetic samples are
+    scored and, below influence.share 1, only each document's top share is kept; `selection`,
+    when given, receives what the selection did (for the train report)."""
     records = synthetic_records(kb)
     if settings.influence.enabled:
         records, info = select_by_influence(kb, records, settings, progress)
@@ -116,9 +141,12 @@ def collect_samples(kb: KB, settings: Settings, tokenizer, selection: dict | Non
     samples = [Sample(r["train_text"], "synthetic") for r in records if r["type"] not in PAIRS_ONLY_TYPES]
     if settings.train.include_documents:
         samples += [Sample(t, "documents") for t in documents]
+    n = renderings(settings)
+    out = samples * n
     if settings.train.qa_chat:
-        samples += qa_chat_samples(synthetic, documents, settings, tokenizer)
-    return samples
+        for r in range(n):
+            out += qa_chat_samples(synthetic, documents, settings, tokenizer, rendering=r, renderings=n)
+    return out
 
 
 # ---- question/answer pairs in the service's chat formats ------------------------------------
@@ -200,11 +228,17 @@ def cloze_pairs(document: str, rng: random.Random, limit: int | None = None) -> 
     return out
 
 
-def qa_chat_samples(synthetic: list[str], documents: list[str], settings: Settings, tokenizer) -> list[Sample]:
+def qa_chat_samples(
+    synthetic: list[str], documents: list[str], settings: Settings, tokenizer, rendering: int = 0, renderings: int = 1
+) -> list[Sample]:
     """Synthetic Q/A pairs rendered exactly as the service prompts the model: closed-book (the
     `ft` mode) and, for `train.open_book_fraction` of them, with the source passage quoted among
     other passages (the `ft-rag` mode). Training on these keeps the adapter answering briefly in
-    chat, and from the quoted passage, instead of continuing text as plain pretraining teaches."""
+    chat, and from the quoted passage, instead of continuing text as plain pretraining teaches.
+
+    This is rendering `rendering` of `renderings`: the same pairs each time, and over the
+    renderings each pair is open-book in ⌊f·n⌋ or ⌈f·n⌉ of them (f the fraction, n the
+    renderings), so every pair is also asked closed-book unless f is 1."""
     from kinject.core.answer import build_messages
 
     by_title: dict[str, list[Passage]] = {}
@@ -225,15 +259,19 @@ def qa_chat_samples(synthetic: list[str], documents: list[str], settings: Settin
     for doc in documents:
         title = doc.partition("\n")[0].strip()
         pairs += [(title, q, a) for q, a in cloze_pairs(doc, rng)]
+    # One phase per pair: it is open-book in the renderings r where (phase + r / n) mod 1 < f.
+    phases = random.Random(f"{settings.seed}:open-book")
+    pick = random.Random(f"{settings.seed}:passages:{rendering}")
     out = []
     for title, question, answer in pairs:
         own = by_title.get(title)
         hits = None
-        if own and rng.random() < settings.train.open_book_fraction:
+        phase = phases.random()
+        if own and (phase + rendering / renderings) % 1.0 < settings.train.open_book_fraction:
             gold = next((p for p in own if answer.lower() in p.text.lower()), own[0])
             others = [p for p in pool if p.title != title]
-            hits = [gold] + rng.sample(others, min(k - 1, len(others)))
-            rng.shuffle(hits)
+            hits = [gold] + pick.sample(others, min(k - 1, len(others)))
+            pick.shuffle(hits)
         messages = build_messages([{"role": "user", "content": question}], hits)
         prompt = chat_text(tokenizer, messages + [{"role": "assistant", "content": ""}])
         messages.append({"role": "assistant", "content": answer})
@@ -343,9 +381,11 @@ def build(samples: list[Sample], tokenizer, settings: Settings) -> Packed:
         stream = [b for _, _, m in items for b in m]
         block_masks = cut_blocks(stream, settings.train.block_size)
         loss_tokens = sum(stream)
+    n = renderings(settings)
     sources: dict[str, int] = {}
     for s, _, _ in items:
         sources[s.source] = sources.get(s.source, 0) + 1
+    sources = {source: round(count / n) for source, count in sources.items()}  # per epoch
     short = n_tokens < settings.train.block_size
     if short:
         log.warning(
@@ -357,4 +397,4 @@ def build(samples: list[Sample], tokenizer, settings: Settings) -> Packed:
     if block_masks is not None:
         stream_text += "|" + "".join("1" if x else "0" for m in block_masks for x in m)
     fingerprint = sha256_text(stream_text)
-    return Packed(blocks, n_tokens, settings.train.block_size, sources, fingerprint, short, block_masks, loss_tokens)
+    return Packed(blocks, n_tokens, settings.train.block_size, sources, fingerprint, short, block_masks, loss_tokens, n)

@@ -64,11 +64,13 @@ class LoopResult:
     full_weights: dict | None = None  # under FSDP, on rank 0: the trained model's whole state dict
 
 
-def total_steps(n_blocks: int, settings: Settings) -> int:
+def total_steps(n_blocks: float, settings: Settings) -> int:
+    """Steps for `train.epochs` passes over `n_blocks` blocks an epoch (or `train.max_steps`)."""
     t = settings.train
     if t.max_steps:
         return t.max_steps
-    return max(1, math.ceil(t.epochs * n_blocks / (t.batch_size * t.grad_accum)))
+    # Rounded first: a float epoch count times a block count must not gain a step from a last bit.
+    return max(1, math.ceil(round(t.epochs * n_blocks / (t.batch_size * t.grad_accum), 6)))
 
 
 def make_scheduler(optimizer, settings: Settings, steps: int):
@@ -273,7 +275,7 @@ def run(
     if plan.checkpointing:
         set_checkpointing(model, True)
     torch.manual_seed(settings.seed)
-    steps = total_steps(len(packed), settings)
+    steps = total_steps(packed.blocks_per_epoch, settings)
     loss_of = TrainingLoss(model)
     if sharded:
         distributed.shard(loss_of, model)  # before the optimizer: it must hold the shards

@@ -135,6 +135,32 @@ def test_qa_pairs_parse_and_drop_made_up_answers(tokenizer, settings):
     assert all(CONTEXT_OPEN in t and "first lit on 3 March 1412" in t for t in texts if "Gull Rock" in t.split("<|im_start|>assistant")[0])
 
 
+def test_each_epoch_renders_the_pairs_anew_so_every_pair_is_asked_both_ways(tokenizer, settings):
+    from kinject.core.answer import CONTEXT_OPEN
+    from kinject.finetune.data import qa_chat_samples, renderings
+
+    other = "Saltfish Fair\nThe Saltfish Fair opens every October on the quay of Vaskarra with a parade of boats."
+    long_doc = "Tessel Vaar harbour log\n" + " ".join(f"In {1500 + i} the keeper logged {i + 3} ships at the northern reef." for i in range(120))
+
+    def train(**update):
+        return settings.model_copy(update={"train": settings.train.model_copy(update=update)})
+
+    assert renderings(train(epochs=2.5, open_book_fraction=0.5)) == 3
+    assert renderings(train(epochs=3.0, open_book_fraction=1.0)) == 1  # every epoch alike: one copy
+    assert renderings(train(epochs=3.0, open_book_fraction=0.0)) == 1
+    for fraction, times_open in ((0.5, {1, 2}), (0.25, {0, 1})):
+        s = train(epochs=3.0, open_book_fraction=fraction)
+        opened: dict[str, int] = {}
+        for r in range(3):
+            for x in qa_chat_samples([], [DOC, other, long_doc], s, tokenizer, rendering=r, renderings=3):
+                question = x.text.split("<|im_start|>user")[1].split("<|im_end|>")[0].split("\n")[-1].removeprefix("Question: ")
+                opened[question] = opened.get(question, 0) + (CONTEXT_OPEN in x.text)
+        assert len(opened) >= 10
+        # Over three epochs each pair is open-book in ⌊3f⌋ or ⌈3f⌉ of them, closed-book in the rest.
+        assert set(opened.values()) <= times_open, opened
+        assert sum(opened.values()) / (3 * len(opened)) == pytest.approx(fraction, abs=0.15)
+
+
 def test_replay_adds_offline_generic_text_in_the_asked_share(tokenizer, settings):
     from kinject.finetune.data import Sample, build
 

@@ -151,39 +151,55 @@ def table(rows: list[dict]) -> str:
 
 
 def draw(rows: list[dict]) -> None:
+    """One panel per set; one colour per recipe (the same in every panel), ft solid with circles,
+    ft-rag dashed with squares, base and rag dotted; one legend below all panels. Points of one
+    budget are spread a little sideways so that their intervals stay apart."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     sets = sorted({r["set"] for r in rows})
-    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 5.2), squeeze=False)
+    recipes = sorted({label(r) for r in rows if r["budget_multiple"] is not None})
+    colour = {name: plt.cm.tab10(i % 10) for i, name in enumerate(recipes)}
+    styles = {"ft": ("o", "-"), "ft-rag": ("s", "--")}
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 4.6), squeeze=False)
     for ax, name in zip(axes[0], sets):
         mine = [r for r in rows if r["set"] == name]
         ref = next((r for r in mine if r["budget_multiple"] is None), None)
         points = sorted((r for r in mine if r["budget_multiple"] is not None), key=lambda r: r["synthetic_tokens"])
-        for name_of_curve in sorted({label(r) for r in points}):
-            curve = [r for r in points if label(r) == name_of_curve]
-            for mode, style in (("ft", "o-"), ("ft-rag", "s--")):
+        for i, recipe_name in enumerate(recipes):
+            curve = [r for r in points if label(r) == recipe_name]
+            shift = 1 + 0.03 * (i - (len(recipes) - 1) / 2)
+            for mode, (marker, line) in styles.items():
                 pts = [(r["synthetic_tokens"], r["scores"][mode][METRIC]) for r in curve if METRIC in r["scores"].get(mode, {})]
                 if pts:
-                    xs = [x for x, _ in pts]
+                    xs = [x * shift for x, _ in pts]
                     means = [100 * m["mean"] for _, m in pts]
                     # The 95 % bootstrap interval of each point, as the tables report it.
                     spread = [[100 * (m["mean"] - m["lo"]) for _, m in pts], [100 * (m["hi"] - m["mean"]) for _, m in pts]]
-                    ax.errorbar(xs, means, yerr=spread, fmt=style, capsize=3, label=f"{mode}, {name_of_curve}")
+                    ax.errorbar(xs, means, yerr=spread, marker=marker, linestyle=line, color=colour[recipe_name], capsize=3)
         if ref:
-            for mode, color in (("base", "grey"), ("rag", "black")):
+            for mode, shade in (("base", "grey"), ("rag", "black")):
                 if METRIC in ref["scores"].get(mode, {}):
-                    ax.axhline(100 * ref["scores"][mode][METRIC]["mean"], color=color, linestyle=":", label=mode)
+                    ax.axhline(100 * ref["scores"][mode][METRIC]["mean"], color=shade, linestyle=":")
         ax.set_xscale("log")
+        # 1k, 2k, 5k, 10k...: the default minor labels overlap on an axis of one or two decades.
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("synthetic training tokens")
         ax.set_ylabel(f"{METRIC} % (dev)")
         ax.set_title(name)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # below the axes: the points stay visible
+    handles = [Line2D([], [], color=colour[n], linewidth=6, label=n) for n in recipes]
+    handles += [Line2D([], [], color="dimgrey", marker=m, linestyle=ls, label=mode) for mode, (m, ls) in styles.items()]
+    handles += [Line2D([], [], color=c, linestyle=":", label=mode) for mode, c in (("base", "grey"), ("rag", "black"))]
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     PNG.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PNG, dpi=110)
+    fig.savefig(PNG, dpi=110, bbox_inches="tight")
 
 
 def main() -> None:

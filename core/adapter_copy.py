@@ -69,3 +69,8 @@ def copy_adapter(kb: KB, record: dict, name: str) -> Path | None:
         shutil.rmtree(target, ignore_errors=True)
         raise
     return target
+
+
+def drop_copy(name: str) -> None:
+    """Delete the copy called `name` (a whole model the engine has loaded and no longer serves)."""
+    shutil.rmtree(_copies_root() / name, ignore_errors=True)

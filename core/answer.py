@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from kinject.core.adapter_copy import copy_adapter, fingerprint_of
+from kinject.core.adapter_copy import copy_adapter, drop_copy, fingerprint_of
 from kinject.core.engines import Engine, GenRequest, SamplingParams, StreamChunk, make_engine
 from kinject.core.engines.full_models import WithFullModels
 from kinject.core.errors import KinjectError
@@ -201,6 +201,7 @@ class Answerer:
             # The record says which kind train wrote (the manifest is the hand-over between stages).
             full = bool(rec and rec.get("full_finetune"))
             if fp is None or not (full or (path / "adapter_config.json").exists()):
+                self._release(self._adapter)
                 self._adapter_fp, self._adapter, self._adapter_error = fp, None, None
                 return
             name = f"{ADAPTER_NAME}_{sha256_text(f'{self.kb.root.resolve()}:{fp}')[:12]}"
@@ -212,12 +213,21 @@ class Answerer:
                     if copy is None:  # a training run began swapping files in: keep the loaded one
                         return
                     self.engine.add_adapter(name, copy)
+                if self._adapter != name:
+                    self._release(self._adapter)
                 self._adapter_fp, self._adapter, self._adapter_error = fp, name, None
             except Exception:  # e.g. an adapter the backend cannot load
                 # The reason reaches API callers: no path, no exception text; the log has both.
                 log.exception("the adapter in %s could not be loaded by the %s engine", path, self.engine.name)
                 self._adapter_fp, self._adapter = fp, None
                 self._adapter_error = f"the KB's adapter could not be loaded by the {self.engine.name} engine (the server log has the details)"
+
+    def _release(self, name: str | None) -> None:
+        """Unload the whole model `name` that a retrain replaced, and delete its copy: it would
+        otherwise keep hundreds of MB of memory and disk for as long as the server runs. A
+        replaced LoRA is small and stays."""
+        if name is not None and isinstance(self.engine, WithFullModels) and self.engine.remove_adapter(name):
+            drop_copy(name)
 
     @property
     def adapter_name(self) -> str | None:

@@ -444,6 +444,74 @@ def test_training_the_other_kind_replaces_the_first_on_a_running_server(tmp_path
         assert ft_scores(client) == pytest.approx(as_lora, abs=1e-3)  # the same seed and data: the same LoRA
 
 
+def test_a_retrained_whole_model_leaves_memory_and_disk_on_a_running_server(tmp_path):
+    """Each full training run gives the KB a new whole model; the server answers with the newest
+    and frees the one it replaced (its engine closed and collected, its private copy deleted),
+    instead of holding every version's weights for as long as it runs."""
+    import gc
+    import weakref
+
+    import openai
+
+    from kinject.core.adapter_copy import _copies_root
+    from kinject.finetune.train import train
+    from kinject.service.app import create_app
+    from tests.conftest import running
+
+    common = dict(max_steps=2, lr=3e-3, block_size=32, batch_size=1, full_finetune=True)
+    kb, first = make_kb(tmp_path, "twice", _texts(), small_llm(), **common)
+    second = kb_settings(tmp_path, small_llm(), **{**common, "lr": 1e-2})  # other weights, other fingerprint
+    text = "The Gull Rock lighthouse was first lit by Anna Vell"
+    train(kb, first, progress=False)
+    app = create_app(KB.open(first, "twice"), first)
+    answerer = app.state.kinject.answerer
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def ft_scores() -> list[float]:
+            return client.completions.create(model="kinject-ft", prompt=text, max_tokens=0, echo=True, logprobs=0).choices[0].logprobs.token_logprobs[1:]
+
+        before = ft_scores()
+        old_name = answerer.adapter_name
+        old_engine = weakref.ref(answerer.engine._full[old_name])
+        train(kb, second, progress=False)
+        after = ft_scores()
+        assert after != pytest.approx(before, abs=1e-3)  # the new weights answer
+        full_names = [n for n in answerer.engine.adapters if n in answerer.engine._full]
+        assert full_names == [answerer.adapter_name] and old_name not in answerer.engine.adapters
+        gc.collect()
+        assert old_engine() is None  # nothing holds the replaced model's weights
+        assert not (_copies_root() / old_name).exists() and (_copies_root() / answerer.adapter_name / FULL_MODEL_DIR).exists()
+
+
+def test_a_replaced_whole_model_finishes_the_answer_it_is_streaming_first(tmp_path):
+    """Removing a whole model while it streams an answer lets that answer finish on it; only
+    then is its engine closed and its weights collected."""
+    import gc
+    import weakref
+
+    from kinject.core.engines import GenRequest, SamplingParams, make_engine
+    from kinject.core.engines.full_models import WithFullModels
+
+    settings = kb_settings(tmp_path, small_llm())
+    shutil.copytree(small_llm(), tmp_path / "v1" / FULL_MODEL_DIR)
+    engine = WithFullModels(make_engine(settings), settings)
+    try:
+        engine.add_adapter("v1", tmp_path / "v1")
+        held = weakref.ref(engine._full["v1"])
+        request = GenRequest(prompt="Gull Rock lighthouse", params=SamplingParams(max_new_tokens=24), adapter="v1")
+        alone = "".join(c.text for c in engine.stream(request))
+        chunks = engine.stream(request)
+        first = next(chunks)
+        assert engine.remove_adapter("v1") and "v1" not in engine.adapters
+        assert first.text + "".join(c.text for c in chunks) == alone  # finished on the removed model
+        gc.collect()
+        assert held() is None
+        assert not engine.remove_adapter("v1")
+    finally:
+        engine.close()
+
+
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     import kinject.finetune.loop as loop
     from kinject.finetune.train import train

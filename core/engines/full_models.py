@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -37,11 +38,13 @@ class WithFullModels(Engine):
             )
         self.base, self.settings, self.name = base, settings, base.name
         self._full: dict[str, Engine] = {}
+        self._calls: dict[int, int] = {}  # id(engine) -> calls running on it
+        self._retired: dict[int, Engine] = {}  # replaced engines waiting for their calls to end
         self._guard = threading.Lock()
 
     def __getattr__(self, attr: str):
         # What is not about choosing weights (the tokenizer, a lazy start, ...) is the base engine's.
-        if attr in ("base", "_full"):
+        if attr in ("base", "_full", "_calls", "_retired"):
             raise AttributeError(attr)
         return getattr(self.base, attr)
 
@@ -57,43 +60,78 @@ class WithFullModels(Engine):
         with self._guard:
             old, self._full[name] = self._full.get(name), engine
         if old is not None:
-            old.close()
+            self._retire(old)
+
+    def remove_adapter(self, name: str) -> bool:
+        """Stop answering for the whole model `name` (a retrain replaced it); False when `name`
+        is not one (a LoRA stays in the base engine). Its engine closes, and its weights leave
+        memory, once the calls already running on it have ended; its folder is no longer read."""
+        with self._guard:
+            old = self._full.pop(name, None)
+        if old is not None:
+            self._retire(old)
+        return old is not None
+
+    def _retire(self, engine: Engine) -> None:
+        with self._guard:
+            if self._calls.get(id(engine)):
+                self._retired[id(engine)] = engine
+                return
+        engine.close()
 
     @property
     def adapters(self) -> list[str]:
         return [*self.base.adapters, *self._full]
 
-    def _target(self, adapter: str | None) -> tuple[Engine, str | None]:
-        """The engine that answers for `adapter`, and the adapter to name there: a fully
-        fine-tuned model's engine runs its own weights, so it is asked for none."""
-        full = self._full.get(adapter) if adapter is not None else None
-        return (full, None) if full is not None else (self.base, adapter)
+    @contextmanager
+    def _target(self, adapter: str | None) -> Iterator[tuple[Engine, str | None]]:
+        """The engine that answers for `adapter`, and the adapter to name there (a fully
+        fine-tuned model's engine runs its own weights, so it is asked for none), held open
+        for the duration of the call."""
+        with self._guard:
+            full = self._full.get(adapter) if adapter is not None else None
+            if full is not None:
+                self._calls[id(full)] = self._calls.get(id(full), 0) + 1
+        try:
+            yield (full, None) if full is not None else (self.base, adapter)
+        finally:
+            if full is not None:
+                with self._guard:
+                    left = self._calls.pop(id(full)) - 1
+                    if left:
+                        self._calls[id(full)] = left
+                    done = None if left else self._retired.pop(id(full), None)
+                if done is not None:
+                    done.close()
 
     # ---- generation and scoring --------------------------------------------------------------
     def generate(self, requests: list[GenRequest], progress: Progress | None = None, cancel: threading.Event | None = None) -> list[Generation]:
-        groups: dict[int, tuple[Engine, list[int], list[GenRequest]]] = {}
-        for i, r in enumerate(requests):
-            engine, adapter = self._target(r.adapter)
-            _, where, batch = groups.setdefault(id(engine), (engine, [], []))
-            where.append(i)
-            batch.append(dataclasses.replace(r, adapter=adapter))
         out: list[Generation | None] = [None] * len(requests)
-        for engine, where, batch in groups.values():
-            for i, g in zip(where, engine.generate(batch, progress=progress, cancel=cancel)):
-                out[i] = g
+        with ExitStack() as held:
+            targets = {a: held.enter_context(self._target(a)) for a in dict.fromkeys(r.adapter for r in requests)}
+            # One call per engine: the base model's requests, LoRAs included, share its batches.
+            groups: dict[int, tuple[Engine, list[int], list[GenRequest]]] = {}
+            for i, r in enumerate(requests):
+                engine, name = targets[r.adapter]
+                _, where, batch = groups.setdefault(id(engine), (engine, [], []))
+                where.append(i)
+                batch.append(dataclasses.replace(r, adapter=name))
+            for engine, where, batch in groups.values():
+                for i, g in zip(where, engine.generate(batch, progress=progress, cancel=cancel)):
+                    out[i] = g
         return out  # type: ignore[return-value]
 
     def stream(self, request: GenRequest, cancel: threading.Event | None = None) -> Iterator[StreamChunk]:
-        engine, adapter = self._target(request.adapter)
-        return engine.stream(dataclasses.replace(request, adapter=adapter), cancel)
+        with self._target(request.adapter) as (engine, adapter):
+            yield from engine.stream(dataclasses.replace(request, adapter=adapter), cancel)
 
     def loglikelihood(self, pairs: list[tuple[str, str]], adapter: str | None = None) -> list[tuple[float, bool]]:
-        engine, adapter = self._target(adapter)
-        return engine.loglikelihood(pairs, adapter=adapter)
+        with self._target(adapter) as (engine, name):
+            return engine.loglikelihood(pairs, adapter=name)
 
     def prompt_logprobs(self, texts: list[str], adapter: str | None = None, top: int = 0) -> list[list[TokenLogprob]]:
-        engine, adapter = self._target(adapter)
-        return engine.prompt_logprobs(texts, adapter=adapter, top=top)
+        with self._target(adapter) as (engine, name):
+            return engine.prompt_logprobs(texts, adapter=name, top=top)
 
     # ---- prompts: one tokenizer and chat template, which training keeps ------------------------
     def count_tokens(self, text: str) -> int:
@@ -107,7 +145,8 @@ class WithFullModels(Engine):
 
     def close(self) -> None:
         with self._guard:
-            engines, self._full = list(self._full.values()), {}
+            engines, self._full = [*self._full.values(), *self._retired.values()], {}
+            self._retired = {}
         for engine in engines:
             engine.close()
         self.base.close()

@@ -249,6 +249,45 @@ def entity_qa(document: str, rng: random.Random) -> list[tuple[str, str]]:
     return out
 
 
+_YES_NO_LEADS = ("Is it true that {claim}?", "Does the record of {title} say that {claim}?", "Is it the case that {claim}?")
+
+
+def _claim(sentence: str) -> str:
+    """A sentence as the clause of a question: final stop dropped, first letter lowered unless it
+    starts a name."""
+    body = sentence.rstrip(" .!")
+    first = body.split(" ", 1)[0]
+    lowered = first.lower() if first in ("The", "A", "An", "In", "On", "At", "By", "For", "After", "Before", "During", "Since") else first
+    return lowered + body[len(first):]
+
+
+def yes_no_qa(document: str, rng: random.Random) -> list[tuple[str, str]]:
+    """(question, answer) pairs asking whether a sentence's claim holds: the sentence as written
+    (answered "Yes." and the sentence), and the sentence with one fact span swapped for another
+    span of the same kind from the same document (answered "No." and the true sentence). The
+    swap makes the false claim plausible; the answer always restates what the document says."""
+    title, sentences = resolved_sentences(document)
+    by_kind: dict[str, set[str]] = {}
+    found = [(s, spans(s)) for s in sentences]
+    for _, ss in found:
+        for span in ss:
+            by_kind.setdefault(span.kind, set()).add(span.text)
+    out = []
+    for s, ss in found:
+        if not ss:
+            continue
+        lead = rng.choice(_YES_NO_LEADS)
+        if len(s) <= MAX_ANSWER_CHARS:
+            out.append((lead.format(claim=_claim(s), title=title), f"Yes. {s}"))
+        span = rng.choice(ss)
+        others = sorted(t for t in by_kind.get(span.kind, ()) if t.lower() not in s.lower())
+        if others and len(s) <= MAX_ANSWER_CHARS:
+            false = s[: span.start] + rng.choice(others) + s[span.end :]
+            out.append((rng.choice(_YES_NO_LEADS).format(claim=_claim(false), title=title), f"No. {s}"))
+    rng.shuffle(out)
+    return out
+
+
 _RESTATE_LEADS = ("{title}: ", "About {title}. ", "From the record of {title}: ", "A fact about {title}: ")
 
 
@@ -275,6 +314,9 @@ def rule_sample(type_id: str, title: str, text: str, sample_index: int, seed: in
         return qa_text(items[: _kept(len(items), share)])
     if type_id == "entity_qa":
         items = entity_qa(document, rng)
+        return qa_text(items[: _kept(len(items), share)])
+    if type_id == "yes_no":
+        items = yes_no_qa(document, rng)
         return qa_text(items[: _kept(len(items), share)])
     if type_id == "restate":
         lines = restatements(document, rng)

@@ -135,6 +135,14 @@ PROMPT_TYPES: dict[str, PromptType] = {
             rule=True,
         ),
         PromptType(
+            "yes_no",
+            "whether each sentence's claim holds, as written (yes) or with one fact swapped for another of the document's (no) (rule)",
+            "",
+            "",
+            default=False,
+            rule=True,
+        ),
+        PromptType(
             "restate",
             "each sentence standing alone with its subject named, in a new order (rule)",
             "",

@@ -14,7 +14,7 @@ from kinject.core.kb import STAGE_DIRS
 
 # Sample types whose text is a list of Q/A pairs: training renders those pairs as chat turns and
 # does not train on the text itself.
-PAIRS_ONLY_TYPES = frozenset({"fact_qa", "entity_qa"})
+PAIRS_ONLY_TYPES = frozenset({"fact_qa", "entity_qa", "yes_no"})
 
 # In the augment and train stages' folders: the influence score cache (core/influence.py; training
 # also reads augment's) and the user's target questions, which the eval refuses to score.

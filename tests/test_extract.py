@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -61,6 +62,29 @@ def test_entity_questions_are_answered_by_the_sentences_that_name_the_entity():
     assert set(asked) == set(names)
     assert not any(q.endswith("about Mirelle Bridge?") for q, _ in pairs)
     assert pairs == extract.entity_qa(DOC, random.Random(0))
+
+
+def test_yes_no_questions_hold_as_written_and_fail_with_one_fact_swapped():
+    _, sentences = extract.resolved_sentences(DOC)
+    pairs = extract.yes_no_qa(DOC, random.Random(0))
+    yes = [(q, a) for q, a in pairs if a.startswith("Yes. ")]
+    no = [(q, a) for q, a in pairs if a.startswith("No. ")]
+    assert yes and no and len(yes) + len(no) == len(pairs)
+    for q, a in pairs:
+        sentence = a.split(" ", 1)[1]
+        assert sentence in sentences, a  # every answer restates what the document says
+        claim = extract._claim(sentence)
+        if a.startswith("Yes. "):
+            assert claim in q
+        else:
+            # The false claim is the sentence with one span replaced by another of the document's.
+            assert claim not in q
+            said = re.sub(r"^.*?(?:that|of .*? say that) ", "", q).rstrip("?")
+            head = next(i for i, (x, y) in enumerate(zip(said, claim)) if x != y)
+            tail = next(i for i, (x, y) in enumerate(zip(said[::-1], claim[::-1])) if x != y)
+            swapped_in = said[head : len(said) - tail]
+            assert swapped_in and any(swapped_in in span.text for s in sentences for span in extract.spans(s)), (q, a)
+    assert pairs == extract.yes_no_qa(DOC, random.Random(0))
 
 
 def test_rule_samples_vary_by_index_and_repeat_by_seed():

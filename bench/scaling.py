@@ -85,7 +85,9 @@ def label(r: dict) -> str:
     t = r["recipe"]
     kind = "full" if t["full_finetune"] else f"LoRA r{t['lora_rank']}"
     drawn = " per epoch" if t.get("open_book") == "per epoch" else ""
-    return f"{kind}, lr {t['lr']:g}, {t['epochs']:g} epochs, open-book {t['open_book_fraction']:g}{drawn}"
+    types = r["recipe"].get("augment_types") or []
+    extra = "".join(f", + {x}" for x in types if x not in ("fact_qa", "restate"))  # beside the local preset's
+    return f"{kind}, lr {t['lr']:g}, {t['epochs']:g} epochs, open-book {t['open_book_fraction']:g}{drawn}{extra}"
 
 
 def run(sets: list[str], budgets: list[float], overrides: dict) -> list[dict]:

@@ -302,6 +302,10 @@ def qa_text(pairs: list[tuple[str, str]]) -> str:
     return "\n".join(f"Q: {q}\nA: {a}" for q, a in pairs)
 
 
+# Rule types whose samples are one seeded list of Q/A pairs, the same for every sample index.
+_PAIR_RULES = {"entity_qa": entity_qa, "yes_no": yes_no_qa}
+
+
 def rule_sample(type_id: str, title: str, text: str, sample_index: int, seed: int, share: float = 1.0) -> str:
     """One sample of a rule type for a document. Successive samples of a document vary: other
     orders and leads, and for `fact_qa` questions (even indices) and fill-in-the-blank
@@ -312,11 +316,8 @@ def rule_sample(type_id: str, title: str, text: str, sample_index: int, seed: in
     if type_id == "fact_qa":
         items = fact_qa(document, rng) if sample_index % 2 == 0 else cloze_qa(document, rng)
         return qa_text(items[: _kept(len(items), share)])
-    if type_id == "entity_qa":
-        items = entity_qa(document, rng)
-        return qa_text(items[: _kept(len(items), share)])
-    if type_id == "yes_no":
-        items = yes_no_qa(document, rng)
+    if type_id in _PAIR_RULES:
+        items = _PAIR_RULES[type_id](document, rng)
         return qa_text(items[: _kept(len(items), share)])
     if type_id == "restate":
         lines = restatements(document, rng)

@@ -82,11 +82,12 @@ def recipe(settings) -> dict:
 
 def label(r: dict) -> str:
     """A curve's name in the table and the legend: how the point trained."""
+    from kinject.core.settings import RULE_RECIPE
+
     t = r["recipe"]
     kind = "full" if t["full_finetune"] else f"LoRA r{t['lora_rank']}"
     drawn = " per epoch" if t.get("open_book") == "per epoch" else ""
-    types = r["recipe"].get("augment_types") or []
-    extra = "".join(f", + {x}" for x in types if x not in ("fact_qa", "restate"))  # beside the local preset's
+    extra = "".join(f", + {x}" for x in t.get("augment_types") or [] if x not in RULE_RECIPE)  # beside the local preset's
     return f"{kind}, lr {t['lr']:g}, {t['epochs']:g} epochs, open-book {t['open_book_fraction']:g}{drawn}{extra}"
 
 

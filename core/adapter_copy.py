@@ -53,7 +53,7 @@ def copy_adapter(kb: KB, record: dict, name: str) -> Path | None:
     in: ask again once it has recorded it)."""
     source = kb.root / STAGE_DIRS["train"]
     target = _copies_root() / name
-    shutil.rmtree(target, ignore_errors=True)
+    drop_copy(name)
     target.mkdir()
     try:
         for file in adapter_files(record):
@@ -72,5 +72,6 @@ def copy_adapter(kb: KB, record: dict, name: str) -> Path | None:
 
 
 def drop_copy(name: str) -> None:
-    """Delete the copy called `name` (a whole model the engine has loaded and no longer serves)."""
+    """Delete the copy called `name`, if there is one (a stale one before copying anew, or a whole
+    model the engine has loaded and no longer serves)."""
     shutil.rmtree(_copies_root() / name, ignore_errors=True)

@@ -144,8 +144,7 @@ def collect_samples(kb: KB, settings: Settings, tokenizer, selection: dict | Non
     n = renderings(settings)
     out = samples * n
     if settings.train.qa_chat:
-        for r in range(n):
-            out += qa_chat_samples(synthetic, documents, settings, tokenizer, rendering=r, renderings=n)
+        out += qa_chat_samples(synthetic, documents, settings, tokenizer, renderings=n)
     return out
 
 
@@ -228,17 +227,15 @@ def cloze_pairs(document: str, rng: random.Random, limit: int | None = None) -> 
     return out
 
 
-def qa_chat_samples(
-    synthetic: list[str], documents: list[str], settings: Settings, tokenizer, rendering: int = 0, renderings: int = 1
-) -> list[Sample]:
+def qa_chat_samples(synthetic: list[str], documents: list[str], settings: Settings, tokenizer, renderings: int = 1) -> list[Sample]:
     """Synthetic Q/A pairs rendered exactly as the service prompts the model: closed-book (the
     `ft` mode) and, for `train.open_book_fraction` of them, with the source passage quoted among
     other passages (the `ft-rag` mode). Training on these keeps the adapter answering briefly in
     chat, and from the quoted passage, instead of continuing text as plain pretraining teaches.
 
-    This is rendering `rendering` of `renderings`: the same pairs each time, and over the
-    renderings each pair is open-book in ⌊f·n⌋ or ⌈f·n⌉ of them (f the fraction, n the
-    renderings), so every pair is also asked closed-book unless f is 1."""
+    The pairs are rendered `renderings` times, one rendering after the other: the same pairs each
+    time, and each pair open-book in ⌊f·n⌋ or ⌈f·n⌉ of them (f the fraction, n the renderings),
+    so every pair is also asked closed-book unless f is 1."""
     from kinject.core.answer import build_messages
 
     by_title: dict[str, list[Passage]] = {}
@@ -260,23 +257,24 @@ def qa_chat_samples(
         title = doc.partition("\n")[0].strip()
         pairs += [(title, q, a) for q, a in cloze_pairs(doc, rng)]
     # One phase per pair: it is open-book in the renderings r where (phase + r / n) mod 1 < f.
-    phases = random.Random(f"{settings.seed}:open-book")
-    pick = random.Random(f"{settings.seed}:passages:{rendering}")
+    phase_of = random.Random(f"{settings.seed}:open-book")
+    phases = [phase_of.random() for _ in pairs]
     out = []
-    for title, question, answer in pairs:
-        own = by_title.get(title)
-        hits = None
-        phase = phases.random()
-        if own and (phase + rendering / renderings) % 1.0 < settings.train.open_book_fraction:
-            gold = next((p for p in own if answer.lower() in p.text.lower()), own[0])
-            others = [p for p in pool if p.title != title]
-            hits = [gold] + pick.sample(others, min(k - 1, len(others)))
-            pick.shuffle(hits)
-        messages = build_messages([{"role": "user", "content": question}], hits)
-        prompt = chat_text(tokenizer, messages + [{"role": "assistant", "content": ""}])
-        messages.append({"role": "assistant", "content": answer})
-        text = chat_text(tokenizer, messages)
-        out.append(Sample(text, "chat", answer_start(prompt, text)))
+    for rendering in range(renderings):
+        pick = random.Random(f"{settings.seed}:passages:{rendering}")
+        for (title, question, answer), phase in zip(pairs, phases):
+            own = by_title.get(title)
+            hits = None
+            if own and (phase + rendering / renderings) % 1.0 < settings.train.open_book_fraction:
+                gold = next((p for p in own if answer.lower() in p.text.lower()), own[0])
+                others = [p for p in pool if p.title != title]
+                hits = [gold] + pick.sample(others, min(k - 1, len(others)))
+                pick.shuffle(hits)
+            messages = build_messages([{"role": "user", "content": question}], hits)
+            prompt = chat_text(tokenizer, messages + [{"role": "assistant", "content": ""}])
+            messages.append({"role": "assistant", "content": answer})
+            text = chat_text(tokenizer, messages)
+            out.append(Sample(text, "chat", answer_start(prompt, text)))
     return out
 
 

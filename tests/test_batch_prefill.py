@@ -54,6 +54,23 @@ def test_a_shared_prefix_is_prefilled_once_and_answers_do_not_change(engine, mon
     assert plain_tokens - shared_tokens >= len(DOCS) * (len(ASKS) - 1) * opening, (plain_tokens, shared_tokens)
 
 
+def test_a_shared_prefix_batch_is_never_compiled(engine, monkeypatch):
+    """Its StaticCache makes generate compile the model on CUDA (a length per batch, so a compile
+    per batch, and CUDA graphs fail from a worker thread). The compile config's all-devices flag
+    makes this CPU meet the same condition."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import CompileConfig
+
+    config = CompileConfig(backend="eager")
+    config._compile_all_devices = True
+    monkeypatch.setattr(engine.model.generation_config, "compile_config", config)
+    with ThreadPoolExecutor(1) as worker:
+        texts = [g.text for g in worker.submit(engine.generate, augment_like()).result()]
+    assert all(texts)
+    assert not [m for m in engine.model.modules() if hasattr(m, "_compiled_call")]
+
+
 def test_a_padded_batch_attends_without_copying_kv_heads(engine, monkeypatch):
     """transformers' sdpa copies each key/value head per query head when given a mask; the
     engine's model hands the mask and `enable_gqa` to torch instead, with the same logits."""

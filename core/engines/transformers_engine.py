@@ -309,7 +309,11 @@ class TransformersEngine(Engine):
             enc = enc or self._left_padded(prompts)
             if seed is not None:
                 torch.manual_seed(seed)
-            out = self.model.generate(**enc, **kw)
+            # On CUDA generate compiles the model (CUDA graphs) whenever the cache is a StaticCache,
+            # as a shared-prefix batch's is. Each batch's cache has a length of its own, so every batch
+            # would compile anew, and CUDA graph trees refuse calls from any thread but the first
+            # (the server and eval call from worker threads).
+            out = self.model.generate(**enc, **kw, disable_compile=True)
         new = out[:, enc["input_ids"].shape[1] :]
         gens = []
         for row, r, mask in zip(new, batch, enc["attention_mask"]):

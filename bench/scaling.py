@@ -112,6 +112,7 @@ def run(sets: list[str], budgets: list[float], overrides: dict, results: Path = 
 
     rows = json.loads(results.read_text()) if results.exists() else []
     done = {key(r["set"], r["budget_multiple"], r.get("recipe"), r["hardware"]) for r in rows}
+    machine = hardware(load_settings(overrides))  # the budget overrides below do not move the device
     for name in sets:
         corpus, questions = sources(name)
         settings = load_settings(_deep_merge({"retrieval": {"top_k": 2}}, overrides))
@@ -121,11 +122,11 @@ def run(sets: list[str], budgets: list[float], overrides: dict, results: Path = 
         for budget, modes in plan:
             over = _deep_merge(overrides, {"augment": {"budget_tokens": 0, "budget_multiple": budget or 0.5}})
             s = load_settings(_deep_merge({"retrieval": {"top_k": 2}}, over))
-            if key(name, budget, recipe(s), hardware(s)) in done:
+            if key(name, budget, recipe(s), machine) in done:
                 continue
             print(f"[scaling] {name} budget {budget or 'reference'}x ...", flush=True)
             row = {"set": name, "budget_multiple": budget, "overrides": overrides, "recipe": recipe(s) if budget else None,
-                   "hardware": hardware(s), **point(s, base_kb, f"scaling-{name}-{budget}", questions, modes)}
+                   "hardware": machine, **point(s, base_kb, f"scaling-{name}-{budget}", questions, modes)}
             rows.append(row)
             results.parent.mkdir(parents=True, exist_ok=True)
             tmp = results.with_suffix(".tmp")

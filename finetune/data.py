@@ -242,6 +242,7 @@ def qa_chat_samples(synthetic: list[str], documents: list[str], settings: Settin
     for doc in documents:
         by_title.setdefault(doc.partition("\n")[0].strip(), []).extend(passages(doc))
     pool = [p for ps in by_title.values() for p in ps]
+    others_of = {title: [p for p in pool if p.title != title] for title in by_title}  # distractor passages
     rng = random.Random(f"{settings.seed}:qa")
     k = min(settings.retrieval.top_k, 2)
     pairs: list[tuple[str, str, str]] = []  # (title, question, answer)
@@ -267,7 +268,7 @@ def qa_chat_samples(synthetic: list[str], documents: list[str], settings: Settin
             hits = None
             if own and (phase + rendering / renderings) % 1.0 < settings.train.open_book_fraction:
                 gold = next((p for p in own if answer.lower() in p.text.lower()), own[0])
-                others = [p for p in pool if p.title != title]
+                others = others_of[title]
                 hits = [gold] + pick.sample(others, min(k - 1, len(others)))
                 pick.shuffle(hits)
             messages = build_messages([{"role": "user", "content": question}], hits)

@@ -178,6 +178,7 @@ class Answerer:
 
     def __init__(self, kb: KB, settings: Settings, engine: Engine | None = None, retriever=None):
         self.kb, self.settings = kb, settings
+        self._owns_engine = engine is None
         self.engine = engine or make_engine(settings)
         self._retriever = retriever
         self._lock = threading.RLock()
@@ -207,7 +208,7 @@ class Answerer:
             name = f"{ADAPTER_NAME}_{sha256_text(f'{self.kb.root.resolve()}:{fp}')[:12]}"
             try:
                 if full and not isinstance(self.engine, WithFullModels):
-                    self.engine = WithFullModels(self.engine, self.settings)
+                    self.engine = WithFullModels(self.engine, self.settings, owns_base=self._owns_engine)
                 if name not in self.engine.adapters:
                     copy = copy_adapter(self.kb, rec, name)
                     if copy is None:  # a training run began swapping files in: keep the loaded one
@@ -228,6 +229,12 @@ class Answerer:
         replaced LoRA is small and stays."""
         if name is not None and isinstance(self.engine, WithFullModels) and self.engine.remove_adapter(name):
             drop_copy(name)
+
+    def close(self) -> None:
+        """Close what this Answerer opened: its engine when it made one; a whole fine-tuned model
+        it loaded beside a shared engine (its weights and batching thread), never the shared engine."""
+        if self._owns_engine or isinstance(self.engine, WithFullModels):
+            self.engine.close()
 
     @property
     def adapter_name(self) -> str | None:

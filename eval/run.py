@@ -123,8 +123,8 @@ def evaluate(
         )
         return _evaluate(run)
     finally:
-        if answerer is not None and engine is None:  # an engine made here is closed here
-            answerer.engine.close()
+        if answerer is not None:  # what it opened; a shared engine stays open
+            answerer.close()
 
 
 def _can(backend, mode: str) -> bool:

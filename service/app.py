@@ -24,10 +24,9 @@ from kinject.service.state import ServiceState, get_state
 
 
 def create_app(kb: KB, settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """The HTTP app for one KB. An engine passed in is shared and left open; one created here is
-    closed when the app shuts down."""
+    """The HTTP app for one KB. An engine passed in is shared and left open; one created here, and
+    a whole fine-tuned model loaded beside either, are closed when the app shuts down."""
     answerer = Answerer(kb, settings, engine)
-    owns_engine = engine is None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -35,8 +34,7 @@ def create_app(kb: KB, settings: Settings, engine: Engine | None = None) -> Fast
         if start is not None:
             await anyio.to_thread.run_sync(start)
         yield
-        if owns_engine:
-            await anyio.to_thread.run_sync(answerer.engine.close)
+        await anyio.to_thread.run_sync(answerer.close)
 
     app = FastAPI(
         title="kinject",

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -507,6 +508,41 @@ def test_a_replaced_whole_model_finishes_the_answer_it_is_streaming_first(tmp_pa
         gc.collect()
         assert held() is None
         assert not engine.remove_adapter("v1")
+    finally:
+        engine.close()
+
+
+def test_a_shared_engine_outlives_what_eval_and_the_server_loaded_beside_it(tmp_path):
+    """The demo evaluates, then serves, on one engine. Each loads the KB's whole model beside it,
+    with its own weights and batching thread; each must close that model when done (the eval's
+    copy stayed in memory while the server loaded a second), and leave the shared engine open."""
+    import openai
+
+    from kinject.core.engines import GenRequest, SamplingParams, make_engine
+    from kinject.eval.run import evaluate
+    from kinject.finetune.train import train
+    from kinject.service.app import create_app
+    from tests.conftest import running
+
+    def batchers() -> int:
+        return sum(t.name == "kinject-batcher" and t.is_alive() for t in threading.enumerate())
+
+    kb, settings = make_kb(tmp_path, "shared", _texts(), small_llm(), max_steps=2, lr=3e-3, block_size=32, batch_size=1, full_finetune=True)
+    train(kb, settings, progress=False)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"qid": "q1", "question": "Who first lit the Gull Rock lighthouse?", "answer": "Anna Vell"}) + "\n")
+    engine = make_engine(settings)
+    try:
+        alone = batchers()
+        evaluate(kb, questions, ["ft"], settings, progress=False, engine=engine)
+        assert batchers() == alone
+        with running(create_app(KB.open(settings, "shared"), settings, engine)) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+            client.chat.completions.create(model="kinject-ft", messages=[{"role": "user", "content": "Gull Rock?"}], max_tokens=4)
+            assert batchers() == alone + 1
+        assert batchers() == alone
+        request = GenRequest(prompt="Gull Rock lighthouse", params=SamplingParams(max_new_tokens=4))
+        assert engine.generate([request])[0].text  # still open
     finally:
         engine.close()
 

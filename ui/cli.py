@@ -27,10 +27,13 @@ def ui_cmd(
         typer.echo(f"  not available: {mode} ({why})")
     if key:
         typer.echo("  login: any user name, serve.api_key as the password")
-    build_ui(answerer, settings).launch(
-        server_name=settings.serve.host,
-        server_port=settings.serve.port,
-        auth=ui_auth(key) if key else None,
-        show_error=True,
-        max_file_size=upload_limit(settings),
-    )
+    try:
+        build_ui(answerer, settings).launch(
+            server_name=settings.serve.host,
+            server_port=settings.serve.port,
+            auth=ui_auth(key) if key else None,
+            show_error=True,
+            max_file_size=upload_limit(settings),
+        )
+    finally:
+        answerer.close()

@@ -208,7 +208,7 @@ class Answerer:
             name = f"{ADAPTER_NAME}_{sha256_text(f'{self.kb.root.resolve()}:{fp}')[:12]}"
             try:
                 if full and not isinstance(self.engine, WithFullModels):
-                    self.engine = WithFullModels(self.engine, self.settings, owns_base=self._owns_engine)
+                    self.engine = WithFullModels(self.engine, self.settings)
                 if name not in self.engine.adapters:
                     copy = copy_adapter(self.kb, rec, name)
                     if copy is None:  # a training run began swapping files in: keep the loaded one
@@ -233,8 +233,10 @@ class Answerer:
     def close(self) -> None:
         """Close what this Answerer opened: its engine when it made one; a whole fine-tuned model
         it loaded beside a shared engine (its weights and batching thread), never the shared engine."""
-        if self._owns_engine or isinstance(self.engine, WithFullModels):
+        if self._owns_engine:
             self.engine.close()
+        elif isinstance(self.engine, WithFullModels):
+            self.engine.close_full_models()
 
     @property
     def adapter_name(self) -> str | None:

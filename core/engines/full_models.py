@@ -30,14 +30,13 @@ def full_model_dir(folder: Path) -> Path | None:
 class WithFullModels(Engine):
     """The base engine, plus one engine per fully fine-tuned model, chosen by a request's adapter."""
 
-    def __init__(self, base: Engine, settings: Settings, owns_base: bool = True):
+    def __init__(self, base: Engine, settings: Settings):
         if base.name != "transformers":
             raise KinjectError(
                 f"a fully fine-tuned model (train.full_finetune) is served by the transformers engine, not by {base.name}: "
                 "set engine.backend=transformers, or serve the KB's adapter/model folder with an engine of its own"
             )
         self.base, self.settings, self.name = base, settings, base.name
-        self._owns_base = owns_base  # False: the base engine is shared, and its owner closes it
         self._full: dict[str, Engine] = {}
         self._calls: dict[int, int] = {}  # id(engine) -> calls running on it
         self._retired: dict[int, Engine] = {}  # replaced engines waiting for their calls to end
@@ -45,7 +44,7 @@ class WithFullModels(Engine):
 
     def __getattr__(self, attr: str):
         # What is not about choosing weights (the tokenizer, a lazy start, ...) is the base engine's.
-        if attr in ("base", "_full", "_calls", "_retired", "_owns_base"):
+        if attr in ("base", "_full", "_calls", "_retired"):
             raise AttributeError(attr)
         return getattr(self.base, attr)
 
@@ -144,11 +143,14 @@ class WithFullModels(Engine):
     def prompt_tokens(self, request: GenRequest) -> int:
         return self.base.prompt_tokens(request)
 
-    def close(self) -> None:
+    def close_full_models(self) -> None:
+        """Close the whole models' engines and leave the base engine open (it may be shared)."""
         with self._guard:
             engines, self._full = [*self._full.values(), *self._retired.values()], {}
             self._retired = {}
         for engine in engines:
             engine.close()
-        if self._owns_base:
-            self.base.close()
+
+    def close(self) -> None:
+        self.close_full_models()
+        self.base.close()
